@@ -1,0 +1,5 @@
+import sys
+
+from post.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The ``post`` command: a thin layer over the stage functions.
+
+Each stage command takes its options as flags (``--max-length 64``) or from a YAML file
+(``--config run.yaml``, flags override it), builds the stage's config dataclass (whose checks
+name the bad flag), runs the stage function into ``--out`` and prints a one-line summary.
+Every user-fixable problem ends as one line on stderr and exit status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from post import __version__
+from post.errors import PostError
+from post.rundir import default_out
+
+log = logging.getLogger("post")
+
+_SNAKE_FLAG = re.compile(r"--([a-z0-9]+(?:_[a-z0-9]+)+)")
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse parser whose help spells flags with dashes (both spellings are accepted)."""
+
+    def format_help(self) -> str:
+        return _SNAKE_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().format_help())
+
+    def format_usage(self) -> str:
+        return _SNAKE_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().format_usage())
+
+
+def _normalize_flags(argv: Sequence[str]) -> list[str]:
+    """``--max-grad-norm=1`` -> ``--max_grad_norm=1``: jsonargparse names options after fields."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """A CLI command backed by a stage function ``run(config, run_dir) -> result``."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any, Path], dict[str, Any]]
+    summarize: Callable[[dict[str, Any]], str]
+
+
+def _stage_commands() -> list[StageCommand]:
+    from post import evaluate
+
+    return [
+        StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
+                     evaluate.EvaluateConfig, evaluate.evaluate, evaluate.summarize),
+    ]
+
+
+def _stage_parser(cmd: StageCommand) -> ArgumentParser:
+    p = _Parser(description=(cmd.config.__doc__ or cmd.help).split("\n\n")[0], exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
+    p.add_class_arguments(cmd.config, nested_key=None, as_group=False, instantiate=False)
+    p.add_argument("--out", type=Path | None, default=None,
+                   help=f"Run directory to write (default: runs/{cmd.name}-<time>).")
+    return p
+
+
+def build_parser() -> ArgumentParser:
+    parser = _Parser(prog="post", description="POST: private soft-prompt transfer for LLMs.", exit_on_error=False)
+    parser.add_argument("--version", action="version", version=f"post {__version__}")
+    sub = parser.add_subcommands(dest="command", required=True)
+    for cmd in _stage_commands():
+        sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
+    fetch = _Parser(description="Download, verify and cache built-in models and datasets.", exit_on_error=False)
+    fetch.add_argument("names", nargs="+", help="Built-in model or dataset names (see post models / post datasets).")
+    fetch.add_argument("--cache_dir", type=Path | None, default=None, help="Cache directory.")
+    fetch.add_argument("--verify", type=bool, default=False,
+                       help="Re-hash cached files and repair any that changed.")
+    sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
+    sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
+                       help="List built-in models.")
+    sub.add_subcommand("datasets", _Parser(description="List built-in datasets.", exit_on_error=False),
+                       help="List built-in datasets.")
+    return parser
+
+
+def _build_config(cmd: StageCommand, ns: Any) -> Any:
+    values = {f.name: ns.get(f.name) for f in dataclasses.fields(cmd.config) if f.init}
+    for key in ("cache_dir", "prompt"):
+        if isinstance(values.get(key), str):
+            values[key] = Path(values[key])
+    return cmd.config(**values)
+
+
+def _run_stage(cmd: StageCommand, ns: Any) -> None:
+    cfg = _build_config(cmd, ns)
+    out = Path(ns.get("out") or default_out(cmd.name))
+    result = cmd.run(cfg, out)
+    print(cmd.summarize(result))
+    print(f"result: {out / 'result.json'}")
+
+
+def _fetch(ns: Any) -> None:
+    from post import data, models
+
+    known_data = {d.name for d in data.list_datasets() if d.offline}
+    for name in ns.names:
+        t0 = time.perf_counter()
+        if name in models.BUILTIN_MODELS:
+            path = models.fetch_model(name, cache_dir=ns.cache_dir, verify=ns.verify)
+        elif name in known_data:
+            path = data.fetch_dataset(name, cache_dir=ns.cache_dir, verify=ns.verify)
+        else:
+            raise PostError(f"nothing built in is called {name!r}; models: {', '.join(models.BUILTIN_MODELS)}; "
+                            f"datasets: {', '.join(sorted(known_data))}.")
+        print(f"{name}: {path} ({time.perf_counter() - t0:.1f} s)")
+
+
+def _list_models() -> None:
+    from post import models
+
+    print(f"{'name':<16} {'source':<44} description")
+    for m in models.list_models():
+        src = " + ".join(p.requirement for p in m.parts[:1]) + (" + ..." if len(m.parts) > 1 else "")
+        print(f"{m.alias:<16} {src:<44} {m.description}")
+    for name in models.TINY_MODELS:
+        print(f"{name:<16} {'built from a config, random weights':<44} tiny model for tests and smoke runs")
+    print("Any Hugging Face hub id (org/name) or local model directory also works.")
+
+
+def _list_datasets() -> None:
+    from post import data
+
+    print(f"{'name':<12} {'kind':<9} {'where':<10} {'classes':<36} description")
+    for d in data.list_datasets():
+        where = "offline" if d.offline else "hub"
+        classes = ",".join(d.classes) if d.classes else "-"
+        print(f"{d.name:<12} {d.kind:<9} {where:<10} {classes:<36} {d.description}")
+    print("Your own CSV/JSONL/Parquet file also works: --task FILE --label-words 'neg=bad;pos=good'.")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="post: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``post`` command; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = _normalize_flags([a for a in args if a != "--debug"])
+    try:
+        parser = build_parser()
+        try:
+            ns = parser.parse_args(args)
+        except argparse.ArgumentError as e:
+            sub = args[0] if args and not args[0].startswith("-") else ""
+            raise PostError(f"{e} (see: post {sub} --help)".replace("  ", " ")) from None
+        _setup_logging()
+        command = ns.command
+        stages = {c.name: c for c in _stage_commands()}
+        if command in stages:
+            _run_stage(stages[command], ns[command])
+        elif command == "fetch":
+            _fetch(ns.fetch)
+        elif command == "models":
+            _list_models()
+        elif command == "datasets":
+            _list_datasets()
+        return 0
+    except PostError as e:
+        if debug:
+            raise
+        print(f"post: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("post: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

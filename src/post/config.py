@@ -1,0 +1,107 @@
+"""Option groups shared by the stage configs.
+
+Every stage config is a frozen, keyword-only dataclass built from these groups, so the CLI flags
+(``--task``, ``--max-length``...) and YAML keys mean the same thing in every stage. Each
+``__post_init__`` rejects impossible values with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from post.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flag(name: str) -> str:
+    """The CLI spelling of a config field: ``max_length`` -> ``--max-length``."""
+    return "--" + name.replace("_", "-")
+
+
+def require(ok: bool, option: str, message: str) -> None:
+    """Raise a ConfigError naming ``option`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{flag(option)}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """How models are loaded.
+
+    Attributes:
+        cache_dir: Where built-in models and datasets are cached (default: $POST_CACHE_DIR or the
+            user cache directory).
+        dtype: Weights and compute dtype: float32 (CPU default), bfloat16 or float16 (GPU).
+        device: cpu, cuda, cuda:N, or auto (cuda when available).
+        trust_remote_code: Allow a hub model's own Python code to run. Off unless you trust it.
+    """
+
+    cache_dir: Path | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                f"must be auto, cpu or cuda[:N], got {self.device!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOptions:
+    """Which labelled data to use and how to ask the model about it.
+
+    Attributes:
+        task: Built-in dataset (mr, airline), one of the paper's hub datasets (sst2, imdb,
+            tweet_eval, ag_news, trec, mpqa, arisetv, disaster) or a CSV/JSONL/Parquet file.
+        text_column: Column holding the text (your own files).
+        label_column: Column holding the label (your own files).
+        template: Input template with {text} and {mask}, e.g. '{text} It was {mask}.'
+            (default: the dataset's own).
+        label_words: Label words per class, 'negative=bad,awful;positive=good,great' (or a mapping
+            in YAML); class order follows this option (default: the dataset's own).
+        init_text: Text that initialises soft prompts (default: the dataset's own).
+        split_seed: Seed of the fixed train/validation/test split of datasets that have none.
+        encoding: Text encoding of your own files.
+        max_length: Maximum tokens per input; longer texts lose their beginning.
+    """
+
+    task: str = "mr"
+    text_column: str = "text"
+    label_column: str = "label"
+    template: str | None = None
+    label_words: str | dict[str, list[str]] | None = None
+    init_text: str | None = None
+    split_seed: int = 0
+    encoding: str = "utf-8"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        require(bool(self.task), "task", "must name a dataset or a file.")
+        require(8 <= self.max_length <= 1 << 16, "max_length", f"must be between 8 and 65536, got {self.max_length}.")
+        if self.template is not None:
+            from post.tasks import check_template
+
+            check_template(self.template)
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def check_split(split: str, option: str = "split") -> None:
+    require(split in SPLITS, option, f"must be one of {', '.join(SPLITS)}, got {split!r}.")

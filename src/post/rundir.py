@@ -1,0 +1,132 @@
+"""Run directories: every stage writes the same three files.
+
+- ``config.yaml``: the resolved configuration the stage ran with;
+- ``metrics.jsonl``: one JSON object per line, appended as the stage goes;
+- ``result.json``: the stage's final figures, written atomically once the stage is done.
+
+A directory holding ``result.json`` is a finished run; nothing else in it is to be trusted
+as final. Reports read run directories only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from post.cache import atomic_path
+from post.errors import PostError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, paths, tuples and numpy/torch scalars -> JSON/YAML-safe Python values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return to_plain(value.item())
+    return value
+
+
+def _dump_json(obj: Any) -> str:
+    return json.dumps(to_plain(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename."""
+    text = _dump_json(obj)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PostError(f"{path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PostError(f"{path} is not valid JSON ({e}); delete it and re-run the stage.") from None
+
+
+class RunDir:
+    """One stage's output directory.
+
+    Args:
+        path: Directory to create (parents too).
+        stage: Stage name written into every metrics line and the result.
+        config: The resolved stage config (a dataclass or mapping), saved as ``config.yaml``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, stage: str, config: Any) -> None:
+        self.path = Path(path)
+        self.stage = stage
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".post-write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise PostError(f"cannot write to the output directory {self.path} ({e.strerror}); "
+                            "choose another --out.") from None
+        self.started = time.time()
+        self.config = to_plain(config)
+        with atomic_path(self.path / CONFIG_FILE) as tmp:
+            tmp.write_text(yaml.safe_dump({"stage": stage, **self.config}, sort_keys=False), encoding="utf-8")
+
+    @property
+    def result_path(self) -> Path:
+        return self.path / RESULT_FILE
+
+    def log(self, **metrics: Any) -> None:
+        """Append one metrics line (with the stage and seconds since start)."""
+        line = {"stage": self.stage, "time": round(time.time() - self.started, 3), **to_plain(metrics)}
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def finish(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``result.json`` (stage, seconds, figures) atomically and return it."""
+        full = {"stage": self.stage, "seconds": round(time.time() - self.started, 3), **to_plain(result)}
+        write_json(self.result_path, full)
+        return full
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All lines of a run directory's metrics log (a torn last line is skipped)."""
+    out = []
+    p = Path(path) / METRICS_FILE
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``result.json`` of a finished run directory."""
+    return read_json(Path(path) / RESULT_FILE)
+
+
+def default_out(stage: str) -> Path:
+    """``runs/<stage>-<timestamp>`` under the current directory."""
+    return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
