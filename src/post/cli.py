@@ -65,11 +65,15 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import evaluate
+    from post import evaluate, export, tune
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
                      evaluate.EvaluateConfig, evaluate.evaluate, evaluate.summarize),
+        StageCommand("tune", "Tune a soft prompt on private data, optionally with DP-SGD (the user's side).",
+                     tune.TuneConfig, tune.tune, tune.summarize),
+        StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
+                     export.ExportPeftConfig, export.export_peft, export.summarize),
     ]
 
 
@@ -120,7 +124,7 @@ def _run_stage(cmd: StageCommand, ns: Any) -> None:
 def _fetch(ns: Any) -> None:
     from post import data, models
 
-    known_data = {d.name for d in data.list_datasets() if d.offline}
+    known_data = {d.name for d in data.list_datasets() if d.source.startswith("offline")}
     for name in ns.names:
         t0 = time.perf_counter()
         if name in models.BUILTIN_MODELS:
@@ -136,23 +140,28 @@ def _fetch(ns: Any) -> None:
 def _list_models() -> None:
     from post import models
 
-    print(f"{'name':<16} {'source':<44} description")
+    rows = [["name", "source", "description"]]
     for m in models.list_models():
-        src = " + ".join(p.requirement for p in m.parts[:1]) + (" + ..." if len(m.parts) > 1 else "")
-        print(f"{m.alias:<16} {src:<44} {m.description}")
-    for name in models.TINY_MODELS:
-        print(f"{name:<16} {'built from a config, random weights':<44} tiny model for tests and smoke runs")
+        src = m.parts[0].requirement + (f" (+{len(m.parts) - 1} parts)" if len(m.parts) > 1 else "")
+        rows.append([m.alias, src, m.description])
+    rows += [[name, "built from a config", "tiny random model for tests and smoke runs"] for name in models.TINY_MODELS]
+    print(_table(rows))
     print("Any Hugging Face hub id (org/name) or local model directory also works.")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
 
 def _list_datasets() -> None:
     from post import data
 
-    print(f"{'name':<12} {'kind':<9} {'where':<10} {'classes':<36} description")
+    rows = [["name", "kind", "where", "size", "classes", "description"]]
     for d in data.list_datasets():
-        where = "offline" if d.offline else "hub"
-        classes = ",".join(d.classes) if d.classes else "-"
-        print(f"{d.name:<12} {d.kind:<9} {where:<10} {classes:<36} {d.description}")
+        where = "offline" if d.source.startswith("offline") else "hub"
+        rows.append([d.name, d.kind, where, d.size, ",".join(d.classes) or "-", d.description])
+    print(_table(rows))
     print("Your own CSV/JSONL/Parquet file also works: --task FILE --label-words 'neg=bad;pos=good'.")
 
 

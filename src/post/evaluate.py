@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from post.config import ModelOptions, TaskOptions, check_split, require
-from post.data import LabelledDataset, load_labelled
-from post.models import LoadedModel, load_model
+from post.errors import PostError
+from post.prompt import load_prompt
+from post.resolve import load_configured_model, load_task, subset
 from post.rundir import RunDir
 from post.scoring import Encoder, classification_metrics, predict_scores
 from post.tasks import Verbalizer
@@ -49,47 +48,30 @@ class EvaluateConfig(TaskOptions, ModelOptions):
         require(self.limit is None or self.limit >= 1, "limit", f"must be at least 1, got {self.limit}.")
 
 
-def load_task(cfg: TaskOptions) -> LabelledDataset:
-    """The labelled dataset and task a config names."""
-    return load_labelled(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column,
-                         template=cfg.template, label_words=cfg.label_words, init_text=cfg.init_text,
-                         split_seed=cfg.split_seed, encoding=cfg.encoding,
-                         cache_dir=getattr(cfg, "cache_dir", None))
-
-
-def load_configured_model(cfg: ModelOptions, name: str) -> LoadedModel:
-    """Load ``name`` with a config's dtype, cache, device and remote-code setting."""
-    loaded = load_model(name, dtype=cfg.torch_dtype, cache_dir=cfg.cache_dir,
-                        trust_remote_code=cfg.trust_remote_code)
-    loaded.model.to(cfg.torch_device)
-    return loaded
-
-
-def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded random subset of size ``limit`` (all, in order, when None)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
-
-
 def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
     """Score ``cfg.model`` on ``cfg.split`` of ``cfg.task``; write and return the result."""
     run = RunDir(run_dir, stage="evaluate", config=cfg)
+    if (done := run.existing_result()) is not None:
+        return done
     data = load_task(cfg)
     split = data.split(cfg.split)
     idx = subset(len(split), cfg.limit, cfg.seed)
     texts = [split.texts[i] for i in idx]
     labels = [split.labels[i] for i in idx]
     loaded = load_configured_model(cfg, cfg.model)
-    prompt = None
+    prompt = prompt_file = None
     prompt_meta: dict[str, Any] | None = None
     if cfg.prompt is not None:
-        from post.prompt import load_prompt  # arrives with soft-prompt tuning
-
         prompt_file = load_prompt(cfg.prompt, loaded)
         prompt, prompt_meta = prompt_file.tensor.to(loaded.model.device), prompt_file.summary()
-    encoder = Encoder(data.task, loaded.tokenizer, loaded.kind, cfg.max_length)
-    verbalizer = Verbalizer.build(data.task, loaded.tokenizer)
+    task = data.task
+    if prompt_file is not None:  # a prompt is only meaningful with the template it was tuned with
+        task = prompt_file.task
+        if task.class_names != data.class_names:
+            raise PostError(f"the prompt was tuned for classes {list(task.class_names)}, but {cfg.task} has "
+                            f"{list(data.class_names)}; evaluate it on the task it was tuned for.")
+    encoder = Encoder(task, loaded.tokenizer, loaded.kind, cfg.max_length)
+    verbalizer = Verbalizer.build(task, loaded.tokenizer)
     log.info("scoring %d %s examples of %s with %s", len(texts), cfg.split, cfg.task, cfg.model)
     t0 = time.perf_counter()
     scores = predict_scores(loaded.model, encoder, verbalizer, texts, batch_size=cfg.batch_size, prompt=prompt,

@@ -88,8 +88,29 @@ class RunDir:
                             "choose another --out.") from None
         self.started = time.time()
         self.config = to_plain(config)
-        with atomic_path(self.path / CONFIG_FILE) as tmp:
-            tmp.write_text(yaml.safe_dump({"stage": stage, **self.config}, sort_keys=False), encoding="utf-8")
+        saved = self.path / CONFIG_FILE
+        if saved.exists():
+            self._check_same_config(saved)
+        else:
+            with atomic_path(saved) as tmp:
+                tmp.write_text(yaml.safe_dump({"stage": stage, **self.config}, sort_keys=False), encoding="utf-8")
+
+    def _check_same_config(self, saved: Path) -> None:
+        """A run directory belongs to one config: resuming with other settings would mix two runs."""
+        try:
+            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise PostError(f"{saved} is unreadable; delete the run directory {self.path} or pick another "
+                            "--out.") from None
+        new = {"stage": self.stage, **self.config}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise PostError(f"{self.path} holds a {old.get('stage', '?')} run with other settings (changed: "
+                            f"{', '.join(changed)}); pick another --out or delete that directory.")
+
+    def existing_result(self) -> dict[str, Any] | None:
+        """The result of this run if it already finished (same config), else None."""
+        return read_json(self.result_path) if self.result_path.exists() else None
 
     @property
     def result_path(self) -> Path:

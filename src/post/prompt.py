@@ -1,0 +1,180 @@
+"""Soft prompts: initialisation and the prompt file.
+
+A prompt file is one safetensors file holding the (n, d) tensor ``prompt`` and, in the
+safetensors header's string metadata, a JSON document with
+
+- the model it was tuned on: name, fingerprint (config + embedding matrix), width, vocabulary size;
+- the task: template, label words, init text;
+- the privacy ledger (for DP prompts) and what the user measured (e.g. the accuracy of the
+  prompt on its own model, which the provider's α heuristic needs);
+- a sha256 over the tensor and the rest of the metadata, so an edited file is refused.
+
+Loading never unpickles; loading onto a model of another width, vocabulary or fingerprint is a
+clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from post import __version__
+from post.cache import atomic_path
+from post.errors import ConfigError, PostError
+from post.models import LoadedModel, model_fingerprint
+from post.tasks import Task
+
+FORMAT = "post-prompt/1"
+InitMode = Literal["text", "vocab", "random"]
+
+
+def init_prompt(loaded: LoadedModel, n_tokens: int, *, init: str = "text", init_text: str = "",
+                seed: int = 0) -> torch.Tensor:
+    """An (n, d) fp32 prompt: ``init_text``'s embeddings tiled to n tokens, random vocabulary rows, or noise.
+
+    Embeddings come from the model's own input-embedding layer, so a model that scales them
+    (Gemma multiplies by sqrt(d)) gets a prompt on the same scale as its token embeddings.
+    """
+    if n_tokens < 1:
+        raise ConfigError(f"--n-tokens must be at least 1, got {n_tokens}.")
+    emb = loaded.model.get_input_embeddings()
+    vocab = emb.weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    if init == "text":
+        ids = loaded.tokenizer(init_text, add_special_tokens=False)["input_ids"] if init_text else []
+        if not ids:
+            raise ConfigError("--init text needs a non-empty --init-text (or the task's init text).")
+        ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+    elif init == "vocab":
+        special = set(loaded.tokenizer.all_special_ids)
+        pool = torch.tensor([i for i in range(min(vocab, len(loaded.tokenizer))) if i not in special])
+        ids = pool[torch.randint(len(pool), (n_tokens,), generator=g)].tolist()
+    elif init == "random":
+        with torch.no_grad():
+            scale = emb(torch.arange(min(vocab, 4096), device=emb.weight.device)).float().std()
+        return torch.randn(n_tokens, emb.weight.shape[1], generator=g) * scale.cpu()
+    else:
+        raise ConfigError(f"--init must be text, vocab or random, got {init!r}.")
+    with torch.no_grad():
+        return emb(torch.tensor(ids, device=emb.weight.device)).float().cpu().clone()
+
+
+def vocab_size(loaded: LoadedModel) -> int:
+    """Rows of the model's input-embedding matrix."""
+    return int(loaded.model.get_input_embeddings().weight.shape[0])
+
+
+@dataclass
+class PromptFile:
+    """A loaded prompt: the (n, d) tensor and its metadata."""
+
+    tensor: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> Task:
+        return Task.from_dict(self.meta["task"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        ledger = self.meta.get("privacy")
+        return {"path": self.meta.get("path"), "model": self.meta["model"]["name"], "n_tokens": self.n_tokens,
+                "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None}
+
+
+def _checksum(tensor: torch.Tensor, meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k not in ("checksum", "path")}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    h.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_prompt(path: str | os.PathLike[str], tensor: torch.Tensor, *, loaded: LoadedModel, task: Task,
+                privacy: dict[str, Any] | None = None, measured: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write a prompt file atomically; returns its path."""
+    tensor = tensor.detach().float().cpu().contiguous()
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "post_version": __version__,
+        "model": {"name": loaded.name, "fingerprint": model_fingerprint(loaded.model),
+                  "hidden_size": loaded.hidden_size, "vocab_size": vocab_size(loaded), "kind": loaded.kind},
+        "n_tokens": int(tensor.shape[0]),
+        "task": task.to_dict(),
+        "privacy": privacy,
+        "measured": measured or {},
+        **(extra or {}),
+    }
+    meta["checksum"] = _checksum(tensor, meta)
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        save_file({"prompt": tensor}, str(tmp), metadata={"post": json.dumps(meta)})
+    return out
+
+
+def read_prompt(path: str | os.PathLike[str]) -> PromptFile:
+    """Read and integrity-check a prompt file without any model."""
+    p = Path(path)
+    if not p.is_file():
+        raise PostError(f"no prompt file at {p}; pass the prompt.safetensors that post tune wrote.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PostError(f"{p} is not a readable safetensors prompt file ({e}); it may be truncated or "
+                        "corrupt.") from None
+    if "post" not in header or "prompt" not in tensors:
+        raise PostError(f"{p} is a safetensors file but not a POST prompt file (no 'post' metadata or "
+                        "'prompt' tensor).")
+    try:
+        meta = json.loads(header["post"])
+    except json.JSONDecodeError:
+        raise PostError(f"{p} has unreadable prompt metadata; the file is corrupt.") from None
+    tensor = tensors["prompt"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PostError(f"{p} has prompt format {meta.get('format') if isinstance(meta, dict) else None!r}; "
+                        f"this version reads {FORMAT}.")
+    if meta.get("checksum") != _checksum(tensor, meta):
+        raise PostError(f"{p} fails its checksum: the prompt or its metadata was edited after it was written; "
+                        "use the file post tune produced.")
+    if tensor.dim() != 2 or tensor.shape[0] != meta.get("n_tokens") or not torch.isfinite(tensor).all():
+        raise PostError(f"{p} holds a prompt of shape {tuple(tensor.shape)} that does not match its metadata.")
+    meta["path"] = str(p)
+    return PromptFile(tensor=tensor, meta=meta)
+
+
+def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = True) -> None:
+    """Refuse a prompt that can't be used on ``loaded``: width, vocabulary, or (if ``same_model``) fingerprint."""
+    m = pf.meta["model"]
+    where = pf.meta.get("path", "the prompt")
+    if int(m["hidden_size"]) != loaded.hidden_size:
+        raise PostError(f"{where} was tuned on {m['name']} (width {m['hidden_size']}), but {loaded.name} has width "
+                        f"{loaded.hidden_size}; use post transfer to move it to this model.")
+    vocab = vocab_size(loaded)
+    if same_model and int(m["vocab_size"]) != vocab:
+        raise PostError(f"{where} was tuned on {m['name']} with a {m['vocab_size']}-token vocabulary, but "
+                        f"{loaded.name} has {vocab}; its label words would mean other tokens.")
+    if same_model and m["fingerprint"] != model_fingerprint(loaded.model):
+        raise PostError(f"{where} was tuned on {m['name']} (fingerprint {m['fingerprint'][:12]}), not on {loaded.name} "
+                        f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it.")
+
+
+def load_prompt(path: str | os.PathLike[str], loaded: LoadedModel, *, same_model: bool = True) -> PromptFile:
+    """Read a prompt file and check it fits ``loaded``."""
+    pf = read_prompt(path)
+    check_compatible(pf, loaded, same_model=same_model)
+    return pf

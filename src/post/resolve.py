@@ -1,0 +1,32 @@
+"""Turn a stage config's option groups into loaded things: the task's data, a model, a subset."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from post.config import ModelOptions, TaskOptions
+from post.data import LabelledDataset, load_labelled
+from post.models import LoadedModel, load_model
+
+
+def load_task(cfg: TaskOptions) -> LabelledDataset:
+    """The labelled dataset and task a config names."""
+    return load_labelled(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column,
+                         template=cfg.template, label_words=cfg.label_words, init_text=cfg.init_text,
+                         split_seed=cfg.split_seed, encoding=cfg.encoding,
+                         cache_dir=getattr(cfg, "cache_dir", None))
+
+
+def load_configured_model(cfg: ModelOptions, name: str) -> LoadedModel:
+    """Load ``name`` with a config's dtype, cache, device and remote-code setting."""
+    loaded = load_model(name, dtype=cfg.torch_dtype, cache_dir=cfg.cache_dir,
+                        trust_remote_code=cfg.trust_remote_code)
+    loaded.model.to(cfg.torch_device)
+    return loaded
+
+
+def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of size ``limit`` (all of them when None)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])

@@ -1,0 +1,360 @@
+"""Stage: tune a soft prompt on a (small) model with the private data, optionally with DP-SGD.
+
+Only the prompt is trained; the model is frozen and in eval mode. The loss is cross-entropy
+over class scores (mean label-word logits at the answer position).
+
+- Non-private: shuffled epochs of ``batch_size`` examples, Adam (paper: lr 1e-3, batch 32).
+- DP-SGD: each step draws a Poisson sample (every example independently with q = batch/N; the
+  sample may be empty and still takes a noise step), computes exact per-example prompt
+  gradients, clips each to C, sums, adds N(0, σ²C²) and divides by the expected batch size.
+  σ is calibrated to (ε, δ) for the planned number of steps by dp-accounting. Large logical
+  batches are processed in micro-batches (gradient accumulation) to bound memory.
+
+The run directory holds ``prompt.safetensors`` (the prompt file), ``privacy.json`` (the ledger)
+and a checkpoint; a killed run started again with the same command resumes from it and takes
+exactly the same steps (sampling and noise are derived from (seed, step), not from RNG history).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from post.accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise, check_privacy_params, default_delta
+from post.cache import atomic_path
+from post.config import ModelOptions, TaskOptions, require
+from post.dp import add_noise, clip_per_example, per_example_grads, poisson_sample, step_generator
+from post.errors import PostError
+from post.models import LoadedModel
+from post.prompt import init_prompt, save_prompt
+from post.resolve import load_configured_model, load_task, subset
+from post.rundir import RunDir, write_json
+from post.scoring import Encoder, class_scores, classification_metrics, predict_scores
+from post.tasks import Verbalizer
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILE = "prompt.safetensors"
+LEDGER_FILE = "privacy.json"
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_META = "checkpoint.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(TaskOptions, ModelOptions):
+    """Tune a soft prompt on a model with private data (optionally DP-SGD).
+
+    Attributes:
+        model: Model to tune on: alias, hub id, directory (e.g. a distilled student) or tiny-*.
+        n_tokens: Soft-prompt length (paper: 100; 10-16 keep CPU runs short).
+        init: Prompt initialisation: text (the task's init text tiled), vocab (random vocabulary rows)
+            or random.
+        epochs: Passes over the training data (DP: expected passes, epochs/q steps).
+        max_steps: Stop after this many optimizer steps (DP: σ is calibrated for the steps actually
+            planned).
+        lr: Learning rate.
+        optimizer: adam (paper) or sgd.
+        batch_size: Examples per step (DP: the expected size of the Poisson sample).
+        micro_batch_size: Examples per forward/backward; larger batches are accumulated.
+        train_limit: Use a seeded random subset of this many training examples (N is then this).
+        eval_limit: Validate on a seeded random subset of this many validation examples.
+        eval_every: Validate every this many steps (default: once per epoch).
+        test: Score the final prompt on the test split.
+        dp: Train with DP-SGD.
+        epsilon: Target ε (with --dp).
+        delta: δ (with --dp; default: the largest power of ten below 1/N).
+        max_grad_norm: Per-example clipping norm C (with --dp).
+        noise_multiplier: Use this σ instead of calibrating it to --epsilon (with --dp).
+        accountant: pld (dp-accounting's privacy loss distributions, tighter) or rdp.
+        seed: Seed of prompt init, shuffling, Poisson sampling and noise.
+        checkpoint_every: Save a resumable checkpoint every this many steps.
+    """
+
+    model: str
+    n_tokens: int = 100
+    init: Literal["text", "vocab", "random"] = "text"
+    epochs: int = 20
+    max_steps: int | None = None
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_every: int | None = None
+    test: bool = True
+    dp: bool = False
+    epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: Literal["pld", "rdp"] = "pld"
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        TaskOptions.__post_init__(self)
+        ModelOptions.__post_init__(self)
+        require(bool(self.model), "model", "must name a model.")
+        require(1 <= self.n_tokens <= 4096, "n_tokens", f"must be between 1 and 4096, got {self.n_tokens}.")
+        require(self.init in ("text", "vocab", "random"), "init", f"must be text, vocab or random, got {self.init!r}.")
+        require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}.")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1.")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
+        require(self.optimizer in ("adam", "sgd"), "optimizer", f"must be adam or sgd, got {self.optimizer!r}.")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}.")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}.")
+        require(self.train_limit is None or self.train_limit >= 2, "train_limit", "must be at least 2.")
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be at least 1.")
+        require(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be at least 1.")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
+        require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}.")
+        if self.dp:
+            require(self.epsilon > 0 and math.isfinite(self.epsilon), "epsilon",
+                    f"must be a positive finite number, got {self.epsilon}.")
+            require(self.delta is None or 0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}.")
+            require(self.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {self.max_grad_norm}.")
+            require(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
+                    f"must be non-negative, got {self.noise_multiplier}.")
+
+
+@dataclass
+class Plan:
+    """Steps and privacy parameters fixed before the first step."""
+
+    n_train: int
+    steps_per_epoch: int
+    total_steps: int
+    ledger: PrivacyLedger | None
+
+
+def make_plan(cfg: TuneConfig, n_train: int) -> Plan:
+    """Steps per epoch and total, and (DP) σ calibrated for exactly those steps."""
+    if n_train < 2:
+        raise PostError(f"the training split has {n_train} examples; prompt tuning needs at least 2.")
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size)) if not cfg.dp else max(
+        1, round(n_train / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if not cfg.dp:
+        return Plan(n_train, steps_per_epoch, total, None)
+    q = cfg.batch_size / n_train
+    delta = cfg.delta if cfg.delta is not None else default_delta(n_train)
+    check_privacy_params(epsilon=cfg.epsilon, delta=delta, sample_rate=q, dataset_size=n_train)
+    if cfg.noise_multiplier is not None:
+        sigma, target = cfg.noise_multiplier, None
+    else:
+        log.info("calibrating σ for ε=%g, δ=%g, q=%.4g, %d steps (%s)", cfg.epsilon, delta, q, total, cfg.accountant)
+        sigma, target = calibrate_noise(target_epsilon=cfg.epsilon, delta=delta, sample_rate=q, steps=total,
+                                        accountant=cfg.accountant), cfg.epsilon
+    ledger = PrivacyLedger(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sample_rate=q, steps=0,
+                           planned_steps=total, delta=delta, accountant=cfg.accountant, dataset_size=n_train,
+                           target_epsilon=target, epsilon=0.0)
+    return Plan(n_train, steps_per_epoch, total, ledger)
+
+
+class PromptTrainer:
+    """Holds the frozen model, the encoded training data and the prompt; computes gradients."""
+
+    def __init__(self, loaded: LoadedModel, encoder: Encoder, verbalizer: Verbalizer, texts: Sequence[str],
+                 labels: Sequence[int], micro_batch_size: int) -> None:
+        self.model, self.encoder, self.verbalizer = loaded.model, encoder, verbalizer
+        self.seqs, self.answers = encoder.encode(texts)
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.micro = micro_batch_size
+        self.dtype = next(self.model.parameters()).dtype
+
+    def _chunks(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        return [idx[i : i + self.micro] for i in range(0, len(idx), self.micro)]
+
+    def _losses(self, idx: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """(b,) per-example cross-entropy over class scores for examples ``idx`` with ``prompt``."""
+        batch = self.encoder.collate([self.seqs[i] for i in idx], [self.answers[i] for i in idx])
+        scores = class_scores(self.model, batch, self.verbalizer, prompt.to(self.model.device, self.dtype))
+        return F.cross_entropy(scores.float(), self.labels[idx].to(scores.device), reduction="none")
+
+    def mean_gradient(self, prompt: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Gradient of the mean loss over ``idx`` (non-private), accumulated over micro-batches."""
+        grad = torch.zeros_like(prompt)
+        total = 0.0
+        for chunk in self._chunks(idx):
+            p = prompt.detach().clone().requires_grad_(True)
+            loss = self._losses(chunk, p).sum()
+            (g,) = torch.autograd.grad(loss, p)
+            grad += g.to(grad) / len(idx)
+            total += float(loss.detach())
+        return grad, total / max(len(idx), 1)
+
+    def clipped_sum(self, prompt: torch.Tensor, idx: torch.Tensor, max_grad_norm: float
+                    ) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Sum over ``idx`` of per-example gradients clipped to ``max_grad_norm``; mean loss; norms."""
+        summed = torch.zeros_like(prompt)
+        total, norms = 0.0, []
+        for chunk in self._chunks(idx):
+            grads, losses = per_example_grads(lambda copies, c=chunk: self._losses(c, copies), prompt, len(chunk))
+            clipped, n = clip_per_example(grads.to(summed), max_grad_norm)
+            summed += clipped.sum(0)
+            total += float(losses.sum())
+            norms.append(n)
+        all_norms = torch.cat(norms) if norms else torch.zeros(0)
+        return summed, total / max(len(idx), 1), all_norms
+
+    def dp_gradient(self, prompt: torch.Tensor, idx: torch.Tensor, *, ledger: PrivacyLedger, expected_batch: float,
+                    noise: torch.Generator) -> tuple[torch.Tensor, float]:
+        """The privatised gradient: (Σ clip(g_i) + N(0, σ²C²)) / expected batch size."""
+        summed, loss, _ = self.clipped_sum(prompt, idx, ledger.max_grad_norm)
+        noisy = add_noise(summed, noise_multiplier=ledger.noise_multiplier, max_grad_norm=ledger.max_grad_norm,
+                          generator=noise)
+        return noisy / expected_batch, loss
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+
+
+def _make_optimizer(cfg: TuneConfig, prompt: torch.Tensor) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([prompt], lr=cfg.lr)
+    return torch.optim.Adam([prompt], lr=cfg.lr)
+
+
+def _save_checkpoint(run: RunDir, prompt: torch.Tensor, opt: torch.optim.Optimizer, step: int,
+                     history: list[dict[str, Any]], elapsed: float) -> None:
+    tensors = {"prompt": prompt.detach().contiguous()}
+    for k, v in opt.state.get(prompt, {}).items():
+        tensors[f"opt.{k}"] = (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().contiguous().cpu()
+    with atomic_path(run.path / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(run.path / CHECKPOINT_META, {"step": step, "history": history, "elapsed": elapsed})
+
+
+def _load_checkpoint(run: RunDir, prompt: torch.Tensor, opt: torch.optim.Optimizer
+                     ) -> tuple[int, list[dict[str, Any]], float]:
+    meta_path, ckpt = run.path / CHECKPOINT_META, run.path / CHECKPOINT
+    if not (meta_path.exists() and ckpt.exists()):
+        return 0, [], 0.0
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(ckpt))
+    except Exception as e:  # a torn or corrupt checkpoint: start over rather than trust it
+        log.warning("ignoring unreadable checkpoint in %s (%s); starting from step 0", run.path, e)
+        return 0, [], 0.0
+    with torch.no_grad():
+        prompt.copy_(tensors["prompt"])
+    state = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
+    if state:
+        opt.state[prompt] = state
+    log.info("resuming from step %d", meta["step"])
+    return int(meta["step"]), list(meta.get("history", [])), float(meta.get("elapsed", 0.0))
+
+
+def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Tune a prompt; write prompt file, ledger, metrics and result into ``run_dir``."""
+    run = RunDir(run_dir, stage="tune", config=cfg)
+    if (done := run.existing_result()) is not None:
+        return done
+    data = load_task(cfg)
+    train = data.split("train")
+    tr_idx = subset(len(train), cfg.train_limit, cfg.seed)
+    texts, labels = [train.texts[i] for i in tr_idx], [train.labels[i] for i in tr_idx]
+    plan = make_plan(cfg, len(texts))
+    val = data.split("validation")
+    va_idx = subset(len(val), cfg.eval_limit, cfg.seed)
+    val_texts, val_labels = [val.texts[i] for i in va_idx], [val.labels[i] for i in va_idx]
+
+    loaded = load_configured_model(cfg, cfg.model)
+    encoder = Encoder(data.task, loaded.tokenizer, loaded.kind, cfg.max_length)
+    verbalizer = Verbalizer.build(data.task, loaded.tokenizer)
+    trainer = PromptTrainer(loaded, encoder, verbalizer, texts, labels, cfg.micro_batch_size)
+    prompt = init_prompt(loaded, cfg.n_tokens, init=cfg.init, init_text=data.task.init_text, seed=cfg.seed)
+    prompt = prompt.to(loaded.model.device).requires_grad_(True)
+    opt = _make_optimizer(cfg, prompt)
+    start, history, elapsed_before = _load_checkpoint(run, prompt, opt)
+    eval_every = cfg.eval_every or plan.steps_per_epoch
+
+    def validate(step: int) -> dict[str, Any]:
+        scores = predict_scores(loaded.model, encoder, verbalizer, val_texts, batch_size=cfg.micro_batch_size,
+                                prompt=prompt.detach(), progress=False)
+        m = classification_metrics(scores, val_labels, data.class_names)
+        point = {"step": step, "epoch": step / plan.steps_per_epoch, "val_accuracy": m["accuracy"]}
+        run.log(**point)
+        log.info("step %d/%d  validation accuracy %.4f", step, plan.total_steps, m["accuracy"])
+        return point
+
+    log.info("tuning a %d-token prompt on %s: %d training examples, %d steps%s", cfg.n_tokens, cfg.model,
+             plan.n_train, plan.total_steps, f", DP σ={plan.ledger.noise_multiplier:.4f}" if plan.ledger else "")
+    if start == 0 and not history:
+        history.append(validate(0))
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.total_steps, initial=start, desc="tune", unit="step", leave=False)
+    n = plan.n_train
+    for step in range(start, plan.total_steps):
+        if plan.ledger is not None:
+            idx = poisson_sample(n, plan.ledger.sample_rate, step_generator(cfg.seed, step, 0))
+            grad, loss = trainer.dp_gradient(prompt, idx, ledger=plan.ledger, expected_batch=cfg.batch_size,
+                                             noise=step_generator(cfg.seed, step, 1))
+        else:
+            epoch, pos = divmod(step, plan.steps_per_epoch)
+            idx = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            grad, loss = trainer.mean_gradient(prompt, idx)
+        if not math.isfinite(loss) or not torch.isfinite(grad).all():
+            raise PostError(f"the loss became {loss} at step {step}; the last good checkpoint is kept in {run.path}. "
+                            "Lower --lr and run again with a new --out.")
+        prompt.grad = grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        run.log(step=step + 1, loss=loss, batch=len(idx))
+        done = step + 1
+        if done % eval_every == 0 or done == plan.total_steps:
+            history.append(validate(done))
+        if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
+            _save_checkpoint(run, prompt, opt, done, history, elapsed_before + time.perf_counter() - t0)
+            if plan.ledger is not None:
+                write_json(run.path / LEDGER_FILE, plan.ledger.after(done).to_dict())
+    bar.close()
+    train_seconds = elapsed_before + time.perf_counter() - t0
+
+    ledger = plan.ledger.after(plan.total_steps) if plan.ledger is not None else None
+    if ledger is not None:
+        write_json(run.path / LEDGER_FILE, ledger.to_dict())
+    result: dict[str, Any] = {
+        "model": cfg.model, "task": cfg.task, "n_tokens": cfg.n_tokens, "dp": cfg.dp, "steps": plan.total_steps,
+        "n_train": plan.n_train, "train_seconds": round(train_seconds, 3), "validation_curve": history,
+        "val_accuracy": history[-1]["val_accuracy"], "privacy": ledger.to_dict() if ledger else None,
+        "epsilon": ledger.epsilon if ledger else None, "delta": ledger.delta if ledger else None,
+    }
+    if cfg.test:
+        test = data.split("test")
+        scores = predict_scores(loaded.model, encoder, verbalizer, list(test.texts), batch_size=cfg.micro_batch_size,
+                                prompt=prompt.detach(), desc="test")
+        metrics = classification_metrics(scores, test.labels, data.class_names)
+        result.update(test_accuracy=metrics["accuracy"], test_macro_f1=metrics["macro_f1"], test=metrics)
+    measured = {"val_accuracy": result["val_accuracy"], "test_accuracy": result.get("test_accuracy"),
+                "dataset": cfg.task, "n_train": plan.n_train}
+    save_prompt(run.path / PROMPT_FILE, prompt, loaded=loaded, task=data.task,
+                privacy=ledger.to_dict() if ledger else None, measured=measured)
+    result["prompt"] = str(run.path / PROMPT_FILE)
+    return run.finish(result)
+
+
+def summarize(result: dict[str, Any]) -> str:
+    priv = f"  ε={result['epsilon']:.3f} δ={result['delta']:g}" if result.get("epsilon") is not None else ""
+    test = f"test accuracy {result['test_accuracy']:.4f}  " if result.get("test_accuracy") is not None else ""
+    return (f"{test}validation accuracy {result['val_accuracy']:.4f}  ({result['n_tokens']}-token prompt on "
+            f"{result['model']}, {result['steps']} steps, {result['train_seconds']:.0f} s){priv}\n"
+            f"prompt: {result['prompt']}")
