@@ -122,10 +122,11 @@ def test_accountant_matches_published_values():
 
 
 def test_more_noise_less_epsilon_and_more_steps_more_epsilon():
-    kw = dict(sample_rate=0.01, delta=1e-5)
-    assert compute_epsilon(noise_multiplier=2.0, steps=100, **kw) < compute_epsilon(noise_multiplier=1.0, steps=100, **kw)
-    assert compute_epsilon(noise_multiplier=1.0, steps=200, **kw) > compute_epsilon(noise_multiplier=1.0, steps=100, **kw)
-    assert compute_epsilon(noise_multiplier=1.0, steps=0, **kw) == 0.0
+    def eps(sigma, steps):
+        return compute_epsilon(noise_multiplier=sigma, steps=steps, sample_rate=0.01, delta=1e-5)
+
+    assert eps(2.0, 100) < eps(1.0, 100) < eps(1.0, 200)
+    assert eps(1.0, 0) == 0.0
 
 
 def test_ledger_recomputes_and_refuses_edits():

@@ -65,13 +65,15 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import evaluate, export, tune
+    from post import evaluate, export, student, tune
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
                      evaluate.EvaluateConfig, evaluate.evaluate, evaluate.summarize),
         StageCommand("tune", "Tune a soft prompt on private data, optionally with DP-SGD (the user's side).",
                      tune.TuneConfig, tune.tune, tune.summarize),
+        StageCommand("student", "Cut an undistilled student from a teacher by keeping some of its layers.",
+                     student.StudentConfig, student.make_student, student.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
                      export.ExportPeftConfig, export.export_peft, export.summarize),
     ]

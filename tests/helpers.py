@@ -1,0 +1,20 @@
+"""Small synthetic data shared by the tests."""
+
+import csv
+import random
+from pathlib import Path
+
+POSITIVE = ["good", "great", "amazing"]
+NEGATIVE = ["bad", "awful", "terrible"]
+
+
+def write_sentiment_csv(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """A balanced CSV (text,label) that a soft prompt on tiny-llama learns to ~100%."""
+    rng = random.Random(seed)
+    rows = [{"text": rng.choice(POSITIVE if i % 2 else NEGATIVE), "label": "positive" if i % 2 else "negative"}
+            for i in range(n)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
