@@ -65,13 +65,15 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import evaluate, export, student, tune
+    from post import distill, evaluate, export, student, tune
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
                      evaluate.EvaluateConfig, evaluate.evaluate, evaluate.summarize),
         StageCommand("tune", "Tune a soft prompt on private data, optionally with DP-SGD (the user's side).",
                      tune.TuneConfig, tune.tune, tune.summarize),
+        StageCommand("distill", "Distil a teacher into a layer-dropped student (the provider's side).",
+                     distill.DistillConfig, distill.distill, distill.summarize),
         StageCommand("student", "Cut an undistilled student from a teacher by keeping some of its layers.",
                      student.StudentConfig, student.make_student, student.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
@@ -119,6 +121,8 @@ def _run_stage(cmd: StageCommand, ns: Any) -> None:
     cfg = _build_config(cmd, ns)
     out = Path(ns.get("out") or default_out(cmd.name))
     result = cmd.run(cfg, out)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports
+        return
     print(cmd.summarize(result))
     print(f"result: {out / 'result.json'}")
 

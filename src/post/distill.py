@@ -1,0 +1,366 @@
+"""Stage: distil a teacher into a layer-dropped student (the provider's step 1).
+
+Loss (paper Eq. 1, DistilBERT-style), per token of packed text blocks:
+
+    L = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_lm · LM loss + α_cos · (1 − cos(h_s, h_t))
+
+with t, s the teacher's and student's logits, h their last hidden states; the teacher runs
+under no_grad. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
+
+The loop runs under Hugging Face Accelerate: ``accelerate launch`` gives DDP over several
+processes or GPUs (FSDP / DeepSpeed configs under ``configs/accelerate/``), and each process
+takes its share of the same global batch, so 1 and N processes follow the same trajectory.
+Checkpoints (safetensors + JSON, written atomically) are taken every ``checkpoint_every`` steps
+and at the end; the batch order and masking derive from (seed, step), so a killed run resumes
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from post.cache import atomic_path
+from post.config import ModelOptions, require
+from post.corpus import load_texts
+from post.errors import PostError
+from post.models import LoadedModel, save_model
+from post.resolve import load_configured_model
+from post.rundir import RunDir, read_result, write_json
+from post.student import build_student, param_count, parse_keep_layers
+
+log = logging.getLogger(__name__)
+
+STUDENT_DIR = "student"
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_META = "checkpoint.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(ModelOptions):
+    """Distil a teacher into a student that keeps some of its layers.
+
+    Attributes:
+        teacher: Teacher model: alias, hub id or directory.
+        keep_layers: Teacher layers the student starts from (paper: first and last).
+        corpus: Unlabelled text: offline (wiki + news), wiki, news, a text/JSONL/CSV file, or hf:NAME.
+        corpus_limit: Use at most this many texts of the corpus.
+        block_size: Tokens per packed block.
+        batch_size: Blocks per optimizer step (all processes together).
+        max_steps: Optimizer steps.
+        lr: Peak learning rate (AdamW; paper 2.5e-4).
+        warmup: Fraction of steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient-norm clipping (paper 5.0).
+        alpha_ce: Weight of the temperature-scaled KL to the teacher.
+        alpha_lm: Weight of the language-modelling loss.
+        alpha_cos: Weight of the cosine loss on last hidden states.
+        temperature: Softmax temperature of the KL term.
+        mlm_probability: Fraction of tokens masked (masked LMs only).
+        freeze_head: Keep the LM head as the teacher's (paper: slightly better).
+        freeze_embeddings: Keep the input embeddings as the teacher's (prompts then live in the same space).
+        held_out: Blocks held out for the quality figures (perplexity, KL to the teacher).
+        checkpoint_every: Save a resumable checkpoint every this many steps.
+        log_every: Log the losses every this many steps.
+        seed: Seed of the block order, held-out split and masking.
+    """
+
+    teacher: str = "smollm2-135m"
+    keep_layers: str = "0,-1"
+    corpus: str = "offline"
+    corpus_limit: int | None = None
+    block_size: int = 128
+    batch_size: int = 8
+    max_steps: int = 500
+    lr: float = 2.5e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 5.0
+    alpha_ce: float = 5.0
+    alpha_lm: float = 2.0
+    alpha_cos: float = 1.0
+    temperature: float = 2.0
+    mlm_probability: float = 0.15
+    freeze_head: bool = True
+    freeze_embeddings: bool = True
+    held_out: int = 32
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ModelOptions.__post_init__(self)
+        require(bool(self.teacher), "teacher", "must name a model.")
+        require(8 <= self.block_size <= 8192, "block_size", f"must be between 8 and 8192, got {self.block_size}.")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}.")
+        require(self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}.")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
+        require(0 <= self.warmup < 1, "warmup", f"must be in [0, 1), got {self.warmup}.")
+        require(self.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {self.max_grad_norm}.")
+        for name in ("alpha_ce", "alpha_lm", "alpha_cos"):
+            require(getattr(self, name) >= 0, name, "must be non-negative.")
+        require(self.alpha_ce + self.alpha_lm + self.alpha_cos > 0, "alpha_ce",
+                "at least one of --alpha-ce, --alpha-lm, --alpha-cos must be positive.")
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
+        require(0 < self.mlm_probability < 1, "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}.")
+        require(self.held_out >= 1, "held_out", f"must be at least 1, got {self.held_out}.")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
+        require(self.log_every >= 1, "log_every", "must be at least 1.")
+
+
+def pack_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
+    """(N, block_size) token ids: texts joined by EOS (or SEP) and cut into full blocks."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(row)
+        if sep is not None:
+            ids.append(int(sep))
+    n = len(ids) // block_size
+    if n < 2:
+        raise PostError(f"the corpus gives {len(ids)} tokens, fewer than two blocks of {block_size}; "
+                        "use more text or a smaller --block-size.")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def mask_tokens(ids: torch.Tensor, tokenizer: Any, probability: float, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick ``probability`` of tokens; 80% -> <mask>, 10% random, 10% kept. Returns (inputs, picked)."""
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    picked = (torch.rand(ids.shape, generator=generator) < probability) & ~torch.isin(ids, special)
+    inputs = ids.clone()
+    roll = torch.rand(ids.shape, generator=generator)
+    inputs[picked & (roll < 0.8)] = tokenizer.mask_token_id
+    rand = picked & (roll >= 0.8) & (roll < 0.9)
+    inputs[rand] = torch.randint(len(tokenizer), ids.shape, generator=generator)[rand]
+    return inputs, picked
+
+
+def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
+                   cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The three loss terms for a batch of blocks ``ids`` (B, L) and their weighted total."""
+    inputs = ids if inputs is None else inputs
+    with torch.no_grad():
+        t_out = teacher(input_ids=inputs, output_hidden_states=True, use_cache=False) if kind == "causal" else \
+            teacher(input_ids=inputs, output_hidden_states=True)
+    s_out = student(input_ids=inputs, output_hidden_states=True, use_cache=False) if kind == "causal" else \
+        student(input_ids=inputs, output_hidden_states=True)
+    s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+    temp = cfg.temperature
+    kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                  reduction="none").sum(-1)
+    if kind == "causal":
+        lm = F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), ids[:, 1:].reshape(-1))
+    else:
+        lm = F.cross_entropy(s_logits[picked], ids[picked]) if picked.any() else s_logits.sum() * 0
+    h_s, h_t = s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float()
+    cos = 1 - F.cosine_similarity(h_s, h_t, dim=-1)
+    terms = {"ce": kl.mean() * temp**2, "lm": lm, "cos": cos.mean()}
+    terms["loss"] = cfg.alpha_ce * terms["ce"] + cfg.alpha_lm * terms["lm"] + cfg.alpha_cos * terms["cos"]
+    return terms
+
+
+@torch.no_grad()
+def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor, *, kind: str,
+            tokenizer: Any, seed: int, batch_size: int = 8) -> dict[str, float]:
+    """Held-out perplexity of ``model`` and its mean per-token KL(teacher ‖ model) at T = 1."""
+    nll, kl, n_lm, n_tok = 0.0, 0.0, 0, 0
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i : i + batch_size].to(next(model.parameters()).device)
+        if kind == "masked":
+            inputs, picked = mask_tokens(ids.cpu(), tokenizer, 0.15, g)
+            inputs, picked = inputs.to(ids.device), picked.to(ids.device)
+            logits = model(input_ids=inputs).logits.float()
+            t_logits = teacher(input_ids=inputs).logits.float()
+            nll += float(F.cross_entropy(logits[picked], ids[picked], reduction="sum"))
+            n_lm += int(picked.sum())
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            n_lm += ids[:, 1:].numel()
+        kl += float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                             reduction="sum"))
+        n_tok += ids.numel()
+    return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up then linear decay to zero."""
+    w = max(1, int(total * warmup))
+    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
+
+
+def _save_checkpoint(path: Path, student: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                     extra: dict[str, Any]) -> None:
+    names = {id(p): n for n, p in student.named_parameters()}
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            value = v if torch.is_tensor(v) else torch.tensor(float(v))
+            tensors[f"opt.{names[id(p)]}.{k}"] = value.contiguous().cpu()
+    tensors = {k: v.clone() for k, v in tensors.items()}  # safetensors refuses shared storage (tied weights)
+    with atomic_path(path / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path / CHECKPOINT_META, {"step": step, **extra})
+
+
+def _load_checkpoint(path: Path, student: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    if not ((path / CHECKPOINT).exists() and (path / CHECKPOINT_META).exists()):
+        return None
+    try:
+        meta = json.loads((path / CHECKPOINT_META).read_text())
+        tensors = load_file(str(path / CHECKPOINT))
+    except Exception as e:  # torn or corrupt: the atomic writes make this rare; start over rather than trust it
+        log.warning("ignoring unreadable checkpoint in %s (%s)", path, e)
+        return None
+    student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = dict(student.named_parameters())
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            name, field = key[4:].rsplit(".", 1)
+            opt.state[params[name]][field] = v.to(params[name].device)
+    return meta
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Distil ``cfg.teacher`` into a student; save it to ``run_dir/student`` and report its quality."""
+    from accelerate import Accelerator
+
+    # On a machine without CUDA, accelerate only forms a (gloo) process group when told to use the CPU.
+    acc = Accelerator(cpu=cfg.torch_device.type == "cpu")
+    main_process = acc.is_main_process
+    run = RunDir(run_dir, stage="distill", config=cfg) if main_process else None
+    acc.wait_for_everyone()
+    run_path = Path(run_dir)
+    if main_process and (done := run.existing_result()) is not None:
+        return done
+    if not main_process and (run_path / "result.json").exists():
+        return read_result(run_path)
+
+    teacher = load_configured_model(cfg, cfg.teacher)
+    teacher.model.to(acc.device)
+    student = build_student(teacher, cfg.keep_layers)
+    tc = teacher.model.config
+    keep = parse_keep_layers(cfg.keep_layers, getattr(tc, "num_hidden_layers", None) or tc.n_layer)
+    kind = teacher.kind
+    if kind == "masked" and teacher.tokenizer.mask_token_id is None:
+        raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
+    torch.manual_seed(cfg.seed)
+    blocks = pack_blocks(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir),
+                         teacher.tokenizer, cfg.block_size)
+    order = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
+    if len(blocks) <= cfg.held_out + cfg.batch_size:
+        raise PostError(f"the corpus gives {len(blocks)} blocks: too few for --held-out {cfg.held_out} and "
+                        f"--batch-size {cfg.batch_size}; use more text.")
+    held, train = blocks[order[: cfg.held_out]], blocks[order[cfg.held_out :]]
+
+    model = student.model
+    model.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    if cfg.freeze_head and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    meta = _load_checkpoint(run_path, model, opt) if (run_path / CHECKPOINT).exists() else None
+    model.train()
+    # Dropout would make 1- and N-process runs (and resumed ones) diverge; distillation here runs without it.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ddp_model, opt = acc.prepare(model, opt)
+
+    if meta is None:
+        start, elapsed = 0, 0.0
+        before = quality(model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
+        teacher_q = quality(teacher.model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
+    else:
+        start, elapsed = int(meta["step"]), float(meta["elapsed"])
+        before, teacher_q = meta["undistilled"], meta["teacher"]
+        log.info("resuming distillation from step %d", start)
+    if main_process:
+        log.info("distilling %s into layers %s on %d blocks of %d tokens, %d steps, %d process(es)",
+                 cfg.teacher, keep, len(train), cfg.block_size, cfg.max_steps, acc.num_processes)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", unit="step", leave=False,
+               disable=not main_process or None)
+    t0 = time.perf_counter()
+    per_epoch = len(train) // cfg.batch_size
+    for step in range(start, cfg.max_steps):
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
+        global_idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+        local_idx = global_idx[acc.process_index :: acc.num_processes]
+        ids = train[local_idx].to(acc.device)
+        inputs, picked = None, None
+        if kind == "masked":
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            inputs, picked = mask_tokens(train[global_idx], teacher.tokenizer, cfg.mlm_probability, g)
+            inputs = inputs[acc.process_index :: acc.num_processes].to(acc.device)
+            picked = picked[acc.process_index :: acc.num_processes].to(acc.device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
+        terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs)
+        if not torch.isfinite(terms["loss"]):
+            raise PostError(f"the distillation loss became {float(terms['loss'])} at step {step}; the last good "
+                            f"checkpoint is kept in {run_path}. Lower --lr and start a new --out.")
+        acc.backward(terms["loss"])
+        acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            run.log(step=done, lr=opt.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()})
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            acc.wait_for_everyone()
+            if main_process:
+                _save_checkpoint(run_path, acc.unwrap_model(ddp_model), opt, done,
+                                 {"elapsed": elapsed + time.perf_counter() - t0, "undistilled": before,
+                                  "teacher": teacher_q})
+    bar.close()
+    train_seconds = elapsed + time.perf_counter() - t0
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(ddp_model)
+    model.eval()
+    after = quality(model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
+    if main_process:
+        model.requires_grad_(False)
+        out = save_model(LoadedModel(model=model, tokenizer=teacher.tokenizer, name=student.name, kind=kind,
+                                     path=None), run_path / STUDENT_DIR)
+        run.finish({
+            "teacher": cfg.teacher, "student_dir": str(out), "keep_layers": keep,
+            "teacher_params": param_count(teacher.model), "student_params": param_count(model),
+            "trainable_params": sum(p.numel() for p in trainable), "steps": cfg.max_steps,
+            "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.block_size, "processes": acc.num_processes,
+            "train_seconds": round(train_seconds, 3), "held_out_blocks": len(held),
+            "teacher_quality": teacher_q, "undistilled_quality": before, "distilled_quality": after,
+        })
+    acc.wait_for_everyone()
+    return read_result(run_path)
+
+
+def summarize(result: dict[str, Any]) -> str:
+    t, u, d = result["teacher_quality"], result["undistilled_quality"], result["distilled_quality"]
+    return (f"student (layers {result['keep_layers']}, {result['student_params'] / 1e6:.1f}M params) after "
+            f"{result['steps']} steps, {result['train_seconds']:.0f} s\n"
+            f"held-out perplexity: teacher {t['perplexity']:.1f}  undistilled {u['perplexity']:.1f}  "
+            f"distilled {d['perplexity']:.1f}\n"
+            f"KL to teacher: undistilled {u['kl_to_teacher']:.3f}  distilled {d['kl_to_teacher']:.3f}\n"
+            f"student: {result['student_dir']}")
