@@ -17,7 +17,6 @@ exactly where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,22 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from post.cache import atomic_path
+from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, require
 from post.corpus import load_texts
 from post.errors import PostError
 from post.models import LoadedModel, save_model
 from post.resolve import load_configured_model
-from post.rundir import RunDir, read_result, write_json
+from post.rundir import RunDir, read_result
 from post.student import build_student, param_count, parse_keep_layers
 
 log = logging.getLogger(__name__)
 
 STUDENT_DIR = "student"
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,38 +200,6 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
 
 
-def _save_checkpoint(path: Path, student: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                     extra: dict[str, Any]) -> None:
-    names = {id(p): n for n, p in student.named_parameters()}
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            value = v if torch.is_tensor(v) else torch.tensor(float(v))
-            tensors[f"opt.{names[id(p)]}.{k}"] = value.contiguous().cpu()
-    tensors = {k: v.clone() for k, v in tensors.items()}  # safetensors refuses shared storage (tied weights)
-    with atomic_path(path / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp))
-    write_json(path / CHECKPOINT_META, {"step": step, **extra})
-
-
-def _load_checkpoint(path: Path, student: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-    if not ((path / CHECKPOINT).exists() and (path / CHECKPOINT_META).exists()):
-        return None
-    try:
-        meta = json.loads((path / CHECKPOINT_META).read_text())
-        tensors = load_file(str(path / CHECKPOINT))
-    except Exception as e:  # torn or corrupt: the atomic writes make this rare; start over rather than trust it
-        log.warning("ignoring unreadable checkpoint in %s (%s)", path, e)
-        return None
-    student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(student.named_parameters())
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            name, field = key[4:].rsplit(".", 1)
-            opt.state[params[name]][field] = v.to(params[name].device)
-    return meta
-
-
 def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     """Distil ``cfg.teacher`` into a student; save it to ``run_dir/student`` and report its quality."""
     from accelerate import Accelerator
@@ -276,7 +240,10 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
         model.get_output_embeddings().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = _load_checkpoint(run_path, model, opt) if (run_path / CHECKPOINT).exists() else None
+    meta = None
+    if (ckpt := load_checkpoint(run_path, params=dict(model.named_parameters()), optimizer=opt)) is not None:
+        model.load_state_dict(ckpt[0])
+        meta = ckpt[1]
     model.train()
     # Dropout would make 1- and N-process runs (and resumed ones) diverge; distillation here runs without it.
     for m in model.modules():
@@ -331,9 +298,10 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             acc.wait_for_everyone()
             if main_process:
-                _save_checkpoint(run_path, acc.unwrap_model(ddp_model), opt, done,
-                                 {"elapsed": elapsed + time.perf_counter() - t0, "undistilled": before,
-                                  "teacher": teacher_q})
+                unwrapped = acc.unwrap_model(ddp_model)
+                save_checkpoint(run_path, tensors=unwrapped.state_dict(), params=dict(unwrapped.named_parameters()),
+                                optimizer=opt, meta={"step": done, "elapsed": elapsed + time.perf_counter() - t0,
+                                                     "undistilled": before, "teacher": teacher_q})
     bar.close()
     train_seconds = elapsed + time.perf_counter() - t0
     acc.wait_for_everyone()

@@ -17,7 +17,6 @@ exactly the same steps (sampling and noise are derived from (seed, step), not fr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,10 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from post.accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise, check_privacy_params, default_delta
-from post.cache import atomic_path
+from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, TaskOptions, require
 from post.dp import add_noise, clip_per_example, per_example_grads, poisson_sample, step_generator
 from post.errors import PostError
@@ -47,8 +45,6 @@ log = logging.getLogger(__name__)
 
 PROMPT_FILE = "prompt.safetensors"
 LEDGER_FILE = "privacy.json"
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,36 +226,6 @@ def _make_optimizer(cfg: TuneConfig, prompt: torch.Tensor) -> torch.optim.Optimi
     return torch.optim.Adam([prompt], lr=cfg.lr)
 
 
-def _save_checkpoint(run: RunDir, prompt: torch.Tensor, opt: torch.optim.Optimizer, step: int,
-                     history: list[dict[str, Any]], elapsed: float) -> None:
-    tensors = {"prompt": prompt.detach().contiguous()}
-    for k, v in opt.state.get(prompt, {}).items():
-        tensors[f"opt.{k}"] = (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().contiguous().cpu()
-    with atomic_path(run.path / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp))
-    write_json(run.path / CHECKPOINT_META, {"step": step, "history": history, "elapsed": elapsed})
-
-
-def _load_checkpoint(run: RunDir, prompt: torch.Tensor, opt: torch.optim.Optimizer
-                     ) -> tuple[int, list[dict[str, Any]], float]:
-    meta_path, ckpt = run.path / CHECKPOINT_META, run.path / CHECKPOINT
-    if not (meta_path.exists() and ckpt.exists()):
-        return 0, [], 0.0
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(ckpt))
-    except Exception as e:  # a torn or corrupt checkpoint: start over rather than trust it
-        log.warning("ignoring unreadable checkpoint in %s (%s); starting from step 0", run.path, e)
-        return 0, [], 0.0
-    with torch.no_grad():
-        prompt.copy_(tensors["prompt"])
-    state = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
-    if state:
-        opt.state[prompt] = state
-    log.info("resuming from step %d", meta["step"])
-    return int(meta["step"]), list(meta.get("history", [])), float(meta.get("elapsed", 0.0))
-
-
 def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     """Tune a prompt; write prompt file, ledger, metrics and result into ``run_dir``."""
     run = RunDir(run_dir, stage="tune", config=cfg)
@@ -281,7 +247,13 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     prompt = init_prompt(loaded, cfg.n_tokens, init=cfg.init, init_text=data.task.init_text, seed=cfg.seed)
     prompt = prompt.to(loaded.model.device).requires_grad_(True)
     opt = _make_optimizer(cfg, prompt)
-    start, history, elapsed_before = _load_checkpoint(run, prompt, opt)
+    start, history, elapsed_before = 0, [], 0.0
+    if (ckpt := load_checkpoint(run.path, params={"prompt": prompt}, optimizer=opt)) is not None:
+        tensors, meta = ckpt
+        with torch.no_grad():
+            prompt.copy_(tensors["prompt"])
+        start, history, elapsed_before = int(meta["step"]), list(meta["history"]), float(meta["elapsed"])
+        log.info("resuming from step %d", start)
     eval_every = cfg.eval_every or plan.steps_per_epoch
 
     def validate(step: int) -> dict[str, Any]:
@@ -323,7 +295,9 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         if done % eval_every == 0 or done == plan.total_steps:
             history.append(validate(done))
         if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
-            _save_checkpoint(run, prompt, opt, done, history, elapsed_before + time.perf_counter() - t0)
+            save_checkpoint(run.path, tensors={"prompt": prompt}, params={"prompt": prompt}, optimizer=opt,
+                            meta={"step": done, "history": history,
+                                  "elapsed": elapsed_before + time.perf_counter() - t0})
             if plan.ledger is not None:
                 write_json(run.path / LEDGER_FILE, plan.ledger.after(done).to_dict())
     bar.close()
