@@ -65,7 +65,7 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import distill, evaluate, export, student, tune
+    from post import distill, evaluate, export, student, transfer, tune
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
@@ -74,6 +74,8 @@ def _stage_commands() -> list[StageCommand]:
                      tune.TuneConfig, tune.tune, tune.summarize),
         StageCommand("distill", "Distil a teacher into a layer-dropped student (the provider's side).",
                      distill.DistillConfig, distill.distill, distill.summarize),
+        StageCommand("transfer", "Transfer a prompt to a target model with public data (the provider's side).",
+                     transfer.TransferConfig, transfer.transfer, transfer.summarize),
         StageCommand("student", "Cut an undistilled student from a teacher by keeping some of its layers.",
                      student.StudentConfig, student.make_student, student.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
@@ -111,7 +113,7 @@ def build_parser() -> ArgumentParser:
 
 def _build_config(cmd: StageCommand, ns: Any) -> Any:
     values = {f.name: ns.get(f.name) for f in dataclasses.fields(cmd.config) if f.init}
-    for key in ("cache_dir", "prompt"):
+    for key in ("cache_dir", "prompt"):  # jsonargparse leaves Path | None values as str
         if isinstance(values.get(key), str):
             values[key] = Path(values[key])
     return cmd.config(**values)

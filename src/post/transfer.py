@@ -1,0 +1,318 @@
+"""Stage: transfer a soft prompt from a small model to a large one with public data (the provider's side).
+
+POST loss (paper Eq. 3-5) over public inputs x wrapped in the private task's template, at the
+answer position, temperature T:
+
+    L1 = T² · KL( softmax(Φs(ps; x)/T) ‖ softmax(Φt(pt; x)/T) )                   match outputs
+    L2 = T² · KL( softmax((Φs(ps; x) − Φs(x))/T) ‖ softmax((Φt(pt; x) − Φt(x))/T) )  match the change
+    L  = (1 − α) · L1 + α · L2
+
+Only pt is trained (Adam). Φs(ps; x), Φs(x) and Φt(x) do not depend on pt: they are computed once
+per public example, so a step costs one forward+backward of the target.
+
+``--mode vocab`` (the paper) compares full-vocabulary distributions and needs both models to
+share a tokenizer. ``--mode label-words`` compares the class distributions (mean label-word
+logits per class, each model with its own tokenizer), so a prompt can move across vocabularies
+and widths (e.g. a SmolLM2 student -> Gemma 3).
+
+α: explicit (``--alpha``) or the paper's heuristic (Eq. 6) α = min((ZS − RG)/(C − RG), 1), with C
+the accuracy of ps on Φs (measured by the user, carried in the prompt file), ZS the zero-shot
+accuracy of Φt (measured by the user through ordinary queries, ``--target-zero-shot``) and RG
+chance. The provider never sees private data: the command takes public text only, and the
+prompt it reports is the one after a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from post.checkpoint import load_checkpoint, save_checkpoint
+from post.config import ModelOptions, require
+from post.corpus import load_texts
+from post.errors import ConfigError, PostError
+from post.models import LoadedModel
+from post.prompt import PromptFile, init_prompt, load_prompt, save_prompt
+from post.resolve import load_configured_model, subset
+from post.rundir import RunDir, read_result
+from post.scoring import Encoder, answer_hidden, classification_metrics, head_logits, predict_scores
+from post.tasks import Task, Verbalizer
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILE = "prompt.safetensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferConfig(ModelOptions):
+    """Transfer a soft prompt from a source model to a target model using public text only.
+
+    Attributes:
+        source_model: The small model the prompt was tuned on (Φs).
+        prompt: The prompt file ps from the user.
+        target_model: The large model to transfer to (Φt).
+        public: Public text: airline, a labelled dataset's texts, a text/JSONL/CSV file, hf:NAME.
+        public_limit: Use a seeded random subset of this many public texts.
+        steps: Optimizer steps; the reported prompt is the one after exactly these.
+        batch_size: Public examples per step (all processes together).
+        lr: Adam learning rate.
+        alpha: Weight of the prompt-induced-change term; none = the paper's heuristic (Eq. 6).
+        target_zero_shot: Zero-shot accuracy of the target on the private task, measured by the user
+            through ordinary queries (for the heuristic α).
+        source_accuracy: Accuracy of ps on the source (default: the validation accuracy in the prompt file).
+        temperature: Softmax temperature T.
+        mode: vocab (full-vocabulary distributions, same tokenizer) or label-words (class
+            distributions: works across tokenizers and widths).
+        max_length: Maximum tokens per input (text truncated from the left).
+        watch_task: Optional labelled data (the user's) scored every --watch-every steps to draw a
+            curve; it never selects the prompt.
+        watch_split: Split of --watch-task to score.
+        watch_limit: Score a seeded subset of this many watch examples.
+        watch_every: Steps between watch points.
+        checkpoint_every: Save a resumable checkpoint every this many steps.
+        seed: Seed of the public subset, batches and prompt init.
+    """
+
+    source_model: str
+    prompt: Path
+    target_model: str
+    public: str = "airline"
+    public_limit: int | None = 256
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    alpha: float | None = None
+    target_zero_shot: float | None = None
+    source_accuracy: float | None = None
+    temperature: float = 2.0
+    mode: Literal["vocab", "label-words"] = "vocab"
+    max_length: int = 128
+    watch_task: str | None = None
+    watch_split: str = "validation"
+    watch_limit: int | None = 200
+    watch_every: int = 100
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ModelOptions.__post_init__(self)
+        for name in ("source_model", "target_model"):
+            require(bool(getattr(self, name)), name, "must name a model.")
+        require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}.")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}.")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
+        require(self.alpha is None or 0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}.")
+        for name in ("target_zero_shot", "source_accuracy"):
+            v = getattr(self, name)
+            require(v is None or 0 <= v <= 1, name, f"must be an accuracy in [0, 1], got {v}.")
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
+        require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
+        require(self.public_limit is None or self.public_limit >= 1, "public_limit", "must be at least 1.")
+        require(self.watch_every >= 1, "watch_every", "must be at least 1.")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
+
+
+def heuristic_alpha(*, target_zero_shot: float, source_accuracy: float, num_classes: int) -> float:
+    """Paper Eq. 6: α = min((ZS − RG) / (C − RG), 1), clipped at 0; RG = 1/num_classes."""
+    rg = 1.0 / num_classes
+    if source_accuracy <= rg:
+        return 1.0  # the small model's prompt is no better than chance: only its effect can be matched
+    return float(min(max((target_zero_shot - rg) / (source_accuracy - rg), 0.0), 1.0))
+
+
+def post_loss(t_prompted: torch.Tensor, t_plain: torch.Tensor, s_prompted: torch.Tensor, s_plain: torch.Tensor,
+              *, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
+    """(1 − α)·L1 + α·L2 for (B, K) scores (K = vocabulary or classes); batch-mean KLs scaled by T²."""
+    temp = temperature
+
+    def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(student / temp, -1), F.log_softmax(teacher / temp, -1), log_target=True,
+                        reduction="batchmean") * temp**2
+
+    l1 = kl(t_prompted, s_prompted)
+    l2 = kl(t_prompted - t_plain, s_prompted - s_plain)
+    return {"l1": l1, "l2": l2, "loss": (1 - alpha) * l1 + alpha * l2}
+
+
+class Scorer:
+    """Answer-position scores of one model for a fixed set of texts: vocabulary logits or class scores."""
+
+    def __init__(self, loaded: LoadedModel, task: Task, texts: list[str], *, mode: str, max_length: int) -> None:
+        self.loaded, self.mode = loaded, mode
+        self.encoder = Encoder(task, loaded.tokenizer, loaded.kind, max_length)
+        self.verbalizer = Verbalizer.build(task, loaded.tokenizer)
+        self.seqs, self.answers = self.encoder.encode(texts)
+
+    def __call__(self, idx: torch.Tensor | np.ndarray, prompt: torch.Tensor | None) -> torch.Tensor:
+        batch = self.encoder.collate([self.seqs[i] for i in idx], [self.answers[i] for i in idx])
+        model = self.loaded.model
+        p = None if prompt is None else prompt.to(model.device, next(model.parameters()).dtype)
+        hidden = answer_hidden(model, batch, p)
+        if self.mode == "vocab":
+            return head_logits(model, hidden).float()
+        return self.verbalizer.class_scores(head_logits(model, hidden, self.verbalizer.token_ids)).float()
+
+    @torch.no_grad()
+    def constants(self, prompt: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Scores of every text (N, K), computed once: they do not depend on the trained prompt."""
+        n = len(self.seqs)
+        return torch.cat([self(np.arange(i, min(i + batch_size, n)), prompt).cpu() for i in range(0, n, batch_size)])
+
+
+def _check_same_tokenizer(source: LoadedModel, target: LoadedModel) -> None:
+    ts, tt = source.tokenizer, target.tokenizer
+    if len(ts) != len(tt) or ts.get_vocab() != tt.get_vocab():
+        raise ConfigError(f"--mode vocab needs one tokenizer for source and target, but {source.name} and "
+                          f"{target.name} have different vocabularies; use --mode label-words.")
+
+
+def resolve_alpha(cfg: TransferConfig, ps: PromptFile, num_classes: int) -> tuple[float, dict[str, Any]]:
+    if cfg.alpha is not None:
+        return cfg.alpha, {"alpha_source": "given"}
+    measured = ps.meta.get("measured") or {}
+    c = cfg.source_accuracy if cfg.source_accuracy is not None else measured.get("val_accuracy")
+    zs = cfg.target_zero_shot if cfg.target_zero_shot is not None else measured.get("target_zero_shot")
+    if c is None or zs is None:
+        raise ConfigError("the heuristic α needs the target's zero-shot accuracy (--target-zero-shot, measured by the "
+                          "user with post evaluate --model TARGET) and the prompt's accuracy on the source "
+                          "(--source-accuracy or the prompt file); or give --alpha.")
+    alpha = heuristic_alpha(target_zero_shot=float(zs), source_accuracy=float(c), num_classes=num_classes)
+    return alpha, {"alpha_source": "heuristic (Eq. 6)", "target_zero_shot": zs, "source_accuracy": c}
+
+
+def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train pt on the target so that Φt(pt) behaves like Φs(ps); write the target prompt file."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=cfg.torch_device.type == "cpu")
+    main_process = acc.is_main_process
+    run = RunDir(run_dir, stage="transfer", config=cfg) if main_process else None
+    acc.wait_for_everyone()
+    run_path = Path(run_dir)
+    if (run_path / "result.json").exists():
+        return read_result(run_path)
+
+    source = load_configured_model(cfg, cfg.source_model)
+    ps = load_prompt(cfg.prompt, source)
+    task = ps.task
+    target = load_configured_model(cfg, cfg.target_model)
+    if cfg.mode == "vocab":
+        _check_same_tokenizer(source, target)
+    alpha, alpha_info = resolve_alpha(cfg, ps, task.num_classes)
+    public = load_texts(cfg.public, cache_dir=cfg.cache_dir)
+    texts = [public[i] for i in subset(len(public), cfg.public_limit, cfg.seed)]
+    if len(texts) < cfg.batch_size:
+        raise PostError(f"{cfg.public} gives {len(texts)} texts, fewer than --batch-size {cfg.batch_size}.")
+
+    log.info("caching source and target outputs on %d public texts (mode %s, α=%.3f)", len(texts), cfg.mode, alpha)
+    t0 = time.perf_counter()
+    src = Scorer(source, task, texts, mode=cfg.mode, max_length=cfg.max_length)
+    tgt = Scorer(target, task, texts, mode=cfg.mode, max_length=cfg.max_length)
+    s_prompted = src.constants(ps.tensor, cfg.batch_size)
+    s_plain = src.constants(None, cfg.batch_size)
+    t_plain = tgt.constants(None, cfg.batch_size)
+    cache_seconds = time.perf_counter() - t0
+    del source
+
+    pt = init_prompt(target, ps.n_tokens, init="text", init_text=task.init_text, seed=cfg.seed)
+    pt = pt.to(target.model.device).requires_grad_(True)
+    opt = torch.optim.Adam([pt], lr=cfg.lr)
+    start, curve, elapsed = 0, [], 0.0
+    if (ckpt := load_checkpoint(run_path, params={"prompt": pt}, optimizer=opt)) is not None:
+        with torch.no_grad():
+            pt.copy_(ckpt[0]["prompt"])
+        start, curve, elapsed = int(ckpt[1]["step"]), list(ckpt[1]["curve"]), float(ckpt[1]["elapsed"])
+        log.info("resuming transfer from step %d", start)
+
+    watch = _Watch(cfg, target, task) if cfg.watch_task else None
+    if watch is not None and start == 0:
+        curve.append(watch.point(0, pt, run))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="transfer", unit="step", leave=False,
+               disable=not main_process or None)
+    t1 = time.perf_counter()
+    n = len(texts)
+    for step in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        global_idx = torch.randperm(n, generator=g)[: cfg.batch_size]
+        idx = global_idx[acc.process_index :: acc.num_processes]
+        t_prompted = tgt(idx, pt)
+        terms = post_loss(t_prompted, t_plain[idx].to(t_prompted.device), s_prompted[idx].to(t_prompted.device),
+                          s_plain[idx].to(t_prompted.device), alpha=alpha, temperature=cfg.temperature)
+        (grad,) = torch.autograd.grad(terms["loss"], pt)
+        if acc.num_processes > 1:
+            grad = acc.reduce(grad, reduction="mean")
+        if not torch.isfinite(grad).all():
+            raise PostError(f"the transfer loss became {float(terms['loss'])} at step {step}; lower --lr.")
+        pt.grad = grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if main_process:
+            run.log(step=done, **{k: float(v.detach()) for k, v in terms.items()})
+        if watch is not None and (done % cfg.watch_every == 0 or done == cfg.steps):
+            curve.append(watch.point(done, pt, run))
+        if main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(run_path, tensors={"prompt": pt}, params={"prompt": pt}, optimizer=opt,
+                            meta={"step": done, "curve": curve, "elapsed": elapsed + time.perf_counter() - t1})
+    bar.close()
+    acc.wait_for_everyone()
+    if main_process:
+        train_seconds = elapsed + time.perf_counter() - t1
+        path = save_prompt(run_path / PROMPT_FILE, pt, loaded=target, task=task, privacy=ps.meta.get("privacy"),
+                           measured={}, extra={"transferred_from": {
+                               "model": ps.meta["model"], "prompt_checksum": ps.meta["checksum"], "alpha": alpha,
+                               "mode": cfg.mode, "steps": cfg.steps, "public": cfg.public, "public_texts": n}})
+        ledger = ps.meta.get("privacy")
+        run.finish({
+            "source_model": cfg.source_model, "target_model": cfg.target_model, "prompt": str(path),
+            "alpha": alpha, **alpha_info, "mode": cfg.mode, "steps": cfg.steps, "public": cfg.public,
+            "public_texts": n, "processes": acc.num_processes, "cache_seconds": round(cache_seconds, 3),
+            "train_seconds": round(train_seconds, 3), "watch_curve": curve,
+            "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None,
+        })
+    acc.wait_for_everyone()
+    return read_result(run_path)
+
+
+class _Watch:
+    """Scores the current target prompt on the user's labelled data, for a curve only."""
+
+    def __init__(self, cfg: TransferConfig, target: LoadedModel, task: Task) -> None:
+        from post.data import load_labelled
+
+        # The prompt's own task (template and label words) says how to read the labels.
+        data = load_labelled(cfg.watch_task, cache_dir=cfg.cache_dir, template=task.template,
+                             label_words={k: list(v) for k, v in task.label_words.items()})
+        split = data.split(cfg.watch_split)
+        idx = subset(len(split), cfg.watch_limit, cfg.seed)
+        self.texts, self.labels = [split.texts[i] for i in idx], [split.labels[i] for i in idx]
+        self.target, self.task, self.class_names = target, task, data.class_names
+        self.encoder = Encoder(task, target.tokenizer, target.kind, cfg.max_length)
+        self.verbalizer = Verbalizer.build(task, target.tokenizer)
+
+    def point(self, step: int, pt: torch.Tensor, run: RunDir | None) -> dict[str, Any]:
+        scores = predict_scores(self.target.model, self.encoder, self.verbalizer, self.texts, prompt=pt.detach(),
+                                progress=False)
+        acc = classification_metrics(scores, self.labels, self.class_names)["accuracy"]
+        if run is not None:
+            run.log(step=step, watch_accuracy=acc)
+        log.info("step %d: watch accuracy %.4f", step, acc)
+        return {"step": step, "accuracy": acc}
+
+
+def summarize(result: dict[str, Any]) -> str:
+    curve = result.get("watch_curve") or []
+    watch = f"  watch accuracy {curve[0]['accuracy']:.4f} -> {curve[-1]['accuracy']:.4f}" if curve else ""
+    return (f"transferred to {result['target_model']} in {result['steps']} steps (α={result['alpha']:.3f}, "
+            f"{result['mode']}, {result['train_seconds']:.0f} s){watch}\nprompt: {result['prompt']}")

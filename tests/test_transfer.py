@@ -1,0 +1,127 @@
+"""Prompt transfer: the POST loss, the α heuristic, and end-to-end runs on tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import write_sentiment_csv
+from post.errors import ConfigError
+from post.models import save_model, tiny_model
+from post.student import build_student
+from post.transfer import TransferConfig, heuristic_alpha, post_loss, transfer
+from post.tune import TuneConfig, tune
+
+LABEL_WORDS = "negative=bad;positive=good"
+
+
+def test_post_loss_terms():
+    torch.manual_seed(0)
+    s_p, s_0, t_0 = torch.randn(4, 50), torch.randn(4, 50), torch.randn(4, 50)
+    same = post_loss(s_p, t_0, s_p, s_0, alpha=0.0, temperature=2.0)
+    assert same["l1"].item() == pytest.approx(0.0, abs=1e-6)
+    # The change term only sees the prompt-induced shift, up to a constant per row.
+    shifted = t_0 + (s_p - s_0) + 3.0
+    terms = post_loss(shifted, t_0, s_p, s_0, alpha=1.0, temperature=2.0)
+    assert terms["l2"].item() == pytest.approx(0.0, abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["l2"].item())
+    mixed = post_loss(torch.randn(4, 50), t_0, s_p, s_0, alpha=0.3, temperature=2.0)
+    assert mixed["loss"].item() == pytest.approx(0.7 * mixed["l1"].item() + 0.3 * mixed["l2"].item(), rel=1e-6)
+    # T² scaling: KL of the tempered distributions times T².
+    p, q = torch.randn(1, 5), torch.randn(1, 5)
+    manual = (torch.softmax(q / 2, -1) * (torch.log_softmax(q / 2, -1) - torch.log_softmax(p / 2, -1))).sum() * 4
+    assert post_loss(p, t_0[:1, :5], q, s_0[:1, :5], alpha=0.0, temperature=2.0)["l1"].item() == pytest.approx(
+        manual.item(), rel=1e-5)
+
+
+def test_heuristic_alpha_matches_the_paper():
+    # RoBERTa, sst2: zero-shot 72.25, PT on the 2-layer source 79.10 -> the paper used α = 0.8.
+    alpha = heuristic_alpha(target_zero_shot=0.7225, source_accuracy=0.791, num_classes=2)
+    assert alpha == pytest.approx(0.765, abs=1e-3)
+    assert heuristic_alpha(target_zero_shot=0.9, source_accuracy=0.8, num_classes=2) == 1.0
+    assert heuristic_alpha(target_zero_shot=0.3, source_accuracy=0.8, num_classes=2) == 0.0
+    assert heuristic_alpha(target_zero_shot=0.6, source_accuracy=0.5, num_classes=2) == 1.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    data = write_sentiment_csv(root / "d.csv")
+    public = root / "public.txt"
+    public.write_text("\n".join(["a good day", "bad service", "great flight", "awful delay", "ok trip"] * 20))
+    teacher = tiny_model("llama")
+    target_dir = save_model(teacher, root / "target")
+    source_dir = save_model(build_student(teacher, "1"), root / "source")
+    ps = tune(TuneConfig(model=str(target_dir), task=str(data), label_words=LABEL_WORDS, n_tokens=4, epochs=3,
+                         batch_size=8, lr=0.1, test=False), root / "ps")
+    return root, data, public, source_dir, target_dir, ps
+
+
+def cfg(setup, **kw):
+    root, data, public, source_dir, target_dir, ps = setup
+    base = dict(source_model=str(target_dir), prompt=ps["prompt"], target_model=str(target_dir), public=str(public),
+                steps=60, batch_size=8, lr=0.05, alpha=0.0, checkpoint_every=20, device="cpu")
+    return TransferConfig(**{**base, **kw})
+
+
+def losses(run_dir):
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+
+
+def test_transfer_to_the_same_model_recovers_the_prompts_behaviour(setup, tmp_path):
+    r = transfer(cfg(setup), tmp_path)
+    curve = losses(tmp_path)
+    assert len(curve) == 60 and curve[-1] < 0.2 * curve[0]
+    pf = json.loads((tmp_path / "result.json").read_text())
+    assert pf["alpha"] == 0.0 and r["steps"] == 60
+
+
+def test_label_word_mode_and_watch_curve(setup, tmp_path):
+    root, data, *_ = setup
+    r = transfer(cfg(setup, mode="label-words", alpha=0.5, watch_task=str(data), watch_every=30), tmp_path)
+    assert [p["step"] for p in r["watch_curve"]] == [0, 30, 60]
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+
+
+def test_heuristic_alpha_needs_its_inputs(setup, tmp_path):
+    with pytest.raises(ConfigError, match="target-zero-shot"):
+        transfer(cfg(setup, alpha=None), tmp_path / "a")
+    r = transfer(cfg(setup, alpha=None, target_zero_shot=0.6, steps=2), tmp_path / "b")
+    assert r["alpha_source"].startswith("heuristic") and 0 <= r["alpha"] <= 1
+
+
+def test_vocab_mode_refuses_different_tokenizers(setup, tmp_path):
+    root, data, public, source_dir, target_dir, ps = setup
+    from transformers import PreTrainedTokenizerFast
+
+    other = tiny_model("llama")
+    tok = other.tokenizer
+    tok.add_tokens(["zzzunseen"])
+    other.model.resize_token_embeddings(len(tok))
+    other_dir = save_model(other, root / "other")
+    with pytest.raises(ConfigError, match="label-words"):
+        transfer(cfg(setup, target_model=str(other_dir)), tmp_path)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+
+
+def test_transfer_resumes_after_interruption(setup, tmp_path, monkeypatch):
+    full = transfer(cfg(setup), tmp_path / "full")
+    import post.transfer as t
+
+    original = t.post_loss
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 45:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(t, "post_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        transfer(cfg(setup), tmp_path / "resumed")
+    monkeypatch.setattr(t, "post_loss", original)
+    resumed = transfer(cfg(setup), tmp_path / "resumed")
+    from post.prompt import read_prompt
+
+    assert torch.equal(read_prompt(full["prompt"]).tensor, read_prompt(resumed["prompt"]).tensor)
