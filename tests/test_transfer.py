@@ -125,3 +125,17 @@ def test_transfer_resumes_after_interruption(setup, tmp_path, monkeypatch):
     from post.prompt import read_prompt
 
     assert torch.equal(read_prompt(full["prompt"]).tensor, read_prompt(resumed["prompt"]).tensor)
+
+
+def test_zst_recovers_relative_coordinates(setup, tmp_path):
+    from post.prompt import read_prompt
+    from post.zst import ZstConfig, relative_coordinates, zst
+
+    root, data, public, source_dir, target_dir, ps = setup
+    r = zst(ZstConfig(source_model=str(target_dir), prompt=ps["prompt"], target_model=str(target_dir), anchors=64,
+                      steps=500, device="cpu"), tmp_path)
+    assert r["final_loss"] < 1e-3
+    p, q = read_prompt(ps["prompt"]).tensor, read_prompt(r["prompt"]).tensor
+    emb = tiny_model("llama").model.get_input_embeddings().weight.detach()
+    rel_p, rel_q = relative_coordinates(p, emb[:64]), relative_coordinates(q, emb[:64])
+    assert (rel_p - rel_q).abs().max() < 0.1

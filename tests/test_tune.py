@@ -214,3 +214,16 @@ def test_cli_rejects_bad_options_in_one_line(data_csv, tmp_path, capsys, bad, me
     assert code == 2
     assert err.startswith("post: error:") and "\n" not in err and message in err
     assert "Traceback" not in err
+
+
+def test_direct_transfer_needs_the_explicit_flag(nonprivate, data_csv, tmp_path):
+    from post.evaluate import EvaluateConfig, evaluate
+    from post.models import save_model
+
+    out, _ = nonprivate
+    other = save_model(tiny_model("llama", seed=1), tmp_path / "other")
+    kw = dict(model=str(other), task=str(data_csv), label_words=LABEL_WORDS, prompt=out / "prompt.safetensors")
+    with pytest.raises(PostError, match="fingerprint"):
+        evaluate(EvaluateConfig(**kw), tmp_path / "refused")
+    r = evaluate(EvaluateConfig(**kw, allow_other_model=True), tmp_path / "direct")
+    assert r["prompt"]["model"] == "tiny-llama" and 0 <= r["accuracy"] <= 1

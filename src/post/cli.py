@@ -65,7 +65,7 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import distill, evaluate, export, student, transfer, tune
+    from post import distill, evaluate, export, student, transfer, tune, zst
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
@@ -76,6 +76,8 @@ def _stage_commands() -> list[StageCommand]:
                      distill.DistillConfig, distill.distill, distill.summarize),
         StageCommand("transfer", "Transfer a prompt to a target model with public data (the provider's side).",
                      transfer.TransferConfig, transfer.transfer, transfer.summarize),
+        StageCommand("zst", "Baseline: zero-shot continuous prompt transfer via anchor tokens (no data).",
+                     zst.ZstConfig, zst.zst, zst.summarize),
         StageCommand("student", "Cut an undistilled student from a teacher by keeping some of its layers.",
                      student.StudentConfig, student.make_student, student.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",

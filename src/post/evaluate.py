@@ -30,6 +30,8 @@ class EvaluateConfig(TaskOptions, ModelOptions):
         batch_size: Examples per forward pass.
         limit: Score a seeded random subset of this many examples (default: the whole split).
         seed: Seed of that subset.
+        allow_other_model: Use a prompt tuned on another model of the same width as it is ("direct
+            transfer", a baseline); without it such a prompt is refused.
     """
 
     model: str
@@ -38,6 +40,7 @@ class EvaluateConfig(TaskOptions, ModelOptions):
     batch_size: int = 32
     limit: int | None = None
     seed: int = 0
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         TaskOptions.__post_init__(self)
@@ -62,7 +65,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
     prompt = prompt_file = None
     prompt_meta: dict[str, Any] | None = None
     if cfg.prompt is not None:
-        prompt_file = load_prompt(cfg.prompt, loaded)
+        prompt_file = load_prompt(cfg.prompt, loaded, same_model=not cfg.allow_other_model)
         prompt, prompt_meta = prompt_file.tensor.to(loaded.model.device), prompt_file.summary()
     task = data.task
     if prompt_file is not None:  # a prompt is only meaningful with the template it was tuned with
