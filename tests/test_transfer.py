@@ -139,3 +139,27 @@ def test_zst_recovers_relative_coordinates(setup, tmp_path):
     emb = tiny_model("llama").model.get_input_embeddings().weight.detach()
     rel_p, rel_q = relative_coordinates(p, emb[:64]), relative_coordinates(q, emb[:64])
     assert (rel_p - rel_q).abs().max() < 0.1
+
+
+def test_results_table_places_every_run(setup, tmp_path):
+    from post.evaluate import EvaluateConfig, evaluate
+    from post.table import TableConfig, table
+
+    root, data, public, source_dir, target_dir, ps_np = setup
+    common = dict(task=str(data), label_words=LABEL_WORDS, n_tokens=4, epochs=1, batch_size=8, lr=0.1)
+    ps_dp = tune(TuneConfig(model=str(source_dir), dp=True, noise_multiplier=1.0, **common), tmp_path / "ps-dp")
+    tune(TuneConfig(model=str(target_dir), **common), tmp_path / "pt-target")
+    pt = transfer(cfg(setup, source_model=str(source_dir), prompt=ps_dp["prompt"], steps=5), tmp_path / "post-dp")
+    ev = dict(model=str(target_dir), task=str(data), label_words=LABEL_WORDS)
+    evaluate(EvaluateConfig(**ev), tmp_path / "zs")
+    evaluate(EvaluateConfig(**ev, prompt=pt["prompt"]), tmp_path / "eval-post-dp")
+    evaluate(EvaluateConfig(**ev, prompt=ps_dp["prompt"], allow_other_model=True), tmp_path / "direct-dp")
+    r = table(TableConfig(runs=[tmp_path], target=str(target_dir)), tmp_path / "table")
+    rows = list(__import__("csv").DictReader(open(r["csv"])))
+    placed = {(x["method"], x["dp"]) for x in rows}
+    assert placed == {("zero-shot Φt", "False"), ("zero-shot Φt", "True"), ("PT on Φt", "False"),
+                      ("PT on Φs", "True"), ("POST", "True"), ("direct transfer", "True")}
+    post_row = next(x for x in rows if x["method"] == "POST")
+    assert float(post_row["epsilon"]) == pytest.approx(ps_dp["epsilon"])
+    assert float(post_row["seconds"]) >= ps_dp["train_seconds"]  # tuning on the source + the transfer
+    assert "| " + str(data) in (tmp_path / "table" / "table.md").read_text()

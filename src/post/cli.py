@@ -65,7 +65,7 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import distill, evaluate, export, student, transfer, tune, zst
+    from post import distill, evaluate, export, student, table, transfer, tune, zst
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
@@ -80,6 +80,8 @@ def _stage_commands() -> list[StageCommand]:
                      zst.ZstConfig, zst.zst, zst.summarize),
         StageCommand("student", "Cut an undistilled student from a teacher by keeping some of its layers.",
                      student.StudentConfig, student.make_student, student.summarize),
+        StageCommand("table", "Collect run directories into the paper's results table (Markdown and CSV).",
+                     table.TableConfig, table.table, table.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
                      export.ExportPeftConfig, export.export_peft, export.summarize),
     ]

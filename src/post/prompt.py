@@ -89,7 +89,10 @@ class PromptFile:
 
     def summary(self) -> dict[str, Any]:
         ledger = self.meta.get("privacy")
+        origin = self.meta.get("transferred_from")
         return {"path": self.meta.get("path"), "model": self.meta["model"]["name"], "n_tokens": self.n_tokens,
+                "method": (origin.get("method", "post") if origin else "tuned"),
+                "source_model": origin["model"]["name"] if origin else None,
                 "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None}
 
 
