@@ -1,0 +1,101 @@
+"""Benchmark: a POST transfer step vs a prompt-tuning step on the target, and the whole cost ratio.
+
+    python bench/transfer_step.py [--target smollm2-135m] [--keep-layers 0,10,20,29] [--n-tokens 10]
+
+Measured side by side in one process, interleaved, on the same batches:
+- transfer step (target forward+backward with the cached constants) ÷ prompt-tuning step on the
+  target (target ≤ 1.2: the cached Φs(ps;x), Φs(x), Φt(x) make the step one target pass);
+- the whole user+provider cost, tuning on Φs for --epochs plus --transfer-steps transfer steps
+  (and the one-off constant caching), ÷ tuning on Φt for the same epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from post.data import load_labelled
+from post.models import load_model
+from post.prompt import init_prompt
+from post.scoring import Encoder
+from post.student import build_student
+from post.tasks import Verbalizer
+from post.transfer import Scorer, post_loss
+from post.tune import PromptTrainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="smollm2-135m")
+    ap.add_argument("--keep-layers", default="0,10,20,29")
+    ap.add_argument("--n-tokens", type=int, default=10)
+    ap.add_argument("--tune-batch", type=int, default=32)
+    ap.add_argument("--transfer-batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--transfer-steps", type=int, default=300)
+    ap.add_argument("--public", type=int, default=256, help="public texts whose constants are cached")
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    data = load_labelled("mr")
+    public = list(load_labelled("airline").split("train").texts[: args.public])
+    target = load_model(args.target)
+    source = build_student(target, args.keep_layers)
+    train = data.split("train")
+
+    def trainer(m):
+        enc = Encoder(data.task, m.tokenizer, m.kind, 128)
+        return PromptTrainer(m, enc, Verbalizer.build(data.task, m.tokenizer), train.texts, train.labels,
+                             micro_batch_size=args.tune_batch)
+
+    tune_s, tune_t = trainer(source), trainer(target)
+    prompt = init_prompt(target, args.n_tokens, init_text=data.task.init_text)
+    tgt = Scorer(target, data.task, public, mode="vocab", max_length=128)
+    src = Scorer(source, data.task, public, mode="vocab", max_length=128)
+    t0 = time.perf_counter()
+    consts = [src.constants(prompt, 32), src.constants(None, 32), tgt.constants(None, 32)]
+    t_cache = time.perf_counter() - t0
+    pt = prompt.clone().requires_grad_(True)
+
+    def transfer_step(idx: np.ndarray) -> None:
+        out = post_loss(tgt(idx, pt), consts[2][idx], consts[0][idx], consts[1][idx], alpha=0.5, temperature=2.0)
+        torch.autograd.grad(out["loss"], pt)
+
+    rng = np.random.default_rng(0)
+    big, small = f"tune target (batch {args.tune_batch})", f"tune target (batch {args.transfer_batch})"
+    move = f"transfer (batch {args.transfer_batch})"
+    times = dict.fromkeys((big, "tune source", move, small), 0.0)
+    tune_s.mean_gradient(prompt, torch.arange(4))  # warm-up
+    for step in range(args.steps):
+        idx = torch.arange(step * args.tune_batch, (step + 1) * args.tune_batch)
+        pub = rng.choice(len(public), args.transfer_batch, replace=False)
+        jobs = ((big, tune_t.mean_gradient, idx), ("tune source", tune_s.mean_gradient, idx),
+                (small, tune_t.mean_gradient, idx[: args.transfer_batch]))
+        for name, fn, batch in jobs:
+            t = time.perf_counter()
+            fn(prompt, batch)
+            times[name] += time.perf_counter() - t
+        t = time.perf_counter()
+        transfer_step(pub)
+        times[move] += time.perf_counter() - t
+    times = {k: v / args.steps for k, v in times.items()}
+    print(f"target {args.target}, source layers {args.keep_layers} of it, {args.n_tokens}-token prompt, "
+          f"{args.steps} interleaved steps, {torch.get_num_threads()} threads")
+    for k, v in times.items():
+        print(f"  {k:<28}{v:8.3f} s/step")
+    print(f"  caching constants for {args.public} public texts: {t_cache:.1f} s (once)")
+    ratio = times[move] / times[small]
+    print(f"transfer step / tuning step on the target, same batch: {ratio:.3f}  (target <= 1.2)")
+    steps_per_epoch = int(np.ceil(len(train) / args.tune_batch))
+    user = args.epochs * steps_per_epoch * times["tune source"]
+    provider = t_cache + args.transfer_steps * times[move]
+    direct = args.epochs * steps_per_epoch * times[big]
+    print(f"tune on Φs ({args.epochs} epochs) {user / 60:.1f} min + transfer ({args.transfer_steps} steps) "
+          f"{provider / 60:.1f} min = {(user + provider) / 60:.1f} min vs tune on Φt {direct / 60:.1f} min: "
+          f"{(user + provider) / direct:.3f} of the cost ({direct / (user + provider):.1f}x cheaper)")
+
+
+if __name__ == "__main__":
+    main()
