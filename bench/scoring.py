@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import torch
+
 from post.data import load_labelled
 from post.models import load_model
-
 from post.scoring import Encoder, predict_scores
 from post.tasks import Verbalizer
 

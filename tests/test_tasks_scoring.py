@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from post.models import tiny_model
 
 from post.errors import ConfigError, PostError
+from post.models import tiny_model
 from post.scoring import Encoder, class_scores, classification_metrics, head_logits, predict_scores
 from post.tasks import Task, Verbalizer, parse_label_words
 

@@ -117,7 +117,7 @@ def build_parser() -> ArgumentParser:
 
 def _build_config(cmd: StageCommand, ns: Any) -> Any:
     values = {f.name: ns.get(f.name) for f in dataclasses.fields(cmd.config) if f.init}
-    for key in ("cache_dir", "prompt"):  # jsonargparse leaves Path | None values as str
+    for key in ("cache_dir", "prompt", "train_indices"):  # jsonargparse leaves Path | None values as str
         if isinstance(values.get(key), str):
             values[key] = Path(values[key])
     return cmd.config(**values)

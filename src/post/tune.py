@@ -17,6 +17,7 @@ exactly the same steps (sampling and noise are derived from (seed, step), not fr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -64,6 +65,8 @@ class TuneConfig(TaskOptions, ModelOptions):
         batch_size: Examples per step (DP: the expected size of the Poisson sample).
         micro_batch_size: Examples per forward/backward; larger batches are accumulated.
         train_limit: Use a seeded random subset of this many training examples (N is then this).
+        train_indices: JSON file with a list of training-split indices to train on instead (e.g. a
+            membership-inference shadow's half of the pool).
         eval_limit: Validate on a seeded random subset of this many validation examples.
         eval_every: Validate every this many steps (default: once per epoch).
         test: Score the final prompt on the test split.
@@ -87,6 +90,7 @@ class TuneConfig(TaskOptions, ModelOptions):
     batch_size: int = 32
     micro_batch_size: int = 32
     train_limit: int | None = None
+    train_indices: Path | None = None
     eval_limit: int | None = None
     eval_every: int | None = None
     test: bool = True
@@ -112,6 +116,8 @@ class TuneConfig(TaskOptions, ModelOptions):
         require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}.")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}.")
         require(self.train_limit is None or self.train_limit >= 2, "train_limit", "must be at least 2.")
+        require(self.train_limit is None or self.train_indices is None, "train_indices",
+                "can't be combined with --train-limit.")
         require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be at least 1.")
         require(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be at least 1.")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
@@ -133,6 +139,18 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     ledger: PrivacyLedger | None
+
+
+def read_indices(path: Path, n: int) -> list[int]:
+    """A JSON list of distinct indices into a split of ``n`` examples."""
+    try:
+        idx = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PostError(f"--train-indices {path} is not a readable JSON list ({e}).") from None
+    valid = isinstance(idx, list) and all(isinstance(i, int) and 0 <= i < n for i in idx)
+    if not valid or len(set(idx)) != len(idx):
+        raise PostError(f"--train-indices {path} must be a list of distinct integers in [0, {n}).")
+    return idx
 
 
 def make_plan(cfg: TuneConfig, n_train: int) -> Plan:
@@ -233,7 +251,8 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         return done
     data = load_task(cfg)
     train = data.split("train")
-    tr_idx = subset(len(train), cfg.train_limit, cfg.seed)
+    tr_idx = subset(len(train), cfg.train_limit, cfg.seed) if cfg.train_indices is None else \
+        read_indices(cfg.train_indices, len(train))
     texts, labels = [train.texts[i] for i in tr_idx], [train.labels[i] for i in tr_idx]
     plan = make_plan(cfg, len(texts))
     val = data.split("validation")
