@@ -163,3 +163,34 @@ def test_results_table_places_every_run(setup, tmp_path):
     assert float(post_row["epsilon"]) == pytest.approx(ps_dp["epsilon"])
     assert float(post_row["seconds"]) >= ps_dp["train_seconds"]  # tuning on the source + the transfer
     assert "| " + str(data) in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_lira_attack_end_to_end_with_transferred_prompts(setup, tmp_path, capsys):
+    import numpy as np
+
+    from post.cli import main
+
+    root, data, public, source_dir, target_dir, ps = setup
+    code = main(["attack", "lira", "--model", str(source_dir), "--task", str(data), "--label-words", LABEL_WORDS,
+                 "--shadows", "4", "--pool-size", "40", "--n-tokens", "4", "--epochs", "1", "--batch-size", "8",
+                 "--lr", "0.1", "--transfer-target", str(target_dir), "--public", str(public),
+                 "--transfer-steps", "5", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["shadows"] == 4 and r["pool"] == 40
+    for figs in (r["source_prompt"], r["transferred_prompt"]):
+        assert set(figs) == {"online", "offline", "online, global variance", "offline, global variance"}
+        assert all(0 <= f["auc"] <= 1 and f["epsilon_lower_bound"] >= 0 for f in figs.values())
+    membership = json.loads((tmp_path / "membership.json").read_text())
+    assert (np.array(membership["in"]).sum(1) == 2).all()  # every example in exactly half of the shadows
+    assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "roc-transferred.png").exists()
+    shadow = json.loads((tmp_path / "shadows" / "shadow-000" / "confidence.json").read_text())
+    assert len(shadow["source"]) == len(shadow["target"]) == 40
+    assert "AUC" in capsys.readouterr().out
+    mtime = (tmp_path / "shadows" / "shadow-001" / "confidence.json").stat().st_mtime_ns
+    (tmp_path / "result.json").unlink()  # re-running re-scores but never retrains a finished shadow
+    assert main(["attack", "lira", "--model", str(source_dir), "--task", str(data), "--label-words", LABEL_WORDS,
+                 "--shadows", "4", "--pool-size", "40", "--n-tokens", "4", "--epochs", "1", "--batch-size", "8",
+                 "--lr", "0.1", "--transfer-target", str(target_dir), "--public", str(public),
+                 "--transfer-steps", "5", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "shadows" / "shadow-001" / "confidence.json").stat().st_mtime_ns == mtime

@@ -87,6 +87,13 @@ def _stage_commands() -> list[StageCommand]:
     ]
 
 
+def _attack_commands() -> list[StageCommand]:
+    from post import attack
+
+    return [StageCommand("lira", "LiRA membership inference on soft prompts (shadow prompts, ROC, empirical ε).",
+                         attack.AttackConfig, attack.attack, attack.summarize)]
+
+
 def _stage_parser(cmd: StageCommand) -> ArgumentParser:
     p = _Parser(description=(cmd.config.__doc__ or cmd.help).split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
@@ -108,6 +115,11 @@ def build_parser() -> ArgumentParser:
     fetch.add_argument("--verify", type=bool, default=False,
                        help="Re-hash cached files and repair any that changed.")
     sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
+    attack = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
+    sub.add_subcommand("attack", attack, help="Privacy audits: post attack lira (membership inference on prompts).")
+    attack_sub = attack.add_subcommands(dest="attack_command", required=True)  # after its parent: jsonargparse
+    for cmd in _attack_commands():
+        attack_sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
     sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
                        help="List built-in models.")
     sub.add_subcommand("datasets", _Parser(description="List built-in datasets.", exit_on_error=False),
@@ -202,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = {c.name: c for c in _stage_commands()}
         if command in stages:
             _run_stage(stages[command], ns[command])
+        elif command == "attack":
+            attacks = {c.name: c for c in _attack_commands()}
+            name = ns.attack.attack_command
+            _run_stage(attacks[name], ns.attack[name])
         elif command == "fetch":
             _fetch(ns.fetch)
         elif command == "models":
