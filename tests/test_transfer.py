@@ -194,3 +194,26 @@ def test_lira_attack_end_to_end_with_transferred_prompts(setup, tmp_path, capsys
                  "--lr", "0.1", "--transfer-target", str(target_dir), "--public", str(public),
                  "--transfer-steps", "5", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "shadows" / "shadow-001" / "confidence.json").stat().st_mtime_ns == mtime
+
+
+def test_transfer_two_processes_match_one(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from post.prompt import read_prompt
+
+    root, data, public, source_dir, target_dir, ps = setup
+    one = transfer(cfg(setup, steps=20), tmp_path / "one")
+    args = ["--source-model", str(target_dir), "--prompt", ps["prompt"], "--target-model", str(target_dir),
+            "--public", str(public), "--steps", "20", "--batch-size", "8", "--lr", "0.05", "--alpha", "0.0",
+            "--checkpoint-every", "20", "--device", "cpu", "--out", str(tmp_path / "two")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "post", "transfer", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    torch.testing.assert_close(read_prompt(two["prompt"]).tensor, read_prompt(one["prompt"]).tensor,
+                               rtol=1e-4, atol=1e-5)

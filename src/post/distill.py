@@ -33,8 +33,9 @@ from post.config import ModelOptions, require
 from post.corpus import load_texts
 from post.errors import PostError
 from post.models import LoadedModel, save_model
+from post.parallel import open_distributed_run
 from post.resolve import load_configured_model
-from post.rundir import RunDir, read_result
+from post.rundir import read_result
 from post.student import build_student, param_count, parse_keep_layers
 
 log = logging.getLogger(__name__)
@@ -202,18 +203,10 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
 
 def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     """Distil ``cfg.teacher`` into a student; save it to ``run_dir/student`` and report its quality."""
-    from accelerate import Accelerator
-
-    # On a machine without CUDA, accelerate only forms a (gloo) process group when told to use the CPU.
-    acc = Accelerator(cpu=cfg.torch_device.type == "cpu")
-    main_process = acc.is_main_process
-    run = RunDir(run_dir, stage="distill", config=cfg) if main_process else None
-    acc.wait_for_everyone()
-    run_path = Path(run_dir)
-    if main_process and (done := run.existing_result()) is not None:
+    acc, run, done = open_distributed_run(cfg, run_dir, "distill")
+    if done is not None:
         return done
-    if not main_process and (run_path / "result.json").exists():
-        return read_result(run_path)
+    main_process, run_path = acc.is_main_process, Path(run_dir)
 
     teacher = load_configured_model(cfg, cfg.teacher)
     teacher.model.to(acc.device)

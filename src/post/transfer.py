@@ -40,6 +40,7 @@ from post.config import ModelOptions, require
 from post.corpus import load_texts
 from post.errors import ConfigError, PostError
 from post.models import LoadedModel
+from post.parallel import open_distributed_run
 from post.prompt import PromptFile, init_prompt, load_prompt, save_prompt
 from post.resolve import load_configured_model, subset
 from post.rundir import RunDir, read_result
@@ -190,15 +191,10 @@ def resolve_alpha(cfg: TransferConfig, ps: PromptFile, num_classes: int) -> tupl
 
 def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train pt on the target so that Φt(pt) behaves like Φs(ps); write the target prompt file."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=cfg.torch_device.type == "cpu")
-    main_process = acc.is_main_process
-    run = RunDir(run_dir, stage="transfer", config=cfg) if main_process else None
-    acc.wait_for_everyone()
-    run_path = Path(run_dir)
-    if (run_path / "result.json").exists():
-        return read_result(run_path)
+    acc, run, done = open_distributed_run(cfg, run_dir, "transfer")
+    if done is not None:
+        return done
+    main_process, run_path = acc.is_main_process, Path(run_dir)
 
     source = load_configured_model(cfg, cfg.source_model)
     ps = load_prompt(cfg.prompt, source)
