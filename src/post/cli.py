@@ -103,12 +103,76 @@ def _stage_parser(cmd: StageCommand) -> ArgumentParser:
     return p
 
 
+# The two parties: the user's commands touch private data and never need the target's weights; the
+# provider's never take private data. Both only exchange files (the student one way, prompts the other).
+USER_COMMANDS = ("tune", "evaluate", "attack")
+PROVIDER_COMMANDS = ("distill", "student", "transfer", "zst", "serve")
+
+
+def _pipeline_parsers(sub: Any) -> None:
+    run = _Parser(description="Run the whole pipeline from a YAML config (or a built-in one: post run demo).",
+                  exit_on_error=False)
+    run.add_argument("config", type=str, help="YAML file, or a built-in config name (demo, demo-quick, cross-vocab, "
+                     "paper-*).")
+    run.add_argument("overrides", nargs="*", type=str, default=[],
+                     help="key=value or section.key=value, e.g. tune.n_tokens=16 transfer.steps=300.")
+    run.add_argument("--out", type=Path | None, default=None, help="Output directory (overrides the config's out).")
+    run.add_argument("--only", type=str | None, default=None, help="Comma-separated steps to (re-)run; others must "
+                     "have finished.")
+    sub.add_subcommand("run", run, help="Run the whole pipeline (distil, tune, transfer, baselines, attack, report).")
+    demo = _Parser(description="The built-in demo: smollm2-135m, its distilled student, private mr, public "
+                   "airline, ε=8, end to end with a report.", exit_on_error=False)
+    demo.add_argument("--out", type=Path | None, default=None, help="Output directory (default: runs/demo).")
+    demo.add_argument("--quick", type=bool, default=False, help="A few-minute smoke run of the same pipeline.")
+    sub.add_subcommand("demo", demo, help="Run the built-in demo end to end and print its table.")
+    report = _Parser(description="Write report.html and report.md for a pipeline directory.", exit_on_error=False)
+    report.add_argument("dir", type=Path, help="A pipeline output directory (post run's --out).")
+    sub.add_subcommand("report", report, help="Rewrite the HTML/Markdown report of a pipeline directory.")
+
+
+def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
+    """``post user ...`` / ``post provider ...``; jsonargparse wants each level added before the next."""
+    stages = {c.name: c for c in _stage_commands()}
+    what = ("touch private data, never the target's weights" if party == "user"
+            else "never take private data: public text and files from the user only")
+    p = _Parser(description=f"The {party}'s commands ({what}).", exit_on_error=False)
+    sub.add_subcommand(party, p, help=help)
+    psub = p.add_subcommands(dest=f"{party}_command", required=True)
+    nested = []
+    for name in names:
+        if name == "attack":
+            a = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
+            psub.add_subcommand("attack", a, help="Privacy audits: attack lira.")
+            nested.append(a)
+        elif name == "serve":
+            psub.add_subcommand("serve", _serve_parser(), help="Serve the target model with a transferred prompt.")
+        else:
+            psub.add_subcommand(name, _stage_parser(stages[name]), help=stages[name].help)
+    for a in nested:
+        asub = a.add_subcommands(dest="attack_command", required=True)
+        for cmd in _attack_commands():
+            asub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
+
+
+def _serve_parser() -> ArgumentParser:
+    from post.serve import ServeConfig
+
+    p = _Parser(description=(ServeConfig.__doc__ or "").split("\n\n")[0], exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
+    p.add_class_arguments(ServeConfig, nested_key=None, as_group=False, instantiate=False)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = _Parser(prog="post", description="POST: private soft-prompt transfer for LLMs.", exit_on_error=False)
     parser.add_argument("--version", action="version", version=f"post {__version__}")
     sub = parser.add_subcommands(dest="command", required=True)
     for cmd in _stage_commands():
         sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
+    _pipeline_parsers(sub)
+    _add_party(sub, "user", USER_COMMANDS, "The user's side: tune, evaluate, attack (private data stays here).")
+    _add_party(sub, "provider", PROVIDER_COMMANDS,
+               "The provider's side: distill, student, transfer, zst, serve (no private data).")
     fetch = _Parser(description="Download, verify and cache built-in models and datasets.", exit_on_error=False)
     fetch.add_argument("names", nargs="+", help="Built-in model or dataset names (see post models / post datasets).")
     fetch.add_argument("--cache_dir", type=Path | None, default=None, help="Cache directory.")
@@ -143,6 +207,21 @@ def _run_stage(cmd: StageCommand, ns: Any) -> None:
         return
     print(cmd.summarize(result))
     print(f"result: {out / 'result.json'}")
+
+
+def _run_pipeline(command: str, ns: Any) -> None:
+    from post.pipeline import load_pipeline_config, run_pipeline
+
+    if command == "demo":
+        cfg = load_pipeline_config("demo-quick" if ns.quick else "demo", [], ns.out)
+    else:
+        cfg = load_pipeline_config(ns.config, list(ns.overrides or []), ns.out)
+    only = [s.strip() for s in ns.get("only").split(",") if s.strip()] if ns.get("only") else None
+    t0 = time.perf_counter()
+    result = run_pipeline(cfg, only=only)
+    print(result["table"])
+    print(f"report: {result['report']}")
+    print(f"pipeline finished in {(time.perf_counter() - t0) / 60:.1f} min; all run directories under {result['out']}")
 
 
 def _fetch(ns: Any) -> None:
@@ -210,14 +289,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub = args[0] if args and not args[0].startswith("-") else ""
             raise PostError(f"{e} (see: post {sub} --help)".replace("  ", " ")) from None
         _setup_logging()
-        command = ns.command
+        command, sub_ns = ns.command, ns[ns.command]
+        if command in ("user", "provider"):  # post user tune ... == post tune ...
+            command, sub_ns = sub_ns[f"{command}_command"], sub_ns[sub_ns[f"{command}_command"]]
+            if ns.command == "provider" and command == "transfer" and sub_ns.get("watch_task"):
+                raise PostError("post provider transfer takes no labelled data: --watch-task is the user's private "
+                                "data. Leave it out (the provider reports the fixed-step prompt).")
         stages = {c.name: c for c in _stage_commands()}
         if command in stages:
-            _run_stage(stages[command], ns[command])
+            _run_stage(stages[command], sub_ns)
         elif command == "attack":
             attacks = {c.name: c for c in _attack_commands()}
-            name = ns.attack.attack_command
-            _run_stage(attacks[name], ns.attack[name])
+            name = sub_ns.attack_command
+            _run_stage(attacks[name], sub_ns[name])
+        elif command == "serve":
+            from post.serve import ServeConfig, serve
+
+            serve(_build_config(StageCommand("serve", "", ServeConfig, lambda c, p: {}, str), sub_ns))
+        elif command in ("run", "demo"):
+            _run_pipeline(command, sub_ns)
+        elif command == "report":
+            from post.report import write_report
+
+            print(f"report: {write_report(sub_ns.dir)}")
         elif command == "fetch":
             _fetch(ns.fetch)
         elif command == "models":

@@ -20,7 +20,9 @@ from post.config import require
 from post.errors import PostError
 from post.rundir import RESULT_FILE, RunDir, read_result
 
-METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "POST")
+METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "POST",
+           "PT on Φs, undistilled", "POST, undistilled Φs")
+OPTIONAL = METHODS[6:]  # shown only when some run fills them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,56 +93,80 @@ def _config(run: Path) -> dict[str, Any]:
         return {}
 
 
+def _undistilled(model: str | None) -> bool:
+    """Whether ``model`` is a student directory written by ``post student`` (layers kept, no training)."""
+    if not model:
+        return False
+    run = Path(model).parent
+    try:
+        return (run / RESULT_FILE).is_file() and read_result(run).get("stage") == "student"
+    except PostError:
+        return False
+
+
 def classify(run: Path, target: str) -> Cell | None:
     """The table cell a finished run fills, or None when it is not a table cell."""
     r = read_result(run)
     stage = r.get("stage")
     if stage == "tune" and r.get("test_accuracy") is not None:
-        method = "PT on Φt" if r["model"] == target else "PT on Φs"
+        method = "PT on Φt" if r["model"] == target else (
+            "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
         return Cell(r["task"], method, bool(r["dp"]), r["test_accuracy"], r.get("epsilon"), r.get("delta"),
                     r.get("train_seconds"), str(run))
-    if stage != "evaluate" or r.get("split") != "test" or r.get("model") != target:
+    if stage != "evaluate" or r.get("split") != "test":
         return None
     p = r.get("prompt")
+    if p is not None and p.get("method") == "tuned" and p["model"] == r.get("model"):
+        # A prompt scored on the model it was tuned on: a PT cell, costed by its tuning run.
+        method = "PT on Φt" if r["model"] == target else (
+            "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
+        return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
+                    _prompt_cost(p.get("path")), str(run))
+    if r.get("model") != target:
+        return None
     if p is None:
         return Cell(r["task"], "zero-shot Φt", False, r["accuracy"], None, None, r.get("seconds"), str(run))
     method = {"post": "POST", "zst": "ZST"}.get(p.get("method"), "direct transfer" if p["model"] != target else None)
+    if method == "POST" and _undistilled(p.get("source_model")):
+        method = "POST, undistilled Φs"
     if method is None:
-        return None  # a prompt tuned on the target: that cell comes from its tune run
+        return None
     return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
                 _prompt_cost(p.get("path")), str(run))
 
 
 def build_table(cells: list[Cell]) -> tuple[str, str]:
-    """(Markdown, CSV) of the cells: one row per task, a column per method and DP setting."""
-    columns = [(m, dp) for m in METHODS for dp in (False, True)]
+    """(Markdown, CSV) of the cells: a non-private and a DP table, one row per task, a column per method."""
     tasks = sorted({c.task for c in cells})
     grid: dict[tuple[str, str, bool], Cell] = {}
     for c in cells:
         grid[(c.task, c.method, c.dp)] = c  # later runs of the same cell win
         if c.method == "zero-shot Φt":  # no training, no privacy cost: the same figure heads both tables
             grid[(c.task, c.method, True)] = c
-
-    def head(m: str, dp: bool) -> str:
-        return f"{m}{' (DP)' if dp else ''}"
+    methods = [m for m in METHODS if m not in OPTIONAL or any(k[1] == m for k in grid)]
 
     def show(c: Cell | None) -> str:
         if c is None:
             return "–"
-        extra = [f"ε={c.epsilon:.2f}" if c.epsilon is not None else None,
-                 f"{c.seconds / 60:.1f} min" if c.seconds else None]
-        return f"{100 * c.accuracy:.1f}" + (f" ({', '.join(e for e in extra if e)})" if any(extra) else "")
+        return f"{100 * c.accuracy:.1f}" + (f" ({c.seconds / 60:.1f} min)" if c.seconds else "")
 
-    md = ["| task | " + " | ".join(head(m, dp) for m, dp in columns) + " |",
-          "|---|" + "---|" * len(columns)]
-    for t in tasks:
-        md.append(f"| {t} | " + " | ".join(show(grid.get((t, m, dp))) for m, dp in columns) + " |")
+    md = []
+    for dp in (False, True):
+        if not any(k[2] == dp and k[1] != "zero-shot Φt" for k in grid):
+            continue
+        eps = sorted({f"ε = {c.epsilon:.2f}, δ = {c.delta:.1e}" for k, c in grid.items()
+                      if k[2] == dp and c.epsilon is not None and c.delta is not None})
+        title = "Non-private" if not dp else "DP" + (f" ({'; '.join(eps)})" if eps else "")
+        md += [f"**{title}**: test accuracy % (cost to produce the prompt)", "",
+               "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        md += [f"| {t} | " + " | ".join(show(grid.get((t, m, dp))) for m in methods) + " |" for t in tasks]
+        md.append("")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["task", "method", "dp", "accuracy", "epsilon", "delta", "seconds", "run"])
     for (task, method, dp), c in sorted(grid.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]), kv[0][2])):
         w.writerow([task, method, dp, f"{c.accuracy:.4f}", c.epsilon, c.delta, c.seconds, c.run])
-    return "\n".join(md) + "\n", buf.getvalue()
+    return "\n".join(md), buf.getvalue()
 
 
 def table(cfg: TableConfig, run_dir: str | Path) -> dict[str, Any]:

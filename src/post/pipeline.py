@@ -1,0 +1,448 @@
+"""Stage: the whole POST pipeline from one YAML file (``post run CONFIG``, ``post demo``).
+
+distil → tune (non-private and DP) → transfer → baselines → attack → table → report, every step
+calling the same stage function as its own command, each into its own run directory under
+``out``. The steps and which party runs each:
+
+========================  ==========  =====================================================
+step                      party       what
+========================  ==========  =====================================================
+distill                   provider    the student Φs (skipped when ``student`` names one)
+undistilled               provider    the same layers without distillation (optional)
+zero-shot-val             user        Φt zero-shot on validation, through ordinary queries (α)
+zero-shot                 user        Φt zero-shot on test                      (table cell)
+tune-source[-dp]          user        ps on Φs with the private data            (PT on Φs)
+tune-target[-dp]          baseline    prompt tuned on Φt: the data goes to the provider
+transfer[-dp]             provider    POST: pt from ps with public data only
+eval-post[-dp]            user        Φt with pt on test                        (POST)
+eval-direct[-dp]          user        Φt with ps as it is                       (direct transfer)
+zst[-dp], eval-zst[-dp]   provider    zero-shot continuous prompt transfer     (ZST)
+…-undistilled[-dp]        both        tune on the undistilled layers, transfer, evaluate
+attack[-dp]               user        LiRA on prompts tuned like ps
+table, report             both        the results table and the HTML/Markdown report
+========================  ==========  =====================================================
+
+Each step's *key* is a hash of its resolved config and its inputs' keys, kept in
+``pipeline.json``. A step whose result exists under the same key is skipped; a step whose key
+changed (its own options, or anything upstream) is re-run from scratch and the pipeline says
+why; a step interrupted half-way resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from post.config import ModelOptions, TaskOptions, require
+from post.errors import ConfigError, PostError
+from post.rundir import RESULT_FILE, read_json, read_result, to_plain, write_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "pipeline.json"
+SECTIONS = ("distill", "tune", "tune_target", "dp", "transfer", "zst", "evaluate", "attack")
+MODES = ("non-private", "dp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(TaskOptions, ModelOptions):
+    """The whole pipeline: one target, one private task, one public text, each stage's options.
+
+    Attributes:
+        out: Directory holding every step's run directory, the state file and the report.
+        target: The provider's large model Φt (teacher of the distillation).
+        public: Public text for the transfer (never the private task).
+        student: Use this student directory instead of distilling one.
+        modes: Which privacy settings to run: non-private, dp, or both.
+        undistilled: Also run the same layers without distillation as a source (isolates what
+            distillation buys).
+        baselines: Baselines to run besides POST: zero-shot, target-tuning, source-tuning,
+            direct, zst.
+        attack_transfer: Also attack the shadows' transferred prompts through the target.
+        seed: Seed of every stage.
+        distill: Options of post distill (teacher = target).
+        tune: Options of post tune shared by every tuning (source, target, shadows).
+        tune_target: Options that differ for the prompt tuned on the target (an expensive baseline).
+        dp: DP options (epsilon, delta, max_grad_norm, accountant, ...) of the DP runs.
+        transfer: Options of post transfer.
+        zst: Options of post zst.
+        evaluate: Options of the test-split evaluations (limit, batch_size).
+        attack: Options of post attack lira (shadows, pool_size, workers, ...); empty mapping to skip
+            with ``attack: null``.
+    """
+
+    out: Path = Path("runs/pipeline")
+    target: str = "smollm2-135m"
+    public: str = "airline"
+    student: str | None = None
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    undistilled: bool = False
+    baselines: list[str] = field(default_factory=lambda: ["zero-shot", "target-tuning", "source-tuning", "direct",
+                                                          "zst"])
+    attack_transfer: bool = False
+    seed: int = 0
+    distill: dict[str, Any] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
+    tune_target: dict[str, Any] = field(default_factory=dict)
+    dp: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] = field(default_factory=dict)
+    zst: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    attack: dict[str, Any] | None = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        TaskOptions.__post_init__(self)
+        ModelOptions.__post_init__(self)
+        require(bool(self.target), "target", "must name the provider's model.")
+        require(bool(self.modes) and all(m in MODES for m in self.modes), "modes",
+                f"must list some of {', '.join(MODES)}, got {self.modes}.")
+        known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst")
+        bad = [b for b in self.baselines if b not in known]
+        require(not bad, "baselines", f"unknown {bad}; choose from {', '.join(known)}.")
+        for name in SECTIONS:
+            value = getattr(self, name)
+            require(value is None and name == "attack" or isinstance(value, Mapping), name,
+                    f"must be a mapping of options, got {type(value).__name__}.")
+
+
+# --------------------------------------------------------------------------- loading configs
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Shipped configs by name (``demo``, ``demo-quick``, ``cross-vocab``, ``paper-*``)."""
+    root = resources.files("post") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``tune.n_tokens=16`` -> (['tune', 'n_tokens'], 16); the value is read as YAML."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"override {text!r} must look like key=value or section.key=value.")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return [k.replace("-", "_") for k in key.split(".")], parsed
+
+
+def load_pipeline_config(source: str | Path, overrides: list[str] | None = None,
+                         out: Path | None = None) -> PipelineConfig:
+    """A PipelineConfig from a YAML file or a built-in name, with ``key=value`` overrides."""
+    path = Path(source)
+    if not path.is_file():
+        shipped = builtin_configs()
+        if str(source) not in shipped:
+            raise PostError(f"no config file {source} and no built-in config of that name; built in: "
+                            f"{', '.join(sorted(shipped))}.")
+        path = shipped[str(source)]
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PostError(f"{path} is not a readable YAML file ({type(e).__name__}); fix it and run again.") from None
+    if not isinstance(raw, dict):
+        raise PostError(f"{path} must hold a mapping of options at the top level.")
+    raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    if out is not None:
+        raw["out"] = out
+    fields = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}.")
+    if "out" in raw:
+        raw["out"] = Path(str(raw["out"]))
+    if raw.get("cache_dir") is not None:
+        raw["cache_dir"] = Path(str(raw["cache_dir"]))
+    try:
+        return PipelineConfig(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Step:
+    """One stage run: its run directory name, party, stage function and a config builder."""
+
+    name: str
+    party: str
+    stage: str
+    build: Callable[[dict[str, dict[str, Any]]], Any]  # results of earlier steps -> stage config
+    run: Callable[[Any, Path], dict[str, Any]]
+    deps: list[str]
+    what: str
+
+
+def _section(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in (getattr(cfg, name) or {}).items()}
+
+
+def _make(config_cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    """Build a stage config, naming the YAML section when an option is unknown."""
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown option(s) {', '.join(unknown)} (see post {_COMMAND[section]} --help).")
+    try:
+        return config_cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+_COMMAND = {"distill": "distill", "tune": "tune", "tune_target": "tune", "dp": "tune", "transfer": "transfer",
+            "zst": "zst", "evaluate": "evaluate", "attack": "attack lira", "student": "student"}
+
+
+def _common(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"cache_dir": cfg.cache_dir, "dtype": cfg.dtype, "device": cfg.device,
+            "trust_remote_code": cfg.trust_remote_code}
+
+
+def _task_opts(cfg: PipelineConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TaskOptions)}
+
+
+def build_steps(cfg: PipelineConfig) -> list[Step]:
+    """The steps this config asks for, in an order where every step follows its inputs."""
+    from post import attack, distill, evaluate, student, transfer, tune, zst
+
+    common, task = _common(cfg), _task_opts(cfg)
+    steps: list[Step] = []
+    base = set(cfg.baselines)
+
+    def student_dir(results: dict[str, dict[str, Any]]) -> str:
+        return cfg.student if cfg.student else results["distill"]["student_dir"]
+
+    if not cfg.student:
+        steps.append(Step("distill", "provider", "distill", lambda r: _make(distill.DistillConfig, "distill", {
+            **common, "teacher": cfg.target, "seed": cfg.seed, **_section(cfg, "distill")}),
+            distill.distill, [], "distil the target into the student Φs"))
+    src_deps = [] if cfg.student else ["distill"]
+    if cfg.undistilled:
+        keep = _section(cfg, "distill").get("keep_layers", distill.DistillConfig.keep_layers)
+        steps.append(Step("undistilled", "provider", "student", lambda r: _make(student.StudentConfig, "student", {
+            **common, "teacher": cfg.target, "keep_layers": keep}), student.make_student, [],
+            "the same layers, not distilled"))
+
+    ev = _section(cfg, "evaluate")
+
+    def evaluation(name: str, party: str, model: str | Callable[[dict[str, dict[str, Any]]], str], split: str,
+                   prompt_from: str | None, deps: list[str], what: str, **extra: Any) -> Step:
+        def build(r: dict[str, dict[str, Any]]) -> Any:
+            values = {**common, **task, "model": model if isinstance(model, str) else model(r), "split": split,
+                      "seed": cfg.seed, **ev, **extra}
+            if prompt_from is not None:
+                values["prompt"] = Path(r[prompt_from]["prompt"])
+            return _make(evaluate.EvaluateConfig, "evaluate", values)
+
+        return Step(name, party, "evaluate", build, evaluate.evaluate, deps, what)
+
+    steps.append(evaluation("zero-shot-val", "user", cfg.target, "validation", None, [],
+                            "Φt zero-shot on validation (for α)", limit=ev.get("limit", 200)))
+    if "zero-shot" in base:
+        steps.append(evaluation("zero-shot", "user", cfg.target, "test", None, [], "Φt zero-shot on test"))
+
+    tune_opts = _section(cfg, "tune")
+    for mode in cfg.modes:
+        sfx = "-dp" if mode == "dp" else ""
+        dp_opts = {"dp": True, **_section(cfg, "dp")} if mode == "dp" else {"dp": False}
+
+        def tune_step(name: str, party: str, model_of: Callable[[dict[str, dict[str, Any]]], str], deps: list[str],
+                      what: str, extra: Mapping[str, Any], dp_opts: dict[str, Any] = dp_opts) -> Step:
+            # Test accuracy comes from an evaluate step, on the same test examples as every other cell.
+            return Step(name, party, "tune", lambda r: _make(tune.TuneConfig, "tune", {
+                **common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts, "model": model_of(r),
+                "test": False}), tune.tune, deps, what)
+
+        steps.append(tune_step(f"tune-source{sfx}", "user", student_dir, src_deps, f"ps on Φs ({mode})", {}))
+        if "source-tuning" in base:
+            steps.append(evaluation(f"eval-source{sfx}", "user", student_dir, "test", f"tune-source{sfx}",
+                                    [*src_deps, f"tune-source{sfx}"], f"Φs with ps ({mode})"))
+        if "target-tuning" in base:
+            steps.append(tune_step(f"tune-target{sfx}", "baseline", lambda r: cfg.target, [],
+                                   f"prompt tuned on Φt ({mode}; the data goes to the provider)",
+                                   _section(cfg, "tune_target")))
+            steps.append(evaluation(f"eval-target{sfx}", "baseline", cfg.target, "test", f"tune-target{sfx}",
+                                    [f"tune-target{sfx}"], f"Φt with its own prompt ({mode})"))
+
+        def transfer_step(name: str, source: Callable[[dict[str, dict[str, Any]]], str], tuned: str,
+                          deps: list[str], what: str) -> Step:
+            def build(r: dict[str, dict[str, Any]]) -> Any:
+                values = {**common, "source_model": source(r),
+                          "prompt": Path(r[tuned]["prompt"]), "target_model": cfg.target, "public": cfg.public,
+                          "max_length": cfg.max_length, "seed": cfg.seed,
+                          "target_zero_shot": r["zero-shot-val"]["accuracy"], **_section(cfg, "transfer")}
+                return _make(transfer.TransferConfig, "transfer", values)
+
+            return Step(name, "provider", "transfer", build, transfer.transfer, deps, what)
+
+        steps.append(transfer_step(f"transfer{sfx}", student_dir, f"tune-source{sfx}",
+                                   [*src_deps, f"tune-source{sfx}", "zero-shot-val"], f"POST ps → pt ({mode})"))
+        steps.append(evaluation(f"eval-post{sfx}", "user", cfg.target, "test", f"transfer{sfx}",
+                                [f"transfer{sfx}"], f"Φt with pt ({mode})"))
+        if "direct" in base:
+            steps.append(evaluation(f"eval-direct{sfx}", "user", cfg.target, "test", f"tune-source{sfx}",
+                                    [f"tune-source{sfx}"], f"Φt with ps as it is ({mode})", allow_other_model=True))
+        if "zst" in base:
+            steps.append(Step(f"zst{sfx}", "provider", "zst", lambda r, sfx=sfx: _make(zst.ZstConfig, "zst", {
+                **common, "source_model": student_dir(r), "prompt": Path(r[f"tune-source{sfx}"]["prompt"]),
+                "target_model": cfg.target, "seed": cfg.seed, **_section(cfg, "zst")}), zst.zst,
+                [*src_deps, f"tune-source{sfx}"], f"zero-shot continuous prompt transfer ({mode})"))
+            steps.append(evaluation(f"eval-zst{sfx}", "user", cfg.target, "test", f"zst{sfx}", [f"zst{sfx}"],
+                                    f"Φt with the ZST prompt ({mode})"))
+        if cfg.undistilled:
+            und = lambda r: r["undistilled"]["model_dir"]  # noqa: E731
+            steps.append(tune_step(f"tune-undistilled{sfx}", "user", und, ["undistilled"],
+                                   f"prompt on the undistilled layers ({mode})", {}))
+            steps.append(evaluation(f"eval-undistilled{sfx}", "user", und, "test", f"tune-undistilled{sfx}",
+                                    ["undistilled", f"tune-undistilled{sfx}"],
+                                    f"the undistilled layers with their prompt ({mode})"))
+            steps.append(transfer_step(f"transfer-undistilled{sfx}", und, f"tune-undistilled{sfx}",
+                                       ["undistilled", f"tune-undistilled{sfx}", "zero-shot-val"],
+                                       f"POST from the undistilled layers ({mode})"))
+            steps.append(evaluation(f"eval-post-undistilled{sfx}", "user", cfg.target, "test",
+                                    f"transfer-undistilled{sfx}", [f"transfer-undistilled{sfx}"],
+                                    f"Φt with pt from the undistilled layers ({mode})"))
+        if cfg.attack is not None:
+            def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts) -> Any:
+                values = {**common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r),
+                          "test": False, **_section(cfg, "attack")}
+                values.pop("train_limit", None)
+                if cfg.attack_transfer:
+                    values.update(transfer_target=cfg.target, public=cfg.public)
+                return _make(attack.AttackConfig, "attack", values)
+
+            steps.append(Step(f"attack{sfx}", "user", "attack-lira", attack_build, attack.attack, src_deps,
+                              f"LiRA on prompts tuned like ps ({mode})"))
+    return steps
+
+
+class _Placeholders(dict):
+    """Stand-in results for a dry run: every step's outputs exist, as placeholder values."""
+
+    def __missing__(self, name: str) -> dict[str, Any]:
+        return {"student_dir": f"<{name}>", "model_dir": f"<{name}>", "prompt": f"<{name}>.safetensors",
+                "accuracy": 0.5}
+
+
+def check_steps(cfg: PipelineConfig) -> list[Step]:
+    """Build every step's config with placeholder inputs: bad options fail now, not an hour in."""
+    steps = build_steps(cfg)
+    fake = _Placeholders()
+    for step in steps:
+        step.build(fake)
+    return steps
+
+
+def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
+    blob = json.dumps({"config": to_plain(config), "deps": [keys[d] for d in deps]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Callable[[str], None] | None = None
+                 ) -> dict[str, Any]:
+    """Run (or resume) every step; write the table and the report; return the pipeline's result."""
+    from post.report import write_report
+    from post.table import TableConfig, table
+
+    say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PostError(f"cannot create the output directory {out} ({e.strerror}); choose another --out.") from None
+    state_path = out / STATE_FILE
+    state: dict[str, Any] = read_json(state_path) if state_path.exists() else {}
+    keys: dict[str, str] = dict(state.get("keys", {}))
+    steps = check_steps(cfg)
+    write_json(out / "pipeline-config.json", to_plain(cfg))
+    if only:
+        names = {s.name for s in steps}
+        bad = sorted(set(only) - names)
+        if bad:
+            raise ConfigError(f"--only: no step {', '.join(bad)}; steps: {', '.join(s.name for s in steps)}.")
+    results: dict[str, dict[str, Any]] = {}
+    new_keys: dict[str, str] = {}
+    timings: dict[str, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    n = len(steps)
+    for i, step in enumerate(steps, 1):
+        config = step.build(results)
+        key = _key(config, step.deps, new_keys)
+        new_keys[step.name] = key
+        d = out / step.name
+        head = f"[{i:2d}/{n}] {step.name:<24} {step.party:<8}"
+        finished = (d / RESULT_FILE).exists()
+        if finished and keys.get(step.name) == key:
+            results[step.name] = read_result(d)
+            say(f"{head} done earlier ({step.what})")
+            timings[step.name] = {"party": step.party, "seconds": results[step.name].get("seconds"), "skipped": True}
+            continue
+        if only and step.name not in only:
+            if not finished:
+                raise PostError(f"step {step.name} has not run yet and --only leaves it out; run without --only first.")
+            results[step.name] = read_result(d)
+            continue
+        if d.exists() and keys.get(step.name) not in (None, key):
+            changed = [dep for dep in step.deps if state.get("keys", {}).get(dep) not in (None, new_keys[dep])]
+            why = f"its input {', '.join(changed)} changed" if changed else "its options changed"
+            say(f"{head} re-running: {why}")
+            shutil.rmtree(d)
+        elif d.exists() and not finished:
+            say(f"{head} resuming ({step.what})")
+        else:
+            say(f"{head} running ({step.what})")
+        keys[step.name] = key  # before running: an interrupted step resumes under the same key
+        write_json(state_path, {"keys": keys})
+        t0 = time.perf_counter()
+        results[step.name] = step.run(config, d)
+        took = time.perf_counter() - t0
+        timings[step.name] = {"party": step.party, "seconds": round(took, 3), "skipped": False}
+        say(f"{'':7} {step.name:<24} finished in {_fmt(took)} (pipeline {_fmt(time.perf_counter() - t_start)})")
+    stale = sorted(set(keys) - set(new_keys))
+    for name in stale:  # a step this config no longer asks for: its results would mislead the table
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        keys.pop(name)
+    write_json(state_path, {"keys": keys})
+    say(f"[table] collecting {len(results)} run directories")
+    if (out / "table").exists():  # always rebuilt from the run directories
+        shutil.rmtree(out / "table")
+    tab = table(TableConfig(runs=[out / s.name for s in steps if s.stage == "evaluate"],
+                            target=cfg.target), out / "table")
+    summary = {"out": str(out), "target": cfg.target, "task": cfg.task, "public": cfg.public,
+               "steps": {s.name: {"party": s.party, "stage": s.stage, "key": new_keys[s.name],
+                                  "what": s.what, **timings.get(s.name, {})} for s in steps},
+               "seconds": round(time.perf_counter() - t_start, 3), "table": tab["table"]}
+    write_json(out / "pipeline-result.json", summary)
+    report = write_report(out)
+    summary["report"] = str(report)
+    write_json(out / "pipeline-result.json", summary)
+    return summary

@@ -1,0 +1,291 @@
+"""The pipeline's report: one self-contained HTML file (images inlined) and a Markdown twin.
+
+It reads run directories only (``pipeline-result.json``, each step's ``result.json``,
+``metrics.jsonl``, ``privacy.json``, the attack's ROC data) and shows: the results table, the
+privacy spent (ε, δ, σ, the ledger), the LiRA audit, whether POST met its goals, accuracy bars
+per method, loss curves, the cost of each stage, the distillation's quality figures and the
+config that produced it all.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from post.errors import PostError
+from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
+
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+
+
+def _maybe(path: Path) -> dict[str, Any] | None:
+    return read_result(path) if (path / RESULT_FILE).is_file() else None
+
+
+def _cells(out: Path) -> list[dict[str, str]]:
+    p = out / "table" / "table.csv"
+    return list(csv.DictReader(p.open(encoding="utf-8"))) if p.is_file() else []
+
+
+def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per task and privacy setting: POST against PT on Φs, zero-shot Φt and 90% of PT on Φt."""
+    by = {(c["task"], c["method"], c["dp"] == "True"): float(c["accuracy"]) for c in cells}
+    rows = []
+    for task, method, dp in sorted(by):
+        if method != "POST":
+            continue
+        post = by[(task, method, dp)]
+        row: dict[str, Any] = {"task": task, "dp": dp, "post": post}
+        for name, ref in (("beats PT on Φs", by.get((task, "PT on Φs", dp))),
+                          ("beats zero-shot Φt", by.get((task, "zero-shot Φt", dp)))):
+            row[name] = None if ref is None else post > ref
+        full = by.get((task, "PT on Φt", dp))
+        row["of PT on Φt"] = None if full is None else post / full
+        row["≥ 90% of PT on Φt"] = None if full is None else post >= 0.9 * full
+        rows.append(row)
+    return rows
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
+    """Grouped bars: one group per method, non-private and DP side by side (first task)."""
+    if not cells:
+        return None
+    from post.table import METHODS
+
+    task = sorted({c["task"] for c in cells})[0]
+    plt = _plt()
+    methods = [m for m in METHODS if any(c["method"] == m and c["task"] == task for c in cells)]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), dpi=110)
+    width = 0.38
+    for j, (dp, color, label) in enumerate(((False, "#4C72B0", "non-private"), (True, "#DD8452", "DP"))):
+        vals = [next((100 * float(c["accuracy"]) for c in cells if c["task"] == task and c["method"] == m
+                      and (c["dp"] == "True") == dp), float("nan")) for m in methods]
+        xs = [i + (j - 0.5) * width for i in range(len(methods))]
+        bars = ax.bar(xs, vals, width, color=color, label=label)
+        for b, v in zip(bars, vals):
+            if v == v:
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(methods)), [m.replace(", ", ",\n") for m in methods], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{task}: accuracy per method")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def loss_curves(out: Path, steps: list[str]) -> str | None:
+    """Training losses from the metrics logs: distillation, tuning, transfer."""
+    panels = []
+    for kind, key, names in (("distill", "loss", ["distill"]),
+                             ("tune", "loss", [s for s in steps if s.startswith("tune-")]),
+                             ("transfer", "loss", [s for s in steps if s.startswith("transfer")])):
+        series = []
+        for name in names:
+            pts = [(m["step"], m[key]) for m in read_metrics(out / name) if key in m and "step" in m]
+            if pts:
+                series.append((name, pts))
+        if series:
+            panels.append((kind, series))
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), dpi=110, squeeze=False)
+    for ax, (kind, series) in zip(axes[0], panels):
+        for name, pts in series:
+            xs, ys = zip(*pts)
+            if len(xs) > 20:  # a running mean: per-step losses on small batches are noisy
+                k = max(1, len(xs) // 25)
+                ys = [sum(ys[max(0, i - k) : i + 1]) / len(ys[max(0, i - k) : i + 1]) for i in range(len(ys))]
+            ax.plot(xs, ys, label=name, lw=1.2)
+        ax.set(title=f"{kind} loss", xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _b64_file(path: Path) -> str | None:
+    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def _md_tables_to_html(md: str) -> str:
+    """The table stage's Markdown (bold titles and pipe tables) as HTML."""
+    out, rows = [], []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], rows[2:]
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>"
+                       "<tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                                           for r in body) + "</tbody></table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.strip():
+            text = html.escape(line)
+            out.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text) + "</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _fmt_s(seconds: Any) -> str:
+    if seconds is None:
+        return "–"
+    s = float(seconds)
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _yes(v: Any) -> str:
+    return "–" if v is None else ("yes" if v is True else "no" if v is False else f"{100 * v:.0f}%")
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``report.html`` and ``report.md`` for a pipeline directory; return the HTML path."""
+    out = Path(out)
+    summary_path = out / "pipeline-result.json"
+    if not summary_path.is_file():
+        raise PostError(f"{out} is not a finished pipeline directory (no pipeline-result.json); run post run first.")
+    summary = read_json(summary_path)
+    config = read_json(out / "pipeline-config.json") if (out / "pipeline-config.json").is_file() else {}
+    steps: dict[str, Any] = summary.get("steps", {})
+    cells = _cells(out)
+    table_md = (out / "table" / "table.md").read_text(encoding="utf-8") if (out / "table" / "table.md").is_file() \
+        else summary.get("table", "")
+    ledger_path = out / "tune-source-dp" / "privacy.json"
+    ledger = read_json(ledger_path) if ledger_path.is_file() else None
+    distill = _maybe(out / "distill")
+    attacks = {name: r for name in ("attack", "attack-dp") if (r := _maybe(out / name)) is not None}
+    goal_rows = goals(cells)
+
+    md: list[str] = [f"# POST report: {summary.get('task')} → {summary.get('target')}", "",
+                     f"Private task `{summary.get('task')}`, target Φt `{summary.get('target')}`, public text "
+                     f"`{summary.get('public')}`; pipeline time {_fmt_s(summary.get('seconds'))} "
+                     f"(steps run earlier are not counted again).", "", "## Results", "", table_md, ""]
+    if goal_rows:
+        md += ["## Goals", "", "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
+               "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {g['task']} | {'DP' if g['dp'] else 'non-private'} | {100 * g['post']:.1f} | "
+               f"{_yes(g['beats PT on Φs'])} | {_yes(g['beats zero-shot Φt'])} | {_yes(g['of PT on Φt'])} | "
+               f"{_yes(g['≥ 90% of PT on Φt'])} |" for g in goal_rows]
+        md.append("")
+    md += ["## Privacy", ""]
+    if ledger:
+        md += [f"DP-SGD on the prompt: ε = {ledger['epsilon']:.3f} at δ = {ledger['delta']:.1e} "
+               f"({ledger['accountant']} accountant), σ = {ledger['noise_multiplier']:.4f}, clip C = "
+               f"{ledger['max_grad_norm']}, sampling rate q = {ledger['sample_rate']:.4f}, {ledger['steps']} steps, "
+               f"N = {ledger['dataset_size']}. The transferred DP prompt carries the same guarantee "
+               "(post-processing: the transfer sees only the prompt and public text).", ""]
+    else:
+        md += ["No DP run in this pipeline.", ""]
+    if attacks:
+        md += ["| LiRA (online) | shadows | pool | AUC | TPR@0.1%FPR | TPR@1%FPR | empirical ε ≥ | ε spent |",
+               "|---|---|---|---|---|---|---|---|"]
+        for name, a in attacks.items():
+            for label, figs in (("ps", a["source_prompt"]), ("pt (transferred)", a.get("transferred_prompt"))):
+                if figs:
+                    o = figs["online"]
+                    eps = f"{a['epsilon']:.2f}" if a.get("epsilon") is not None else "∞"
+                    md.append(f"| {name}: {label} | {a['shadows']} | {a['pool']} | {o['auc']:.3f} | "
+                              f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
+                              f"{o['epsilon_lower_bound']:.2f} | {eps} |")
+        md.append("")
+    if distill:
+        t, u, d = distill["teacher_quality"], distill["undistilled_quality"], distill["distilled_quality"]
+        md += ["## Distillation", "",
+               f"Layers {distill['keep_layers']} of {summary.get('target')}: {distill['student_params'] / 1e6:.1f}M "
+               f"of {distill['teacher_params'] / 1e6:.1f}M parameters, {distill['steps']} steps, "
+               f"{distill['tokens_seen']:,} tokens, {_fmt_s(distill['train_seconds'])}.", "",
+               "| model | held-out perplexity | KL to teacher (nats/token) |", "|---|---|---|",
+               f"| teacher | {t['perplexity']:.1f} | 0 |",
+               f"| kept layers, undistilled | {u['perplexity']:.1f} | {u['kl_to_teacher']:.3f} |",
+               f"| kept layers, distilled | {d['perplexity']:.1f} | {d['kl_to_teacher']:.3f} |", ""]
+    md += ["## Cost of each stage", "", "| step | party | what | time |", "|---|---|---|---|"]
+    md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {_fmt_s(_step_seconds(out, name, s))} |"
+           for name, s in steps.items()]
+    md += ["", "## Config", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
+    (out / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
+
+    bars, losses = accuracy_bars(cells), loss_curves(out, list(steps))
+    rocs = {name: _b64_file(Path(a["roc_png"])) for name, a in attacks.items()}
+    rocs.update({f"{name} (transferred)": _b64_file(Path(a["roc_transferred_png"]))
+                 for name, a in attacks.items() if a.get("roc_transferred_png")})
+    html_text = _html(md, bars, losses, {k: v for k, v in rocs.items() if v})
+    path = out / REPORT_HTML
+    path.write_text(html_text, encoding="utf-8")
+    write_json(out / "report.json", {"goals": goal_rows, "cells": cells})
+    return path
+
+
+def _step_seconds(out: Path, name: str, s: dict[str, Any]) -> Any:
+    r = _maybe(out / name)
+    return r.get("seconds") if r else s.get("seconds")
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em;border-bottom:2px solid #4C72B0}h2{font-size:1.25em;
+margin-top:1.6em;color:#2a4d8f}table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid
+#ccc;padding:.3em .6em;text-align:left}th{background:#eef2f9}tr:nth-child(even) td{background:#fafafa}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.8em}img{max-width:100%;margin:.4em .6em .4em 0}
+.figs{display:flex;flex-wrap:wrap;align-items:flex-start}"""
+
+
+def _html(md: list[str], bars: str | None, losses: str | None, rocs: dict[str, str]) -> str:
+    """Render the Markdown lines (headings, paragraphs, pipe tables, one code block) with figures."""
+    text = "\n".join(md)
+    sections = re.split(r"^## ", text, flags=re.M)
+    title_block, rest = sections[0], sections[1:]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>POST report</title><style>{_CSS}</style>"
+             "</head><body>"]
+    for line in title_block.splitlines():
+        if line.startswith("# "):
+            parts.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            parts.append(f"<p>{html.escape(line)}</p>")
+    for sec in rest:
+        heading, _, body = sec.partition("\n")
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if "```" in body:
+            code = body.split("```json", 1)[1].split("```", 1)[0]
+            parts.append(f"<pre>{html.escape(code.strip())}</pre>")
+        else:
+            parts.append(_md_tables_to_html(re.sub(r"`([^`]*)`", r"\1", body)))
+        if heading == "Results" and bars:
+            parts.append(f"<div class='figs'><img alt='accuracy per method' src='data:image/png;base64,{bars}'></div>")
+        if heading == "Privacy" and rocs:
+            parts.append("<div class='figs'>" + "".join(
+                f"<figure><img alt='ROC {html.escape(k)}' src='data:image/png;base64,{v}' width='380'>"
+                f"<figcaption>{html.escape(k)}</figcaption></figure>" for k, v in rocs.items()) + "</div>")
+        if heading == "Cost of each stage" and losses:
+            parts.append(f"<h2>Loss curves</h2><div class='figs'><img alt='loss curves' "
+                         f"src='data:image/png;base64,{losses}'></div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,194 @@
+"""The pipeline end to end on tiny models: every step, skip/resume/re-run, the two parties, the report."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from post.cli import main
+from post.errors import ConfigError, PostError
+from post.pipeline import builtin_configs, check_steps, load_pipeline_config, run_pipeline
+
+LABEL_WORDS = "negative=bad;positive=good"
+# Private sentences carry a marker that must never reach a provider's run directory.
+MARK = "zqxprivate"
+
+
+def write_private(path, n=120, seed=0):
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        pos = i % 2
+        word = rng.choice(["good", "great"] if pos else ["bad", "awful"])
+        rows.append(f"{MARK}{i} {word},{'positive' if pos else 'negative'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def tiny_config(root, **kw):
+    corpus = root / "corpus.txt"
+    rng = random.Random(1)
+    words = "the film was a good movie and the plot was bad but great story awful acting".split()
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(80)))
+    public = root / "public.txt"
+    public.write_text("\n".join(["a good day", "bad service", "great flight", "awful delay", "ok trip"] * 8))
+    cfg = {
+        "out": str(root / "out"), "target": "tiny-llama", "task": str(write_private(root / "private.csv")),
+        "label_words": LABEL_WORDS, "public": str(public), "device": "cpu", "max_length": 32,
+        "undistilled": True,
+        "distill": {"keep_layers": "0", "corpus": str(corpus), "block_size": 32, "batch_size": 4, "max_steps": 6,
+                    "held_out": 4, "checkpoint_every": 3},
+        "tune": {"n_tokens": 4, "epochs": 1, "batch_size": 16, "lr": 0.1},
+        "tune_target": {"max_steps": 3},
+        "dp": {"epsilon": 8.0, "accountant": "rdp"},  # RDP calibrates in milliseconds
+        "transfer": {"steps": 4, "batch_size": 4, "public_limit": 20, "checkpoint_every": 2},
+        "zst": {"steps": 20, "anchors": 32},
+        "attack": {"shadows": 4, "pool_size": 16, "max_steps": 2, "batch_size": 2},
+    }
+    for k, v in kw.items():
+        cfg[k] = v
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    path = tiny_config(root)
+    lines = []
+    result = run_pipeline(load_pipeline_config(path), echo=lines.append)
+    return root, path, result, lines
+
+
+def test_every_step_runs_and_the_table_is_full(finished):
+    root, path, result, lines = finished
+    out = root / "out"
+    steps = result["steps"]
+    assert {"distill", "undistilled", "zero-shot", "tune-source", "tune-source-dp", "tune-target", "tune-target-dp",
+            "eval-source", "eval-source-dp", "eval-target", "eval-target-dp", "eval-undistilled-dp",
+            "transfer", "transfer-dp", "eval-post", "eval-post-dp", "eval-direct-dp", "zst-dp", "eval-zst-dp",
+            "tune-undistilled", "transfer-undistilled-dp", "attack", "attack-dp"} <= set(steps)
+    for name in steps:
+        assert (out / name / "result.json").is_file(), name
+    cells = list(__import__("csv").DictReader((out / "table" / "table.csv").open()))
+    placed = {(c["method"], c["dp"]) for c in cells}
+    for method in ("PT on Φt", "PT on Φs", "direct transfer", "ZST", "POST", "PT on Φs, undistilled",
+                   "POST, undistilled Φs"):
+        assert (method, "False") in placed and (method, "True") in placed, method
+    md = (out / "table" / "table.md").read_text()
+    assert "**Non-private**" in md and "**DP (ε = " in md
+    # The transfer used the user's measured zero-shot accuracy for the heuristic α.
+    tr = json.loads((out / "transfer" / "result.json").read_text())
+    zs = json.loads((out / "zero-shot-val" / "result.json").read_text())
+    assert tr["alpha_source"].startswith("heuristic") and tr["target_zero_shot"] == zs["accuracy"]
+    assert any("running" in line for line in lines)
+
+
+def test_report_is_self_contained(finished):
+    root, path, result, lines = finished
+    html = (root / "out" / "report.html").read_text()
+    assert result["report"].endswith("report.html")
+    for needle in ("Results", "Privacy", "LiRA", "Cost of each stage", "Loss curves", "data:image/png;base64,",
+                   "POST", "ε ="):
+        assert needle in html, needle
+    assert "src='http" not in html and 'src="http' not in html  # nothing fetched when it is opened
+    md = (root / "out" / "report.md").read_text()
+    assert "| tune-source-dp | user |" in md
+    goals = json.loads((root / "out" / "report.json").read_text())["goals"]
+    assert {g["dp"] for g in goals} == {False, True}
+
+
+def test_provider_directories_hold_no_private_text(finished):
+    root, path, result, lines = finished
+    out = root / "out"
+    provider = [name for name, s in result["steps"].items() if s["party"] == "provider"]
+    assert set(provider) >= {"distill", "undistilled", "transfer", "transfer-dp", "zst", "zst-dp"}
+    for name in provider:
+        for f in (out / name).rglob("*"):
+            if f.is_file():
+                assert MARK.encode() not in f.read_bytes(), f
+    # The check can fail: the user's own run directories do hold the private text's indices/metrics only,
+    # but the private file itself carries the marker.
+    assert MARK.encode() in (root / "private.csv").read_bytes()
+
+
+def test_rerun_skips_everything_and_a_change_reruns_only_what_it_affects(finished, tmp_path):
+    root, path, result, _ = finished
+    out = root / "out"
+    before = {n: (out / n / "result.json").stat().st_mtime_ns for n in result["steps"]}
+    lines = []
+    run_pipeline(load_pipeline_config(path), echo=lines.append)
+    after = {n: (out / n / "result.json").stat().st_mtime_ns for n in result["steps"]}
+    assert before == after
+    assert all("done earlier" in line for line in lines if line.startswith("[ "))
+    lines.clear()
+    run_pipeline(load_pipeline_config(path, ["transfer.steps=5"]), echo=lines.append)
+    changed = {n for n in result["steps"] if (out / n / "result.json").stat().st_mtime_ns != before[n]}
+    assert changed == {"transfer", "transfer-dp", "eval-post", "eval-post-dp", "transfer-undistilled",
+                       "transfer-undistilled-dp", "eval-post-undistilled", "eval-post-undistilled-dp"}
+    assert not (out / "table" / "table.md").read_text() == ""
+    assert any("transfer " in line and "its options changed" in line for line in lines)
+    assert any("eval-post " in line and "its input transfer changed" in line for line in lines)
+    # Put it back for the other tests of this module.
+    run_pipeline(load_pipeline_config(path), echo=lines.append)
+
+
+def test_interrupted_step_resumes(tmp_path, monkeypatch):
+    import post.transfer as t
+
+    path = tiny_config(tmp_path, modes=["non-private"], undistilled=False, attack=None,
+                       baselines=["zero-shot"])
+    calls = {"n": 0}
+    original = t.post_loss
+
+    def dies(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(t, "post_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_pipeline_config(path), echo=lambda s: None)
+    monkeypatch.setattr(t, "post_loss", original)
+    out = tmp_path / "out"
+    assert not (out / "transfer" / "result.json").exists() and (out / "tune-source" / "result.json").exists()
+    mtime = (out / "tune-source" / "result.json").stat().st_mtime_ns
+    lines = []
+    run_pipeline(load_pipeline_config(path), echo=lines.append)
+    assert any("transfer" in line and "resuming" in line for line in lines)
+    assert (out / "tune-source" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_config_errors_name_the_option(tmp_path):
+    path = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="tune: unknown option"):
+        check_steps(load_pipeline_config(path, ["tune.n_tokenz=3"]))
+    with pytest.raises(ConfigError, match="unknown option.*colour"):
+        load_pipeline_config(path, ["colour=blue"])
+    with pytest.raises(ConfigError, match="--modes"):
+        load_pipeline_config(path, ["modes=[private]"])
+    with pytest.raises(PostError, match="no config file"):
+        load_pipeline_config(tmp_path / "missing.yaml")
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_shipped_configs_parse_and_resolve():
+    shipped = builtin_configs()
+    assert {"demo", "demo-quick"} <= set(shipped)
+    for name, path in shipped.items():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# post "), f"{name} must open with the command that runs it"
+        cfg = load_pipeline_config(name)
+        steps = check_steps(cfg)  # every section's options are valid options of its stage
+        assert steps and steps[-1].name.startswith(("attack", "eval", "zst", "transfer"))
+
+
+def test_party_commands(tmp_path, capsys):
+    assert main(["provider", "transfer", "--source-model", "tiny-llama", "--prompt", "x.safetensors",
+                 "--target-model", "tiny-llama", "--watch-task", "mr"]) == 2
+    assert "takes no labelled data" in capsys.readouterr().err
+    assert main(["provider", "tune", "--model", "tiny-llama"]) == 2  # tuning touches private data: user only
+    assert main(["user", "distill"]) == 2
