@@ -2,13 +2,14 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import yaml
 
 from post.cli import main
 from post.errors import ConfigError, PostError
-from post.pipeline import builtin_configs, check_steps, load_pipeline_config, run_pipeline
+from post.pipeline import _Placeholders, builtin_configs, check_steps, load_pipeline_config, run_pipeline
 
 LABEL_WORDS = "negative=bad;positive=good"
 # Private sentences carry a marker that must never reach a provider's run directory.
@@ -175,15 +176,48 @@ def test_config_errors_name_the_option(tmp_path):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_shipped_configs_parse_and_resolve():
+def test_shipped_configs_parse_and_resolve(tmp_path):
+    from post.data import list_datasets
+    from post.models import BUILTIN_MODELS
+
     shipped = builtin_configs()
-    assert {"demo", "demo-quick"} <= set(shipped)
+    assert {"demo", "demo-quick", "cross-vocab", "paper-roberta-sst2", "paper-gpt2xl-sst2",
+            "paper-llama2-7b-sst2"} <= set(shipped)
+    datasets = {d.name for d in list_datasets()}
+    stand_in = {"roberta-base": "tiny-roberta", "gpt2-xl": "tiny-gpt2", "meta-llama/Llama-2-7b-hf": "tiny-llama"}
     for name, path in shipped.items():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# post "), f"{name} must open with the command that runs it"
         cfg = load_pipeline_config(name)
+        assert cfg.task in datasets and (cfg.public in datasets), name
+        assert cfg.target in BUILTIN_MODELS or cfg.target in stand_in, name
         steps = check_steps(cfg)  # every section's options are valid options of its stage
-        assert steps and steps[-1].name.startswith(("attack", "eval", "zst", "transfer"))
+        assert {"tune-source", "transfer", "eval-post"} <= {s.name for s in steps}, name
+        if cfg.target in stand_in:  # the hub-only settings, resolved against a tiny model of the same family
+            tiny = load_pipeline_config(name, [f"target={stand_in[cfg.target]}", "device=cpu", "dtype=float32"],
+                                        out=tmp_path / name)
+            for step in check_steps(tiny):
+                c = step.build(_Placeholders())
+                model = getattr(c, "target_model", None) or getattr(c, "teacher", None) or getattr(c, "model", "")
+                assert not str(model).startswith(("roberta-base", "gpt2-xl", "meta-llama")), (name, step.name)
+            from post.models import load_model
+
+            assert load_model(stand_in[cfg.target]).kind == ("masked" if "roberta" in name else "causal")
+
+
+def test_accelerate_configs_load():
+    from importlib import resources
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = resources.files("post") / "configs" / "accelerate"
+    found = {}
+    for f in root.iterdir():
+        if str(f).endswith(".yaml"):
+            assert Path(str(f)).read_text().startswith("# accelerate launch --config_file")
+            found[Path(str(f)).stem] = ClusterConfig.from_yaml_file(str(f))
+    assert {"ddp-cpu-2", "ddp-gpus", "fsdp", "deepspeed-zero3"} <= set(found)
+    assert found["ddp-cpu-2"].num_processes == 2 and not found["ddp-cpu-2"].use_cpu
 
 
 def test_party_commands(tmp_path, capsys):
@@ -192,3 +226,55 @@ def test_party_commands(tmp_path, capsys):
     assert "takes no labelled data" in capsys.readouterr().err
     assert main(["provider", "tune", "--model", "tiny-llama"]) == 2  # tuning touches private data: user only
     assert main(["user", "distill"]) == 2
+
+
+def test_sigkill_anywhere_then_rerun_gives_the_same_results(tmp_path):
+    """Kill `post run` at random moments (several times), re-run until it finishes: same numbers, and no
+    step that had finished is run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from post.prompt import read_prompt
+
+    def config(root):
+        return tiny_config(root, modes=["non-private", "dp"], undistilled=False, attack=None,
+                           baselines=["zero-shot", "direct"])
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    reference = run_pipeline(load_pipeline_config(config(clean)), echo=lambda s: None)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    path = config(killed)
+    out = killed / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills, finished_at = 0, {}
+    for _attempt in range(12):
+        proc = subprocess.Popen([sys.executable, "-m", "post", "run", str(path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + rng.uniform(6.0, 14.0)
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        for name in reference["steps"]:
+            f = out / name / "result.json"
+            if f.exists():  # once finished, a step's result is never rewritten
+                finished_at.setdefault(name, f.stat().st_mtime_ns)
+                assert f.stat().st_mtime_ns == finished_at[name], name
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0 and kills >= 2
+    for name in reference["steps"]:
+        a = json.loads((clean / "out" / name / "result.json").read_text())
+        b = json.loads((out / name / "result.json").read_text())
+        if "accuracy" in a:
+            assert a["accuracy"] == b["accuracy"], name
+        if a.get("stage") in ("tune", "transfer"):
+            assert (read_prompt(a["prompt"]).tensor == read_prompt(b["prompt"]).tensor).all(), name
