@@ -9,9 +9,11 @@ Reference: dp-accounting, https://github.com/google/differential-privacy/tree/ma
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from post.errors import ConfigError, PostError
@@ -22,6 +24,7 @@ ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 # dp-accounting's RDP code logs a warning per order that fails to converge; the orders are
 # simply excluded, which is safe (the bound only gets looser).
 logging.getLogger("absl").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 
 def _accountant(name: str):  # noqa: ANN202 - dp_accounting.PrivacyAccountant
@@ -68,12 +71,57 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "pld", tol: float = 1e-5) -> float:
-    """Smallest noise multiplier σ whose ε for ``steps`` steps at rate q is ≤ ``target_epsilon``."""
-    import dp_accounting
+    """Smallest noise multiplier σ whose ε for ``steps`` steps at rate q is ≤ ``target_epsilon``.
 
+    A PLD search takes tens of seconds, so answers are remembered in the cache directory
+    (``accounting/calibrations.json``). A remembered σ is never trusted as such: its ε is
+    recomputed (one accountant call) and it is used only if that ε is within the target.
+    """
     check_privacy_params(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate)
     if steps < 1:
         raise ConfigError("DP training must plan at least one step; raise --epochs or lower --batch-size.")
+    key = json.dumps([target_epsilon, delta, sample_rate, steps, accountant, tol])
+    memo = _memo_path()
+    remembered = _read_memo(memo).get(key)
+    if isinstance(remembered, float) and remembered > 0:
+        eps = compute_epsilon(noise_multiplier=remembered, sample_rate=sample_rate, steps=steps, delta=delta,
+                              accountant=accountant)
+        if eps <= target_epsilon * (1 + 1e-9):
+            return remembered
+        log.warning("ignoring a remembered σ=%g that gives ε=%g > %g", remembered, eps, target_epsilon)
+    sigma = _search_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                          accountant=accountant, tol=tol)
+    try:
+        table = _read_memo(memo)
+        table[key] = sigma
+        from post.cache import atomic_path
+
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(memo) as tmp:
+            tmp.write_text(json.dumps(table, indent=0), encoding="utf-8")
+    except OSError:  # remembering is an optimisation only
+        pass
+    return sigma
+
+
+def _memo_path() -> Path:
+    from post.cache import cache_root
+
+    return cache_root() / "accounting" / "calibrations.json"
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _search_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                  tol: float) -> float:
+    import dp_accounting
+
     bracket = dp_accounting.mechanism_calibration.ExplicitBracketInterval
 
     def solve(name: str, low: float, high: float) -> float:
@@ -138,15 +186,48 @@ class PrivacyLedger:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _malformed(self) -> str | None:
+        """What is wrong with the fields' types or ranges, or None."""
+
+        def number(x: object) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+        def count(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+        checks = {
+            "noise_multiplier": number(self.noise_multiplier) and 0 <= self.noise_multiplier < math.inf,
+            "max_grad_norm": number(self.max_grad_norm) and 0 < self.max_grad_norm < math.inf,
+            "sample_rate": number(self.sample_rate) and 0 < self.sample_rate <= 1,
+            "steps": count(self.steps) and count(self.planned_steps) and self.steps <= self.planned_steps,
+            "planned_steps": count(self.planned_steps),
+            "delta": number(self.delta) and 0 < self.delta < 1,
+            "accountant": self.accountant in ACCOUNTANTS,
+            "dataset_size": count(self.dataset_size) and self.dataset_size >= 1,
+            "target_epsilon": self.target_epsilon is None or (number(self.target_epsilon) and self.target_epsilon > 0),
+            "epsilon": number(self.epsilon) and self.epsilon >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        return f"bad {', '.join(bad)}" if bad else None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, verify: bool = True, tol: float = 1e-6) -> PrivacyLedger:
         """Rebuild a ledger; with ``verify``, refuse one whose ε disagrees with its own numbers."""
         try:
-            ledger = cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as e:
-            raise PostError(f"the privacy ledger is incomplete ({e}); no ε can be reported for it.") from None
+            values = {k: d[k] for k in cls.__dataclass_fields__}
+        except (KeyError, TypeError, IndexError) as e:
+            raise PostError(f"the privacy ledger is incomplete ({e!r}); no ε can be reported for it.") from None
+        if values["epsilon"] == "inf":  # how run files spell an unbounded ε (no noise)
+            values["epsilon"] = math.inf
+        ledger = cls(**values)
+        if (problem := ledger._malformed()) is not None:
+            raise PostError(f"the privacy ledger is malformed ({problem}); no ε can be reported for it.")
         if verify:
-            eps = ledger.recompute_epsilon()
+            try:
+                eps = ledger.recompute_epsilon()
+            except (ValueError, ArithmeticError) as e:
+                raise PostError(f"the privacy ledger's numbers can't be accounted ({e}); no ε can be reported "
+                                "for it.") from None
             if not math.isclose(eps, ledger.epsilon, rel_tol=1e-3, abs_tol=tol):
                 raise PostError(f"the privacy ledger says ε = {ledger.epsilon} but its own numbers give ε = {eps:.4f}; "
                                 "it was edited or is corrupt, so no ε is reported.")

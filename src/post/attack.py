@@ -29,7 +29,7 @@ from post.errors import PostError
 from post.lira import Roc, epsilon_lower_bound, leave_one_out, logit_confidence, plot_roc, roc
 from post.resolve import load_configured_model, load_task, subset
 from post.rundir import RunDir, read_json, write_json
-from post.tune import TuneConfig, tune
+from post.tune import TuneConfig, saved_ledger, tune
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class AttackConfig(TuneConfig):
 
     def __post_init__(self) -> None:
         TuneConfig.__post_init__(self)
-        require(self.shadows >= 2, "shadows", f"must be at least 2 (reference shadows are needed), got {self.shadows}.")
+        require(self.shadows >= 4, "shadows", "must be at least 4 (each shadow is attacked with the others as "
+                f"in- and out-references), got {self.shadows}.")
         require(self.shadows % 2 == 0, "shadows", "must be even: every example is in exactly half of the shadows.")
         require(self.pool_size is None or self.pool_size >= 4, "pool_size", "must be at least 4.")
         require(self.workers >= 1, "workers", f"must be at least 1, got {self.workers}.")
@@ -167,9 +168,19 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
     if len(pool) < 4:
         raise PostError(f"the training split has {len(pool)} examples; the attack needs at least 4.")
     masks = balanced_masks(len(pool), cfg.shadows, cfg.seed)
+    if cfg.dp and cfg.noise_multiplier is None:
+        # Every shadow trains with one σ, calibrated for a shadow's nominal size (half the pool): the
+        # same noise for all (one training recipe), and one accountant search instead of one per shadow.
+        from post.tune import make_plan
+
+        plan = make_plan(_tune_config(cfg, run.path / "unused.json", cfg.seed), len(pool) // 2)
+        cfg = dataclasses.replace(cfg, noise_multiplier=plan.ledger.noise_multiplier)  # type: ignore[union-attr]
     write_json(run.path / "membership.json", {"pool": pool, "in": masks.astype(int).tolist()})
     shadows_dir = run.path / "shadows"
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    import torch
+
+    # Share the threads this process may use (OMP_NUM_THREADS, torch.set_num_threads) among the workers.
+    threads = max(1, min(os.cpu_count() or 1, torch.get_num_threads()) // cfg.workers)
     jobs = [(cfg, str(shadows_dir), s, pool, [pool[i] for i in np.nonzero(masks[:, s])[0]], threads)
             for s in range(cfg.shadows)]
     log.info("LiRA: %d shadows on a pool of %d %s examples, %d worker(s)", cfg.shadows, len(pool), cfg.task,
@@ -183,7 +194,7 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
             outs = list(ex.map(run_shadow, *zip(*jobs)))
     for o in outs:
         run.log(shadow=o["shadow"], tune_seconds=o["tune_seconds"])
-    ledger = read_json(shadows_dir / "shadow-000" / "tune" / "privacy.json") if cfg.dp else None
+    ledger = saved_ledger(shadows_dir / "shadow-000" / "tune").to_dict() if cfg.dp else None
     delta = cfg.audit_delta or (ledger["delta"] if ledger else 1e-5)
     conf = np.array([o["source"] for o in outs]).T
     figures, curves = audit(conf, masks, delta=delta)
@@ -205,7 +216,7 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def summarize(result: dict[str, Any]) -> str:
-    privacy = f"DP, ε={result['epsilon']:.2f}" if result["dp"] else "non-private"
+    privacy = f"DP, ε={float(result['epsilon']):.2f}" if result["dp"] else "non-private"
     lines = [f"LiRA on {result['shadows']} shadow prompts ({privacy}), pool {result['pool']}, "
              f"{result['wall_seconds']:.0f} s"]
     for label, figs in (("source prompt", result["source_prompt"]),

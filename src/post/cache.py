@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from post.errors import PostError
 
 CACHE_ENV = "POST_CACHE_DIR"
@@ -66,16 +68,32 @@ class RegistryFile:
         return f"{self.package}=={self.version}"
 
 
+class WriteError(PostError, OSError):
+    """A file could not be written (a full disk, a quota, permissions): one line for the user, and still an
+    OSError for code that treats a failed write as optional."""
+
+
+def _write_error(final: Path, error: BaseException) -> WriteError:
+    reason = getattr(error, "strerror", None) or str(error)
+    return WriteError(f"could not write {final} ({reason}); free some disk space, check the permissions, or choose "
+                      "another --out. Nothing half-written was kept.")
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    except OSError as e:
+        raise _write_error(final, e) from e
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a read-only or vanished directory
+        raise _write_error(final, e) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -84,13 +102,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; move it into place only on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    except OSError as e:
+        raise _write_error(final, e) from e
     try:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        raise _write_error(final, e) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

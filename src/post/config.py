@@ -7,6 +7,7 @@ Every stage config is a frozen, keyword-only dataclass built from these groups, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,7 +49,7 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+        require(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None, "device",
                 f"must be auto, cpu or cuda[:N], got {self.device!r}.")
 
     @property
@@ -59,7 +60,11 @@ class ModelOptions:
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda" and (index := device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"visible to torch, so there is no cuda:{index}; use --device cpu or auto.")
+        return device
 
 
 @dataclass(frozen=True, kw_only=True)

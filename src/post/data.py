@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from post.cache import atomic_dir
+from post.cache import atomic_dir, sha256_file
 from post.corpus import (
     BUILTIN_FILES,
     HubLoader,
@@ -301,7 +301,8 @@ def _read_cached_splits(folder: Path, expect: Mapping[str, Any]) -> tuple[dict[s
         splits = {}
         for s in SPLITS:
             path = folder / f"{s}.jsonl"
-            if path.stat().st_size != man["bytes"][s]:
+            # sha256, not only the size: an edit that keeps the size (a flipped label) must not be used.
+            if path.stat().st_size != man["bytes"][s] or sha256_file(path) != man["sha256"][s]:
                 return None
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
             if len(rows) != man["counts"][s]:
@@ -330,7 +331,8 @@ def _load_builtin(name: str, seed: int, cache_dir: str | os.PathLike[str] | None
     with atomic_dir(folder) as tmp:
         sizes = {s: _write_jsonl(tmp / f"{s}.jsonl", sp) for s, sp in splits.items()}
         manifest = {**expect, "source": spec.file.requirement, "member": spec.file.member, "rows": len(raw),
-                    "dropped": dropped, "counts": {s: len(sp) for s, sp in splits.items()}, "bytes": sizes}
+                    "dropped": dropped, "counts": {s: len(sp) for s, sp in splits.items()}, "bytes": sizes,
+                    "sha256": {s: sha256_file(tmp / f"{s}.jsonl") for s in splits}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     log.info("%s: %d rows, %d empty dropped; %s", name, len(raw), dropped,
              ", ".join(f"{s} {len(sp)}" for s, sp in splits.items()))

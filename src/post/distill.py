@@ -195,6 +195,10 @@ def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tens
     return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
 
 
+def _diverged(what: str, run_path: Path) -> PostError:
+    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and start a new --out.")
+
+
 def _lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up then linear decay to zero."""
     w = max(1, int(total * warmup))
@@ -278,11 +282,15 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
         terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs)
         if not torch.isfinite(terms["loss"]):
-            raise PostError(f"the distillation loss became {float(terms['loss'])} at step {step}; the last good "
-                            f"checkpoint is kept in {run_path}. Lower --lr and start a new --out.")
+            bar.close()
+            raise _diverged(f"the distillation loss became {float(terms['loss'].detach())} at step {step}", run_path)
         acc.backward(terms["loss"])
         acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError:  # an update too large for the weights' dtype (e.g. a huge --lr)
+            bar.close()
+            raise _diverged(f"the update of step {step} overflowed", run_path) from None
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1

@@ -383,7 +383,8 @@ def _load_pretrained(
         config = AutoConfig.from_pretrained(source, **opts)
         resolved: Kind = detect_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
         auto = AutoModelForMaskedLM if resolved == "masked" else AutoModelForCausalLM
-        model = auto.from_pretrained(source, config=config, dtype=dtype, **opts)
+        # safetensors only: a pickled checkpoint (pytorch_model.bin) could run code when loaded.
+        model = auto.from_pretrained(source, config=config, dtype=dtype, use_safetensors=True, **opts)
         tokenizer = AutoTokenizer.from_pretrained(source, **opts)
     except Exception as e:  # every loading failure becomes one readable line
         as_kind = "" if kind == "auto" else f" as a {kind} LM"
@@ -482,3 +483,9 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     digest.update(f"\0{tuple(weight.shape)}\0".encode())
     digest.update(weight.numpy())
     return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 hex of the tokenizer's token -> id mapping (added tokens included)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()

@@ -3,7 +3,8 @@
 A prompt file is one safetensors file holding the (n, d) tensor ``prompt`` and, in the
 safetensors header's string metadata, a JSON document with
 
-- the model it was tuned on: name, fingerprint (config + embedding matrix), width, vocabulary size;
+- the model it was tuned on: name, fingerprint (config + embedding matrix), tokenizer fingerprint,
+  width, vocabulary size;
 - the task: template, label words, init text;
 - the privacy ledger (for DP prompts) and what the user measured (e.g. the accuracy of the
   prompt on its own model, which the provider's α heuristic needs);
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from post import __version__
 from post.cache import atomic_path
 from post.errors import ConfigError, PostError
-from post.models import LoadedModel, model_fingerprint
+from post.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from post.tasks import Task
 
 FORMAT = "post-prompt/1"
@@ -112,6 +113,7 @@ def save_prompt(path: str | os.PathLike[str], tensor: torch.Tensor, *, loaded: L
         "format": FORMAT,
         "post_version": __version__,
         "model": {"name": loaded.name, "fingerprint": model_fingerprint(loaded.model),
+                  "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
                   "hidden_size": loaded.hidden_size, "vocab_size": vocab_size(loaded), "kind": loaded.kind},
         "n_tokens": int(tensor.shape[0]),
         "task": task.to_dict(),
@@ -156,8 +158,37 @@ def read_prompt(path: str | os.PathLike[str]) -> PromptFile:
                         "use the file post tune produced.")
     if tensor.dim() != 2 or tensor.shape[0] != meta.get("n_tokens") or not torch.isfinite(tensor).all():
         raise PostError(f"{p} holds a prompt of shape {tuple(tensor.shape)} that does not match its metadata.")
-    meta["path"] = str(p)
+    _check_meta(p, meta)
+    meta["path"] = str(p)  # where it was read from; a path stored in the file is never used
     return PromptFile(tensor=tensor, meta=meta)
+
+
+def _check_meta(p: Path, meta: dict[str, Any]) -> None:
+    """Refuse metadata whose parts the stages rely on are missing or of the wrong kind.
+
+    The checksum only shows the file is as it was written; a file written by someone else can
+    carry a matching checksum over anything, so the parts are checked too (and a privacy ledger is
+    recomputed, so its ε is one the accountant agrees with).
+    """
+    from post.accounting import PrivacyLedger
+
+    model = meta.get("model")
+    model_ok = isinstance(model, dict) and isinstance(model.get("name"), str) and \
+        isinstance(model.get("fingerprint"), str) and all(
+            isinstance(model.get(k), int) and not isinstance(model.get(k), bool) for k in ("hidden_size", "vocab_size"))
+    origin = meta.get("transferred_from")
+    origin_ok = origin is None or (isinstance(origin, dict) and isinstance(origin.get("model"), dict)
+                                   and isinstance(origin["model"].get("name"), str))
+    if not (model_ok and origin_ok and isinstance(meta.get("measured", {}), dict) and
+            isinstance(meta.get("task"), dict)):
+        raise PostError(f"{p} has incomplete prompt metadata (model, task, measured or provenance); it was not "
+                        "written by post.")
+    Task.from_dict(meta["task"])
+    if meta.get("privacy") is not None:
+        try:
+            PrivacyLedger.from_dict(meta["privacy"])
+        except PostError as e:
+            raise PostError(f"{p}: {e}") from None
 
 
 def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = True) -> None:
@@ -171,6 +202,9 @@ def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = 
     if same_model and int(m["vocab_size"]) != vocab:
         raise PostError(f"{where} was tuned on {m['name']} with a {m['vocab_size']}-token vocabulary, but "
                         f"{loaded.name} has {vocab}; its label words would mean other tokens.")
+    if same_model and m.get("tokenizer") not in (None, tokenizer_fingerprint(loaded.tokenizer)):
+        raise PostError(f"{where} was tuned with another tokenizer than {loaded.name}'s (same vocabulary size, other "
+                        "tokens), so its label words would mean other tokens; pass the model it was tuned on.")
     if same_model and m["fingerprint"] != model_fingerprint(loaded.model):
         raise PostError(f"{where} was tuned on {m['name']} (fingerprint {m['fingerprint'][:12]}), not on {loaded.name} "
                         f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it.")

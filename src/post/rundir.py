@@ -100,6 +100,8 @@ class RunDir:
         try:
             old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
             raise PostError(f"{saved} is unreadable; delete the run directory {self.path} or pick another "
                             "--out.") from None
         new = {"stage": self.stage, **self.config}
@@ -110,7 +112,12 @@ class RunDir:
 
     def existing_result(self) -> dict[str, Any] | None:
         """The result of this run if it already finished (same config), else None."""
-        return read_json(self.result_path) if self.result_path.exists() else None
+        if not self.result_path.exists():
+            return None
+        result = read_json(self.result_path)
+        if not isinstance(result, dict):
+            raise PostError(f"{self.result_path} is not a result (a JSON object); delete it and run again.")
+        return result
 
     @property
     def result_path(self) -> Path:
@@ -119,8 +126,12 @@ class RunDir:
     def log(self, **metrics: Any) -> None:
         """Append one metrics line (with the stage and seconds since start)."""
         line = {"stage": self.stage, "time": round(time.time() - self.started, 3), **to_plain(metrics)}
-        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:  # a full disk or a vanished directory
+            raise PostError(f"could not append to {self.path / METRICS_FILE} ({e.strerror or e}); free some disk "
+                            "space or choose another --out, then run the same command again to resume.") from e
 
     def finish(self, result: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``result.json`` (stage, seconds, figures) atomically and return it."""
@@ -145,7 +156,10 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``result.json`` of a finished run directory."""
-    return read_json(Path(path) / RESULT_FILE)
+    result = read_json(Path(path) / RESULT_FILE)
+    if not isinstance(result, dict):
+        raise PostError(f"{Path(path) / RESULT_FILE} is not a result (a JSON object); delete it and run again.")
+    return result
 
 
 def default_out(stage: str) -> Path:

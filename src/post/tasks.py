@@ -72,7 +72,9 @@ class Task:
             return cls(template=str(d["template"]),
                        label_words={str(k): tuple(str(w) for w in v) for k, v in dict(d["label_words"]).items()},
                        init_text=str(d.get("init_text", "")))
-        except (KeyError, TypeError, AttributeError) as e:
+        except PostError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise PostError(f"malformed task description ({e!r}); expected template, label_words, init_text.") from None
 
 
@@ -115,6 +117,8 @@ def parse_label_words(spec: str | Mapping[str, Sequence[str] | str]) -> dict[str
         raise ConfigError("--label-words must be 'class=w1,w2;class2=w3' or a mapping of class to words.")
     out: dict[str, tuple[str, ...]] = {}
     for name, words in items:
+        if not isinstance(words, str | list | tuple):
+            raise ConfigError(f"--label-words: class {name!r} needs a word or a list of words, got {words!r}.")
         raw = words.split(",") if isinstance(words, str) else list(words)
         cleaned = tuple(w if w[:1].isspace() else " " + w for w in (str(x).strip() for x in raw) if w)
         if not str(name):

@@ -189,6 +189,11 @@ def resolve_alpha(cfg: TransferConfig, ps: PromptFile, num_classes: int) -> tupl
     return alpha, {"alpha_source": "heuristic (Eq. 6)", "target_zero_shot": zs, "source_accuracy": c}
 
 
+def _diverged(what: str, run_path: Path) -> PostError:
+    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and run again with a new "
+                     "--out.")
+
+
 def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train pt on the target so that Φt(pt) behaves like Φs(ps); write the target prompt file."""
     acc, run, done = open_distributed_run(cfg, run_dir, "transfer")
@@ -248,9 +253,17 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
         if acc.num_processes > 1:
             grad = acc.reduce(grad, reduction="mean")
         if not torch.isfinite(grad).all():
-            raise PostError(f"the transfer loss became {float(terms['loss'])} at step {step}; lower --lr.")
+            bar.close()
+            raise _diverged(f"the transfer loss became {float(terms['loss'].detach())} at step {step}", run_path)
         pt.grad = grad
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
+            bar.close()
+            raise _diverged(f"the update of step {step} overflowed", run_path) from None
+        if not torch.isfinite(pt).all():  # never checkpoint a prompt that is no longer finite
+            bar.close()
+            raise _diverged(f"the prompt became non-finite at step {step}", run_path)
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1

@@ -38,7 +38,7 @@ from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import init_prompt, save_prompt
 from post.resolve import load_configured_model, load_task, subset
-from post.rundir import RunDir, write_json
+from post.rundir import RunDir, read_json, to_plain, write_json
 from post.scoring import Encoder, class_scores, classification_metrics, predict_scores
 from post.tasks import Verbalizer
 
@@ -244,11 +244,49 @@ def _make_optimizer(cfg: TuneConfig, prompt: torch.Tensor) -> torch.optim.Optimi
     return torch.optim.Adam([prompt], lr=cfg.lr)
 
 
+def _diverged(what: str, run_path: Path) -> PostError:
+    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and run again with a "
+                     "new --out.")
+
+
+def saved_ledger(run_path: Path, *, plan: PrivacyLedger | None = None, at_least: int = 0) -> PrivacyLedger:
+    """A DP run's ``privacy.json``, recomputed; refused when missing, edited, or behind the run's progress.
+
+    With ``plan``, its fixed parameters (σ, C, q, δ, N, accountant, planned steps) must be the plan's,
+    and it must count at least ``at_least`` steps (the steps the run's checkpoint has taken).
+    """
+    path = Path(run_path) / LEDGER_FILE
+    if not path.is_file():
+        raise PostError(f"{run_path} holds a DP run without its privacy ledger {LEDGER_FILE}, so the steps it took "
+                        "can't be accounted and no ε is reported; run again with a new --out.")
+    ledger = PrivacyLedger.from_dict(read_json(path))
+    fixed = ("noise_multiplier", "max_grad_norm", "sample_rate", "planned_steps", "delta", "accountant",
+             "dataset_size")
+    if plan is not None and any(getattr(ledger, k) != getattr(plan, k) for k in fixed):
+        raise PostError(f"the privacy ledger {path} belongs to other DP settings than this run's; no ε is "
+                        "reported. Run again with a new --out.")
+    if ledger.steps < at_least or ledger.steps > ledger.planned_steps:
+        raise PostError(f"the privacy ledger {path} counts {ledger.steps} steps, but the run has taken {at_least} "
+                        f"of {ledger.planned_steps}; it under-counts, so no ε is reported. Run again with a new --out.")
+    return ledger
+
+
+def _check_finished(run: RunDir, result: dict[str, Any]) -> dict[str, Any]:
+    """A finished DP run's result stands only if its ledger still backs the ε it reports."""
+    if result.get("dp"):
+        ledger = saved_ledger(run.path)
+        if ledger.steps != ledger.planned_steps or to_plain(ledger.to_dict()) != result.get("privacy") or \
+                to_plain(ledger.epsilon) != result.get("epsilon"):
+            raise PostError(f"{run.path / LEDGER_FILE} disagrees with the ε in {run.result_path}; one of them was "
+                            "edited, so no ε is reported. Run again with a new --out.")
+    return result
+
+
 def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     """Tune a prompt; write prompt file, ledger, metrics and result into ``run_dir``."""
     run = RunDir(run_dir, stage="tune", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return _check_finished(run, done)
     data = load_task(cfg)
     train = data.split("train")
     tr_idx = subset(len(train), cfg.train_limit, cfg.seed) if cfg.train_indices is None else \
@@ -273,7 +311,16 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
             prompt.copy_(tensors["prompt"])
         start, history, elapsed_before = int(meta["step"]), list(meta["history"]), float(meta["elapsed"])
         log.info("resuming from step %d", start)
+    if plan.ledger is not None and start > 0:
+        saved_ledger(run.path, plan=plan.ledger, at_least=start)
     eval_every = cfg.eval_every or plan.steps_per_epoch
+
+    def reserve(done: int) -> None:
+        """Account the steps up to the next checkpoint before taking them: the ledger on disk may run
+        ahead of the work (a resumed run replays those steps with the same samples and noise), never behind."""
+        if plan.ledger is not None and done < plan.total_steps:
+            upto = min((done // cfg.checkpoint_every + 1) * cfg.checkpoint_every, plan.total_steps)
+            write_json(run.path / LEDGER_FILE, plan.ledger.after(upto).to_dict())
 
     def validate(step: int) -> dict[str, Any]:
         scores = predict_scores(loaded.model, encoder, verbalizer, val_texts, batch_size=cfg.micro_batch_size,
@@ -293,6 +340,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
 
     bar = tqdm(total=plan.total_steps, initial=start, desc="tune", unit="step", leave=False)
     n = plan.n_train
+    reserve(start)
     for step in range(start, plan.total_steps):
         if plan.ledger is not None:
             idx = poisson_sample(n, plan.ledger.sample_rate, step_generator(cfg.seed, step, 0))
@@ -303,10 +351,17 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
             idx = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
             grad, loss = trainer.mean_gradient(prompt, idx)
         if not math.isfinite(loss) or not torch.isfinite(grad).all():
-            raise PostError(f"the loss became {loss} at step {step}; the last good checkpoint is kept in {run.path}. "
-                            "Lower --lr and run again with a new --out.")
+            bar.close()
+            raise _diverged(f"the loss became {loss} at step {step}", run.path)
         prompt.grad = grad
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
+            bar.close()
+            raise _diverged(f"the update of step {step} overflowed", run.path) from None
+        if not torch.isfinite(prompt).all():  # never checkpoint a prompt that is no longer finite
+            bar.close()
+            raise _diverged(f"the prompt became non-finite at step {step}", run.path)
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         run.log(step=step + 1, loss=loss, batch=len(idx))
@@ -317,8 +372,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
             save_checkpoint(run.path, tensors={"prompt": prompt}, params={"prompt": prompt}, optimizer=opt,
                             meta={"step": done, "history": history,
                                   "elapsed": elapsed_before + time.perf_counter() - t0})
-            if plan.ledger is not None:
-                write_json(run.path / LEDGER_FILE, plan.ledger.after(done).to_dict())
+            reserve(done)
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
 
@@ -346,7 +400,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def summarize(result: dict[str, Any]) -> str:
-    priv = f"  ε={result['epsilon']:.3f} δ={result['delta']:g}" if result.get("epsilon") is not None else ""
+    priv = f"  ε={float(result['epsilon']):.3f} δ={result['delta']:g}" if result.get("epsilon") is not None else ""
     test = f"test accuracy {result['test_accuracy']:.4f}  " if result.get("test_accuracy") is not None else ""
     return (f"{test}validation accuracy {result['val_accuracy']:.4f}  ({result['n_tokens']}-token prompt on "
             f"{result['model']}, {result['steps']} steps, {result['train_seconds']:.0f} s){priv}\n"
