@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from post import __version__
 from post.errors import PostError
@@ -123,7 +123,7 @@ def _pipeline_parsers(sub: Any) -> None:
     demo = _Parser(description="The built-in demo: smollm2-135m, its distilled student, private mr, public "
                    "airline, ε=8, end to end with a report.", exit_on_error=False)
     demo.add_argument("--out", type=Path | None, default=None, help="Output directory (default: runs/demo).")
-    demo.add_argument("--quick", type=bool, default=False, help="A few-minute smoke run of the same pipeline.")
+    demo.add_argument("--quick", action=ActionYesNo, default=False, help="A few-minute smoke run of the same pipeline.")
     sub.add_subcommand("demo", demo, help="Run the built-in demo end to end and print its table.")
     report = _Parser(description="Write report.html and report.md for a pipeline directory.", exit_on_error=False)
     report.add_argument("dir", type=Path, help="A pipeline output directory (post run's --out).")
@@ -268,12 +268,19 @@ def _list_datasets() -> None:
     print("Your own CSV/JSONL/Parquet file also works: --task FILE --label-words 'neg=bad;pos=good'.")
 
 
+def _error_line(message: str) -> None:
+    # On a terminal a progress bar may be open on the current line: clear it first.
+    prefix = "\r\033[K" if sys.stderr.isatty() else ""
+    print(f"{prefix}post: error: {' '.join(message.split())}", file=sys.stderr)
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="post: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every local load
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,8 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PostError as e:
         if debug:
             raise
-        print(f"post: error: {e}", file=sys.stderr)
+        _error_line(str(e))
         return e.exit_code
+    except OSError as e:  # a write no stage wrapped: still one line, never a traceback
+        if debug:
+            raise
+        _error_line(f"{e.strerror or e} ({e.filename or 'a file'}); check the disk and the output directory.")
+        return 2
     except KeyboardInterrupt:
         print("post: interrupted", file=sys.stderr)
         return 130

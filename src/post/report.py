@@ -186,10 +186,12 @@ def write_report(out: str | Path) -> Path:
     attacks = {name: r for name in ("attack", "attack-dp") if (r := _maybe(out / name)) is not None}
     goal_rows = goals(cells)
 
-    md: list[str] = [f"# POST report: {summary.get('task')} → {summary.get('target')}", "",
+    compute = sum(float(_step_seconds(out, name, s) or 0) for name, s in steps.items())
+    md: list[str] = [f"# POST report: {_short(summary.get('task'))} → {_short(summary.get('target'))}", "",
                      f"Private task `{summary.get('task')}`, target Φt `{summary.get('target')}`, public text "
-                     f"`{summary.get('public')}`; pipeline time {_fmt_s(summary.get('seconds'))} "
-                     f"(steps run earlier are not counted again).", "", "## Results", "", table_md, ""]
+                     f"`{summary.get('public')}`; all steps together took {_fmt_s(compute)} (this last "
+                     f"invocation {_fmt_s(summary.get('seconds'))}; finished steps are not run again).", "",
+                     "## Results", "", table_md, ""]
     if goal_rows:
         md += ["## Goals", "", "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
                "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
@@ -199,7 +201,7 @@ def write_report(out: str | Path) -> Path:
         md.append("")
     md += ["## Privacy", ""]
     if ledger:
-        md += [f"DP-SGD on the prompt: ε = {ledger['epsilon']:.3f} at δ = {ledger['delta']:.1e} "
+        md += [f"DP-SGD on the prompt: ε = {_eps(ledger['epsilon'])} at δ = {ledger['delta']:.1e} "
                f"({ledger['accountant']} accountant), σ = {ledger['noise_multiplier']:.4f}, clip C = "
                f"{ledger['max_grad_norm']}, sampling rate q = {ledger['sample_rate']:.4f}, {ledger['steps']} steps, "
                f"N = {ledger['dataset_size']}. The transferred DP prompt carries the same guarantee "
@@ -213,7 +215,7 @@ def write_report(out: str | Path) -> Path:
             for label, figs in (("ps", a["source_prompt"]), ("pt (transferred)", a.get("transferred_prompt"))):
                 if figs:
                     o = figs["online"]
-                    eps = f"{a['epsilon']:.2f}" if a.get("epsilon") is not None else "∞"
+                    eps = _eps(a.get("epsilon"))
                     md.append(f"| {name}: {label} | {a['shadows']} | {a['pool']} | {o['auc']:.3f} | "
                               f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
                               f"{o['epsilon_lower_bound']:.2f} | {eps} |")
@@ -245,6 +247,20 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def _eps(value: Any) -> str:
+    """ε as written in ledgers: a number, or "inf" (σ = 0), or None (non-private)."""
+    if value is None:
+        return "∞ (non-private)"
+    v = float(value)
+    return "∞" if v == float("inf") else f"{v:.3f}"
+
+
+def _short(name: Any) -> str:
+    """A file path's name, anything else as it is (titles stay readable)."""
+    text = str(name)
+    return Path(text).name if "/" in text and Path(text).suffix else text
+
+
 def _step_seconds(out: Path, name: str, s: dict[str, Any]) -> Any:
     r = _maybe(out / name)
     return r.get("seconds") if r else s.get("seconds")
@@ -269,7 +285,7 @@ def _html(md: list[str], bars: str | None, losses: str | None, rocs: dict[str, s
         if line.startswith("# "):
             parts.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.strip():
-            parts.append(f"<p>{html.escape(line)}</p>")
+            parts.append(f"<p>{html.escape(line.replace('`', ''))}</p>")
     for sec in rest:
         heading, _, body = sec.partition("\n")
         parts.append(f"<h2>{html.escape(heading)}</h2>")
