@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-integration lint bench clean
+.PHONY: setup demo demo-quick test test-integration lint bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/post evaluate --model smollm2-135m --task mr --split test --out runs/zero-shot-smollm2-mr
+	$(BIN)/post demo --out runs/demo
+
+demo-quick: $(STAMP)
+	$(BIN)/post demo --quick --out runs/demo-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

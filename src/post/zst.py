@@ -63,7 +63,7 @@ def solve_target(rel: torch.Tensor, target_anchors: torch.Tensor, *, steps: int,
         opt.step()
     with torch.no_grad():  # cosines fix directions only: give the vectors the anchors' typical norm
         q = F.normalize(q, dim=-1) * scale
-    return q.detach(), float(loss)
+    return q.detach(), float(loss.detach())
 
 
 @dataclass(frozen=True, kw_only=True)
