@@ -75,3 +75,18 @@ def test_input_checks_and_plot(tmp_path):
         roc(np.zeros(3), np.zeros(3, bool))
     plot_roc({"toy": roc(np.array([1.0, 0.0]), np.array([True, False]))}, str(tmp_path / "roc.png"))
     assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("shadows", [8, 16])
+@pytest.mark.parametrize("online", [True, False])
+def test_leave_one_out_is_unbiased_with_balanced_masks(shadows, online):
+    """Every example sits in exactly half of the shadows, so a member of the target shadow has one
+    "in" reference fewer than a non-member; unequal reference counts alone used to move the AUC on
+    pure noise to 0.43 (8 shadows). With equal counts it stays at chance."""
+    from post.attack import balanced_masks
+
+    rng = np.random.default_rng(0)
+    conf = rng.normal(size=(2000, shadows))
+    masks = balanced_masks(2000, shadows, 1)
+    scores, labels = leave_one_out(conf, masks, online=online)
+    assert abs(roc(scores, labels).auc - 0.5) < 0.015

@@ -62,18 +62,22 @@ def _gaussian(conf: np.ndarray, mask: np.ndarray, global_variance: bool) -> tupl
     return mean, np.where(count >= 2, std, pooled)
 
 
-def lira_online(target: np.ndarray, conf: np.ndarray, in_mask: np.ndarray, *, global_variance: bool = False
-                ) -> np.ndarray:
-    """(N,) online LiRA scores: log N(target; μ_in, σ_in) − log N(target; μ_out, σ_out). Higher = member."""
+def lira_online(target: np.ndarray, conf: np.ndarray, in_mask: np.ndarray, *, global_variance: bool = False,
+                out_mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,) online LiRA scores: log N(target; μ_in, σ_in) − log N(target; μ_out, σ_out). Higher = member.
+
+    ``out_mask`` (default ``~in_mask``) picks the "out" references, so a caller can leave some shadows out.
+    """
     target, conf, in_mask = np.asarray(target, float), np.asarray(conf, float), np.asarray(in_mask, bool)
     _check(target, conf, in_mask)
+    out_mask = ~in_mask if out_mask is None else np.asarray(out_mask, bool) & ~in_mask
     mu_in, sd_in = _gaussian(conf, in_mask, global_variance)
-    mu_out, sd_out = _gaussian(conf, ~in_mask, global_variance)
+    mu_out, sd_out = _gaussian(conf, out_mask, global_variance)
     return stats.norm.logpdf(target, mu_in, sd_in + _EPS) - stats.norm.logpdf(target, mu_out, sd_out + _EPS)
 
 
-def lira_offline(target: np.ndarray, conf: np.ndarray, in_mask: np.ndarray, *, global_variance: bool = False
-                 ) -> np.ndarray:
+def lira_offline(target: np.ndarray, conf: np.ndarray, in_mask: np.ndarray, *, global_variance: bool = False,
+                 out_mask: np.ndarray | None = None) -> np.ndarray:
     """(N,) offline LiRA scores: −log P(Z > target), Z ~ N(μ_out, σ_out). Higher = member.
 
     The one-sided test's p-value in log space; −logsf keeps its resolution in the upper tail, where
@@ -81,8 +85,14 @@ def lira_offline(target: np.ndarray, conf: np.ndarray, in_mask: np.ndarray, *, g
     """
     target, conf, in_mask = np.asarray(target, float), np.asarray(conf, float), np.asarray(in_mask, bool)
     _check(target, conf, in_mask)
-    mu_out, sd_out = _gaussian(conf, ~in_mask, global_variance)
+    out_mask = ~in_mask if out_mask is None else np.asarray(out_mask, bool) & ~in_mask
+    mu_out, sd_out = _gaussian(conf, out_mask, global_variance)
     return -stats.norm.logsf(target, mu_out, sd_out + _EPS)
+
+
+def _first_k(mask: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Keep the first ``k[i]`` True entries of each row of ``mask``."""
+    return mask & (np.cumsum(mask, axis=1) <= k[:, None])
 
 
 def leave_one_out(conf: np.ndarray, in_mask: np.ndarray, *, online: bool = True, global_variance: bool = False
@@ -91,15 +101,29 @@ def leave_one_out(conf: np.ndarray, in_mask: np.ndarray, *, online: bool = True,
 
     Examples that the reference shadows leave without an "in" (online) or "out" side are skipped
     for that target shadow, so M ≤ N·S.
+
+    Every example uses as many "in" as "out" references (the first min(n_in, n_out) of each side).
+    Without that, an example that is a member of the target shadow has one "in" reference fewer
+    than a non-member (every example is in a fixed share of the shadows), and the estimators' small-
+    sample bias alone separates members from non-members: on pure noise with balanced masks the
+    online AUC comes out 0.62 with 4 shadows and 0.43 with 8 instead of 0.5.
     """
     conf, in_mask = np.asarray(conf, float), np.asarray(in_mask, bool)
     fn = lira_online if online else lira_offline
     scores, labels = [], []
     for s in range(conf.shape[1]):
         rest = np.delete(np.arange(conf.shape[1]), s)
-        ref_in = in_mask[:, rest]
-        ok = (~ref_in).any(1) & (ref_in.any(1) if online else True)
-        scores.append(fn(conf[ok, s], conf[ok][:, rest], ref_in[ok], global_variance=global_variance))
+        ref_in, ref_out = in_mask[:, rest], ~in_mask[:, rest]
+        k = np.minimum(ref_in.sum(1), ref_out.sum(1))
+        ok = k > 0 if online else ref_out.any(1)
+        if online:
+            use_in, use_out = _first_k(ref_in, k), _first_k(ref_out, k)
+        else:  # only the "out" side counts: give members and non-members the same number of references
+            kk = np.minimum(ref_out.sum(1), (conf.shape[1] - 1) // 2)
+            use_in, use_out = ref_in, _first_k(ref_out, kk)
+            ok = kk > 0
+        scores.append(fn(conf[ok, s], conf[ok][:, rest], use_in[ok], global_variance=global_variance,
+                         out_mask=use_out[ok]))
         labels.append(in_mask[ok, s])
     return np.concatenate(scores), np.concatenate(labels)
 
