@@ -162,7 +162,7 @@ def test_results_table_places_every_run(setup, tmp_path):
     post_row = next(x for x in rows if x["method"] == "POST")
     assert float(post_row["epsilon"]) == pytest.approx(ps_dp["epsilon"])
     assert float(post_row["seconds"]) >= ps_dp["train_seconds"]  # tuning on the source + the transfer
-    assert "| " + str(data) in (tmp_path / "table" / "table.md").read_text()
+    assert "| " + data.name + " |" in (tmp_path / "table" / "table.md").read_text()
 
 
 def test_lira_attack_end_to_end_with_transferred_prompts(setup, tmp_path, capsys):

@@ -260,7 +260,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
         return Step(name, party, "evaluate", build, evaluate.evaluate, deps, what)
 
     steps.append(evaluation("zero-shot-val", "user", cfg.target, "validation", None, [],
-                            "Φt zero-shot on validation (for α)", limit=ev.get("limit", 200)))
+                            "Φt zero-shot on 200 validation examples (for α)", limit=200))
     if "zero-shot" in base:
         steps.append(evaluation("zero-shot", "user", cfg.target, "test", None, [], "Φt zero-shot on test"))
 

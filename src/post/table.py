@@ -135,6 +135,11 @@ def classify(run: Path, target: str) -> Cell | None:
                 _prompt_cost(p.get("path")), str(run))
 
 
+def _label(task: str) -> str:
+    """A task's row label: a file's name rather than its whole path."""
+    return Path(task).name if "/" in task and Path(task).suffix else task
+
+
 def build_table(cells: list[Cell]) -> tuple[str, str]:
     """(Markdown, CSV) of the cells: a non-private and a DP table, one row per task, a column per method."""
     tasks = sorted({c.task for c in cells})
@@ -159,7 +164,7 @@ def build_table(cells: list[Cell]) -> tuple[str, str]:
         title = "Non-private" if not dp else "DP" + (f" ({'; '.join(eps)})" if eps else "")
         md += [f"**{title}**: test accuracy % (cost to produce the prompt)", "",
                "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        md += [f"| {t} | " + " | ".join(show(grid.get((t, m, dp))) for m in methods) + " |" for t in tasks]
+        md += [f"| {_label(t)} | " + " | ".join(show(grid.get((t, m, dp))) for m in methods) + " |" for t in tasks]
         md.append("")
     buf = io.StringIO()
     w = csv.writer(buf)
