@@ -94,13 +94,28 @@ def _attack_commands() -> list[StageCommand]:
                          attack.AttackConfig, attack.attack, attack.summarize)]
 
 
-def _stage_parser(cmd: StageCommand) -> ArgumentParser:
-    p = _Parser(description=(cmd.config.__doc__ or cmd.help).split("\n\n")[0], exit_on_error=False)
+def _config_parser(config: type, description: str) -> ArgumentParser:
+    """Flags (or ``--config`` YAML) for every field of a config dataclass."""
+    p = _Parser(description=(config.__doc__ or description).split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
-    p.add_class_arguments(cmd.config, nested_key=None, as_group=False, instantiate=False)
+    p.add_class_arguments(config, nested_key=None, as_group=False, instantiate=False)
+    return p
+
+
+def _stage_parser(cmd: StageCommand) -> ArgumentParser:
+    p = _config_parser(cmd.config, cmd.help)
     p.add_argument("--out", type=Path | None, default=None,
                    help=f"Run directory to write (default: runs/{cmd.name}-<time>).")
     return p
+
+
+def _add_attack(sub: Any, help: str) -> None:
+    """``attack lira``; jsonargparse wants a parser added to its parent before its own subcommands."""
+    attack = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
+    sub.add_subcommand("attack", attack, help=help)
+    attack_sub = attack.add_subcommands(dest="attack_command", required=True)
+    for cmd in _attack_commands():
+        attack_sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
 
 
 # The two parties: the user's commands touch private data and never need the target's weights; the
@@ -138,29 +153,16 @@ def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
     p = _Parser(description=f"The {party}'s commands ({what}).", exit_on_error=False)
     sub.add_subcommand(party, p, help=help)
     psub = p.add_subcommands(dest=f"{party}_command", required=True)
-    nested = []
     for name in names:
         if name == "attack":
-            a = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
-            psub.add_subcommand("attack", a, help="Privacy audits: attack lira.")
-            nested.append(a)
+            _add_attack(psub, "Privacy audits: attack lira.")
         elif name == "serve":
-            psub.add_subcommand("serve", _serve_parser(), help="Serve the target model with a transferred prompt.")
+            from post.serve import ServeConfig
+
+            psub.add_subcommand("serve", _config_parser(ServeConfig, "Serve a model with a prompt."),
+                                help="Serve the target model with a transferred prompt.")
         else:
             psub.add_subcommand(name, _stage_parser(stages[name]), help=stages[name].help)
-    for a in nested:
-        asub = a.add_subcommands(dest="attack_command", required=True)
-        for cmd in _attack_commands():
-            asub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
-
-
-def _serve_parser() -> ArgumentParser:
-    from post.serve import ServeConfig
-
-    p = _Parser(description=(ServeConfig.__doc__ or "").split("\n\n")[0], exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
-    p.add_class_arguments(ServeConfig, nested_key=None, as_group=False, instantiate=False)
-    return p
 
 
 def build_parser() -> ArgumentParser:
@@ -179,11 +181,7 @@ def build_parser() -> ArgumentParser:
     fetch.add_argument("--verify", type=bool, default=False,
                        help="Re-hash cached files and repair any that changed.")
     sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
-    attack = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
-    sub.add_subcommand("attack", attack, help="Privacy audits: post attack lira (membership inference on prompts).")
-    attack_sub = attack.add_subcommands(dest="attack_command", required=True)  # after its parent: jsonargparse
-    for cmd in _attack_commands():
-        attack_sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
+    _add_attack(sub, "Privacy audits: post attack lira (membership inference on prompts).")
     sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
                        help="List built-in models.")
     sub.add_subcommand("datasets", _Parser(description="List built-in datasets.", exit_on_error=False),
@@ -191,16 +189,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _build_config(cmd: StageCommand, ns: Any) -> Any:
-    values = {f.name: ns.get(f.name) for f in dataclasses.fields(cmd.config) if f.init}
+def _build_config(config: type, ns: Any) -> Any:
+    values = {f.name: ns.get(f.name) for f in dataclasses.fields(config) if f.init}
     for key in ("cache_dir", "prompt", "train_indices"):  # jsonargparse leaves Path | None values as str
         if isinstance(values.get(key), str):
             values[key] = Path(values[key])
-    return cmd.config(**values)
+    return config(**values)
 
 
 def _run_stage(cmd: StageCommand, ns: Any) -> None:
-    cfg = _build_config(cmd, ns)
+    cfg = _build_config(cmd.config, ns)
     out = Path(ns.get("out") or default_out(cmd.name))
     result = cmd.run(cfg, out)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports
@@ -312,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "serve":
             from post.serve import ServeConfig, serve
 
-            serve(_build_config(StageCommand("serve", "", ServeConfig, lambda c, p: {}, str), sub_ns))
+            serve(_build_config(ServeConfig, sub_ns))
         elif command in ("run", "demo"):
             _run_pipeline(command, sub_ns)
         elif command == "report":
