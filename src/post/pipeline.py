@@ -264,6 +264,17 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     if "zero-shot" in base:
         steps.append(evaluation("zero-shot", "user", cfg.target, "test", None, [], "Φt zero-shot on test"))
 
+    def transfer_step(name: str, source: Callable[[dict[str, dict[str, Any]]], str], tuned: str,
+                      deps: list[str], what: str) -> Step:
+        def build(r: dict[str, dict[str, Any]]) -> Any:
+            values = {**common, "source_model": source(r),
+                      "prompt": Path(r[tuned]["prompt"]), "target_model": cfg.target, "public": cfg.public,
+                      "max_length": cfg.max_length, "seed": cfg.seed,
+                      "target_zero_shot": r["zero-shot-val"]["accuracy"], **_section(cfg, "transfer")}
+            return _make(transfer.TransferConfig, "transfer", values)
+
+        return Step(name, "provider", "transfer", build, transfer.transfer, deps, what)
+
     tune_opts = _section(cfg, "tune")
     for mode in cfg.modes:
         sfx = "-dp" if mode == "dp" else ""
@@ -286,17 +297,6 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                    _section(cfg, "tune_target")))
             steps.append(evaluation(f"eval-target{sfx}", "baseline", cfg.target, "test", f"tune-target{sfx}",
                                     [f"tune-target{sfx}"], f"Φt with its own prompt ({mode})"))
-
-        def transfer_step(name: str, source: Callable[[dict[str, dict[str, Any]]], str], tuned: str,
-                          deps: list[str], what: str) -> Step:
-            def build(r: dict[str, dict[str, Any]]) -> Any:
-                values = {**common, "source_model": source(r),
-                          "prompt": Path(r[tuned]["prompt"]), "target_model": cfg.target, "public": cfg.public,
-                          "max_length": cfg.max_length, "seed": cfg.seed,
-                          "target_zero_shot": r["zero-shot-val"]["accuracy"], **_section(cfg, "transfer")}
-                return _make(transfer.TransferConfig, "transfer", values)
-
-            return Step(name, "provider", "transfer", build, transfer.transfer, deps, what)
 
         steps.append(transfer_step(f"transfer{sfx}", student_dir, f"tune-source{sfx}",
                                    [*src_deps, f"tune-source{sfx}", "zero-shot-val"], f"POST ps → pt ({mode})"))

@@ -186,7 +186,8 @@ def write_report(out: str | Path) -> Path:
     attacks = {name: r for name in ("attack", "attack-dp") if (r := _maybe(out / name)) is not None}
     goal_rows = goals(cells)
 
-    compute = sum(float(_step_seconds(out, name, s) or 0) for name, s in steps.items())
+    seconds = {name: _step_seconds(out, name, s) for name, s in steps.items()}
+    compute = sum(float(v or 0) for v in seconds.values())
     md: list[str] = [f"# POST report: {_short(summary.get('task'))} → {_short(summary.get('target'))}", "",
                      f"Private task `{summary.get('task')}`, target Φt `{summary.get('target')}`, public text "
                      f"`{summary.get('public')}`; all steps together took {_fmt_s(compute)} (this last "
@@ -231,7 +232,7 @@ def write_report(out: str | Path) -> Path:
                f"| kept layers, undistilled | {u['perplexity']:.1f} | {u['kl_to_teacher']:.3f} |",
                f"| kept layers, distilled | {d['perplexity']:.1f} | {d['kl_to_teacher']:.3f} |", ""]
     md += ["## Cost of each stage", "", "| step | party | what | time |", "|---|---|---|---|"]
-    md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {_fmt_s(_step_seconds(out, name, s))} |"
+    md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {_fmt_s(seconds[name])} |"
            for name, s in steps.items()]
     md += ["", "## Config", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
     (out / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
