@@ -1,5 +1,6 @@
-"""Small synthetic data shared by the tests."""
+"""Small synthetic data and fault helpers shared by the tests."""
 
+import contextlib
 import csv
 import random
 from pathlib import Path
@@ -18,3 +19,23 @@ def write_sentiment_csv(path: Path, n: int = 200, seed: int = 0) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+@contextlib.contextmanager
+def interrupted_on_call(monkeypatch, owner, name: str, n: int):
+    """Within the block, ``owner.name`` raises KeyboardInterrupt on its n-th call: a crash mid-stage."""
+    real = getattr(owner, name)
+    calls = 0
+
+    def crash(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(owner, name, real)

@@ -31,7 +31,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import write_sentiment_csv
+from helpers import interrupted_on_call, write_sentiment_csv
 from post.accounting import PrivacyLedger
 from post.cli import main
 
@@ -356,18 +356,8 @@ def test_a_damaged_checkpoint_is_never_trusted(files, tmp_path, monkeypatch, cap
     cfg = TuneConfig(model="tiny-llama", task=str(data), label_words=LW, n_tokens=2, epochs=2, batch_size=8, lr=0.1,
                      test=False, eval_limit=4, checkpoint_every=2, device="cpu")
     full = tune(cfg, tmp_path / "full")
-    real, calls = PromptTrainer.mean_gradient, {"n": 0}
-
-    def crash(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(PromptTrainer, "mean_gradient", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, PromptTrainer, "mean_gradient", 7), pytest.raises(KeyboardInterrupt):
         tune(cfg, tmp_path / "damaged")
-    monkeypatch.setattr(PromptTrainer, "mean_gradient", real)
     ckpt = tmp_path / "damaged" / "checkpoint.safetensors"
     if damage == "truncated":
         ckpt.write_bytes(ckpt.read_bytes()[:-7])

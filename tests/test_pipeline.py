@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import interrupted_on_call
 from post.cli import main
 from post.errors import ConfigError, PostError
 from post.pipeline import _Placeholders, builtin_configs, check_steps, load_pipeline_config, run_pipeline
@@ -141,19 +142,8 @@ def test_interrupted_step_resumes(tmp_path, monkeypatch):
 
     path = tiny_config(tmp_path, modes=["non-private"], undistilled=False, attack=None,
                        baselines=["zero-shot"])
-    calls = {"n": 0}
-    original = t.post_loss
-
-    def dies(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*a, **kw)
-
-    monkeypatch.setattr(t, "post_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, t, "post_loss", 3), pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline_config(path), echo=lambda s: None)
-    monkeypatch.setattr(t, "post_loss", original)
     out = tmp_path / "out"
     assert not (out / "transfer" / "result.json").exists() and (out / "tune-source" / "result.json").exists()
     mtime = (out / "tune-source" / "result.json").stat().st_mtime_ns

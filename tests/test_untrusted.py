@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import write_sentiment_csv
+from helpers import interrupted_on_call, write_sentiment_csv
 from post.accounting import PrivacyLedger, compute_epsilon
 from post.cli import main
 from post.errors import PostError
@@ -419,18 +419,8 @@ def _interrupted_dp(data: Path, out: Path, monkeypatch) -> int:
     """A DP run stopped by a crash after its second checkpoint; returns the checkpoint's step."""
     from post.tune import PromptTrainer
 
-    real = PromptTrainer.dp_gradient
-    calls = {"n": 0}
-
-    def crash(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(PromptTrainer, "dp_gradient", crash)
-    assert main(_dp_args(data, out)) == 130  # what the command answers to Ctrl-C
-    monkeypatch.setattr(PromptTrainer, "dp_gradient", real)
+    with interrupted_on_call(monkeypatch, PromptTrainer, "dp_gradient", 6):
+        assert main(_dp_args(data, out)) == 130  # what the command answers to Ctrl-C
     step = json.loads((out / "checkpoint.json").read_text())["step"]
     assert step == 4 and not (out / "result.json").exists()
     return step
