@@ -155,3 +155,46 @@ def test_impossible_privacy_settings_are_rejected():
         calibrate_noise(target_epsilon=1, delta=1.0, sample_rate=0.01, steps=10)
     with pytest.raises(ConfigError, match="sampling rate"):
         calibrate_noise(target_epsilon=1, delta=1e-5, sample_rate=1.5, steps=10)
+
+
+def test_remembered_sigma_is_reused_but_never_trusted(tmp_path, monkeypatch):
+    """calibrate_noise remembers σ in the cache; a remembered σ whose ε exceeds the target (an edited or
+    stale cache) is ignored and σ searched again."""
+    import json
+
+    monkeypatch.setenv("POST_CACHE_DIR", str(tmp_path))
+    kw = dict(target_epsilon=3.0, delta=1e-5, sample_rate=0.02, steps=50, accountant="rdp")
+    sigma = calibrate_noise(**kw)
+    memo = tmp_path / "accounting" / "calibrations.json"
+    table = json.loads(memo.read_text())
+    assert list(table.values()) == [sigma]
+    assert calibrate_noise(**kw) == sigma
+    table = {k: sigma / 2 for k in table}  # too little noise for ε = 3
+    memo.write_text(json.dumps(table))
+    again = calibrate_noise(**kw)
+    assert again == pytest.approx(sigma, rel=1e-6)
+    assert compute_epsilon(noise_multiplier=again, sample_rate=0.02, steps=50, delta=1e-5, accountant="rdp") <= 3.0
+
+
+def test_dp_shadows_share_one_sigma_calibrated_for_half_the_pool(tmp_path):
+    """Every DP shadow of a LiRA attack trains with the same σ: the one calibrated for a shadow of half
+    the pool with the attack's settings; each shadow's ledger then accounts its own sample rate."""
+    import json
+
+    from helpers import write_sentiment_csv
+    from post.attack import AttackConfig, attack
+
+    data = write_sentiment_csv(tmp_path / "d.csv", n=80)
+    cfg = AttackConfig(model="tiny-llama", task=str(data), label_words="negative=bad;positive=good", n_tokens=2,
+                       max_steps=2, batch_size=4, dp=True, epsilon=8.0, accountant="rdp", shadows=4, pool_size=40,
+                       eval_limit=4, device="cpu")
+    attack(cfg, tmp_path / "attack")
+    ledgers = [json.loads((tmp_path / "attack" / "shadows" / f"shadow-{s:03d}" / "tune" / "privacy.json").read_text())
+               for s in range(4)]
+    expected = calibrate_noise(target_epsilon=8.0, delta=default_delta(20), sample_rate=4 / 20, steps=2,
+                               accountant="rdp")
+    assert {x["noise_multiplier"] for x in ledgers} == {expected}
+    for x in ledgers:
+        assert x["sample_rate"] == pytest.approx(4 / x["dataset_size"])
+        assert x["epsilon"] == pytest.approx(compute_epsilon(noise_multiplier=expected, sample_rate=x["sample_rate"],
+                                                             steps=2, delta=x["delta"], accountant="rdp"))
