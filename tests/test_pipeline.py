@@ -35,6 +35,9 @@ def tiny_config(root, **kw):
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(80)))
     public = root / "public.txt"
     public.write_text("\n".join(["a good day", "bad service", "great flight", "awful delay", "ok trip"] * 8))
+    public_labelled = root / "public-labelled.csv"
+    public_labelled.write_text("text,label\n" + "".join(f"{w} trip {i},{'positive' if i % 2 else 'negative'}\n"
+                                                       for i, w in enumerate(["good", "bad"] * 20)))
     cfg = {
         "out": str(root / "out"), "target": "tiny-llama", "task": str(write_private(root / "private.csv")),
         "label_words": LABEL_WORDS, "public": str(public), "device": "cpu", "max_length": 32,
@@ -47,6 +50,7 @@ def tiny_config(root, **kw):
         "transfer": {"steps": 4, "batch_size": 4, "public_limit": 20, "checkpoint_every": 2},
         "zst": {"steps": 20, "anchors": 32},
         "attack": {"shadows": 4, "pool_size": 16, "max_steps": 2, "batch_size": 2},
+        "reconstruct": {"reference_task": str(public_labelled), "max_n": 3},
     }
     for k, v in kw.items():
         cfg[k] = v
@@ -71,7 +75,8 @@ def test_every_step_runs_and_the_table_is_full(finished):
     assert {"distill", "undistilled", "zero-shot", "tune-source", "tune-source-dp", "tune-target", "tune-target-dp",
             "eval-source", "eval-source-dp", "eval-target", "eval-target-dp", "eval-undistilled-dp",
             "transfer", "transfer-dp", "eval-post", "eval-post-dp", "eval-direct-dp", "zst-dp", "eval-zst-dp",
-            "tune-undistilled", "transfer-undistilled-dp", "attack", "attack-dp"} <= set(steps)
+            "tune-undistilled", "transfer-undistilled-dp", "attack", "attack-dp", "tune-public",
+            "reconstruct"} <= set(steps)
     for name in steps:
         assert (out / name / "result.json").is_file(), name
     cells = list(__import__("csv").DictReader((out / "table" / "table.csv").open()))
@@ -100,6 +105,17 @@ def test_report_is_self_contained(finished):
     assert "| tune-source-dp | user |" in md
     goals = json.loads((root / "out" / "report.json").read_text())["goals"]
     assert {g["dp"] for g in goals} == {False, True}
+    assert "Prompt reconstruction check" in md and "reference (public)" in md
+
+
+def test_reconstruct_reads_every_prompt_against_the_public_control(finished):
+    root, path, result, lines = finished
+    rec = json.loads((root / "out" / "reconstruct" / "result.json").read_text())
+    kinds = [(Path(p["path"]).parent.name, p["reference"]) for p in rec["prompts"]]
+    assert kinds == [("tune-source", False), ("transfer", False), ("tune-source-dp", False), ("transfer-dp", False),
+                     ("tune-public", True)]
+    assert {p["model"] for p in rec["prompts"]} == {"tiny-llama", str(root / "out" / "distill" / "student")}
+    assert rec["private_texts"] > 0 and rec["public_texts"] == 40
 
 
 def test_provider_directories_hold_no_private_text(finished):
@@ -129,7 +145,8 @@ def test_rerun_skips_everything_and_a_change_reruns_only_what_it_affects(finishe
     run_pipeline(load_pipeline_config(path, ["transfer.steps=5"]), echo=lines.append)
     changed = {n for n in result["steps"] if (out / n / "result.json").stat().st_mtime_ns != before[n]}
     assert changed == {"transfer", "transfer-dp", "eval-post", "eval-post-dp", "transfer-undistilled",
-                       "transfer-undistilled-dp", "eval-post-undistilled", "eval-post-undistilled-dp"}
+                       "transfer-undistilled-dp", "eval-post-undistilled", "eval-post-undistilled-dp",
+                       "reconstruct"}  # it reads the transferred prompts
     assert not (out / "table" / "table.md").read_text() == ""
     assert any("transfer " in line and "its options changed" in line for line in lines)
     assert any("eval-post " in line and "its input transfer changed" in line for line in lines)

@@ -42,13 +42,22 @@ class _Parser(ArgumentParser):
         return _SNAKE_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().format_usage())
 
 
+# Commands whose options take several values, each given by repeating the flag (``--prompt a --prompt b``).
+_REPEATED_FLAGS = {"reconstruct": ("prompt", "reference")}
+
+
 def _normalize_flags(argv: Sequence[str]) -> list[str]:
-    """``--max-grad-norm=1`` -> ``--max_grad_norm=1``: jsonargparse names options after fields."""
+    """``--max-grad-norm=1`` -> ``--max_grad_norm=1``: jsonargparse names options after fields.
+
+    A repeatable flag becomes jsonargparse's append form, ``--prompt+ a --prompt+ b``.
+    """
+    repeated = {f for cmd, flags in _REPEATED_FLAGS.items() if cmd in argv for f in flags}
     out = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
+            name = name.replace("-", "_")
+            arg = "--" + name + ("+" if name in repeated else "") + eq + value
         out.append(arg)
     return out
 
@@ -88,10 +97,13 @@ def _stage_commands() -> list[StageCommand]:
 
 
 def _attack_commands() -> list[StageCommand]:
-    from post import attack
+    from post import attack, reconstruct
 
     return [StageCommand("lira", "LiRA membership inference on soft prompts (shadow prompts, ROC, empirical ε).",
-                         attack.AttackConfig, attack.attack, attack.summarize)]
+                         attack.AttackConfig, attack.attack, attack.summarize),
+            StageCommand("reconstruct", "Project prompts onto their nearest tokens and count the private n-grams "
+                         "they reproduce.", reconstruct.ReconstructConfig, reconstruct.reconstruct,
+                         reconstruct.summarize)]
 
 
 def _config_parser(config: type, description: str) -> ArgumentParser:
@@ -155,7 +167,7 @@ def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
     psub = p.add_subcommands(dest=f"{party}_command", required=True)
     for name in names:
         if name == "attack":
-            _add_attack(psub, "Privacy audits: attack lira.")
+            _add_attack(psub, "Privacy audits: attack lira, attack reconstruct.")
         elif name == "serve":
             from post.serve import ServeConfig
 
@@ -181,7 +193,8 @@ def build_parser() -> ArgumentParser:
     fetch.add_argument("--verify", type=bool, default=False,
                        help="Re-hash cached files and repair any that changed.")
     sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
-    _add_attack(sub, "Privacy audits: post attack lira (membership inference on prompts).")
+    _add_attack(sub, "Privacy audits: post attack lira (membership inference on prompts), post attack "
+                "reconstruct (nearest-token reading of prompts).")
     sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
                        help="List built-in models.")
     sub.add_subcommand("datasets", _Parser(description="List built-in datasets.", exit_on_error=False),
@@ -191,9 +204,11 @@ def build_parser() -> ArgumentParser:
 
 def _build_config(config: type, ns: Any) -> Any:
     values = {f.name: ns.get(f.name) for f in dataclasses.fields(config) if f.init}
-    for key in ("cache_dir", "prompt", "train_indices"):  # jsonargparse leaves Path | None values as str
+    for key in ("cache_dir", "prompt", "train_indices", "reference"):  # jsonargparse leaves paths as str
         if isinstance(values.get(key), str):
             values[key] = Path(values[key])
+        elif isinstance(values.get(key), list):
+            values[key] = [Path(v) for v in values[key]]
     return config(**values)
 
 

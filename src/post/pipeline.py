@@ -19,6 +19,8 @@ eval-direct[-dp]          user        Φt with ps as it is                      
 zst[-dp], eval-zst[-dp]   provider    zero-shot continuous prompt transfer     (ZST)
 …-undistilled[-dp]        both        tune on the undistilled layers, transfer, evaluate
 attack[-dp]               user        LiRA on prompts tuned like ps
+tune-public, reconstruct  user        nearest-token reading of every prompt vs a control
+                                      prompt tuned on public data (optional)
 table, report             both        the results table and the HTML/Markdown report
 ========================  ==========  =====================================================
 
@@ -52,7 +54,8 @@ from post.rundir import RESULT_FILE, read_json, read_result, to_plain, write_jso
 log = logging.getLogger(__name__)
 
 STATE_FILE = "pipeline.json"
-SECTIONS = ("distill", "tune", "tune_target", "dp", "transfer", "zst", "evaluate", "attack")
+SECTIONS = ("distill", "tune", "tune_target", "dp", "transfer", "zst", "evaluate", "attack", "reconstruct")
+OPTIONAL_SECTIONS = ("attack", "reconstruct")  # null skips the step
 MODES = ("non-private", "dp")
 
 
@@ -79,8 +82,11 @@ class PipelineConfig(TaskOptions, ModelOptions):
         transfer: Options of post transfer.
         zst: Options of post zst.
         evaluate: Options of the test-split evaluations (limit, batch_size).
-        attack: Options of post attack lira (shadows, pool_size, workers, ...); empty mapping to skip
-            with ``attack: null``.
+        attack: Options of post attack lira (shadows, pool_size, workers, ...); ``attack: null`` skips it.
+        reconstruct: Options of post attack reconstruct (top_k, max_n, ...) plus ``reference_task``,
+            the public labelled set the control prompt is tuned on (default: ``public``), and
+            ``reference_label_words`` (default: ``label_words``; give the set's own words when its
+            classes differ); ``null`` (the default) skips the check.
     """
 
     out: Path = Path("runs/pipeline")
@@ -101,6 +107,7 @@ class PipelineConfig(TaskOptions, ModelOptions):
     zst: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     attack: dict[str, Any] | None = field(default_factory=dict)
+    reconstruct: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         TaskOptions.__post_init__(self)
@@ -113,7 +120,7 @@ class PipelineConfig(TaskOptions, ModelOptions):
         require(not bad, "baselines", f"unknown {bad}; choose from {', '.join(known)}.")
         for name in SECTIONS:
             value = getattr(self, name)
-            require(value is None and name == "attack" or isinstance(value, Mapping), name,
+            require(value is None and name in OPTIONAL_SECTIONS or isinstance(value, Mapping), name,
                     f"must be a mapping of options, got {type(value).__name__}.")
 
 
@@ -212,7 +219,8 @@ def _make(config_cls: type, section: str, values: Mapping[str, Any]) -> Any:
 
 
 _COMMAND = {"distill": "distill", "tune": "tune", "tune_target": "tune", "dp": "tune", "transfer": "transfer",
-            "zst": "zst", "evaluate": "evaluate", "attack": "attack lira", "student": "student"}
+            "zst": "zst", "evaluate": "evaluate", "attack": "attack lira", "student": "student",
+            "reconstruct": "attack reconstruct"}
 
 
 def _common(cfg: PipelineConfig) -> dict[str, Any]:
@@ -336,7 +344,42 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
 
             steps.append(Step(f"attack{sfx}", "user", "attack-lira", attack_build, attack.attack, src_deps,
                               f"LiRA on prompts tuned like ps ({mode})"))
+    if cfg.reconstruct is not None:
+        steps += _reconstruct_steps(cfg, student_dir, src_deps)
     return steps
+
+
+def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dict[str, Any]]], str],
+                       src_deps: list[str]) -> list[Step]:
+    """A control prompt tuned like ps on public labelled data, then the nearest-token check of every prompt."""
+    from post import reconstruct, tune
+    from post.resolve import load_task
+
+    common = _common(cfg)
+    opts = _section(cfg, "reconstruct")
+    reference_task = opts.pop("reference_task", cfg.public)
+    # The control is asked like ps by default; a reference set with other classes names its own words.
+    reference_words = opts.pop("reference_label_words", cfg.label_words)
+    tune_opts = _section(cfg, "tune")
+
+    def tune_public_build(r: dict[str, dict[str, Any]]) -> Any:
+        # As many examples as ps was tuned on, so the control takes as many steps.
+        limit = tune_opts.get("train_limit") or len(load_task(cfg).split("train"))
+        return _make(tune.TuneConfig, "tune", {
+            **common, "task": reference_task, "label_words": reference_words, "max_length": cfg.max_length, "split_seed": cfg.split_seed,
+            "seed": cfg.seed, **tune_opts, "train_limit": limit, "dp": False, "model": student_dir(r), "test": False})
+
+    tune_public = Step("tune-public", "user", "tune", tune_public_build, tune.tune, src_deps,
+                       "control prompt tuned like ps on public labelled data")
+    prompts = [f"{stage}{'-dp' if mode == 'dp' else ''}" for mode in cfg.modes for stage in ("tune-source", "transfer")]
+
+    def build(r: dict[str, dict[str, Any]]) -> Any:
+        return _make(reconstruct.ReconstructConfig, "reconstruct", {
+            **common, **_task_opts(cfg), "prompt": [Path(r[p]["prompt"]) for p in prompts],
+            "reference": [Path(r["tune-public"]["prompt"])], "public": cfg.public, **opts})
+
+    return [tune_public, Step("reconstruct", "user", "attack-reconstruct", build, reconstruct.reconstruct,
+                              ["tune-public", *prompts], "nearest-token reading of every prompt vs the control")]
 
 
 class _Placeholders(dict):

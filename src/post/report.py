@@ -221,6 +221,12 @@ def write_report(out: str | Path) -> Path:
                               f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
                               f"{o['epsilon_lower_bound']:.2f} | {eps} |")
         md.append("")
+    if (recon := _maybe(out / "reconstruct")) is not None:
+        from post.reconstruct import markdown as reconstruct_md
+
+        md += ["Prompt reconstruction check (each prompt vector read as its nearest vocabulary token; cells: "
+               "n-grams found in the private texts / projected / found in no public text, init text or template):",
+               "", *reconstruct_md(recon).splitlines()[2:]]
     if distill:
         t, u, d = distill["teacher_quality"], distill["undistilled_quality"], distill["distilled_quality"]
         md += ["## Distillation", "",
