@@ -183,6 +183,15 @@ def test_config_errors_name_the_option(tmp_path):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_run_takes_its_options_before_or_after_the_overrides():
+    from post.cli import _run_options_first
+
+    expected = ["run", "--out", "d", "--only=x", "demo", "a=1", "b.c=2"]
+    assert _run_options_first(["run", "demo", "a=1", "--out", "d", "b.c=2", "--only=x"]) == expected
+    assert _run_options_first(["run", "--out", "d", "--only=x", "demo", "a=1", "b.c=2"]) == expected
+    assert _run_options_first(["tune", "--out", "d"]) == ["tune", "--out", "d"]
+
+
 def test_shipped_configs_parse_and_resolve(tmp_path):
     from post.data import list_datasets
     from post.models import BUILTIN_MODELS

@@ -296,11 +296,35 @@ def _setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every local load
 
 
+_RUN_OPTIONS = ("--out", "--only")
+
+
+def _run_options_first(argv: list[str]) -> list[str]:
+    """``post run CONFIG k=v --out DIR k=v`` -> ``post run --out DIR CONFIG k=v k=v``.
+
+    argparse stops reading a ``nargs="*"`` positional at the first option, so overrides given after
+    ``--out`` would be refused; the README writes options after the overrides.
+    """
+    if not argv or argv[0] != "run":
+        return argv
+    options, rest, i = [], [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _RUN_OPTIONS and i + 1 < len(argv):
+            options += argv[i:i + 2]
+            i += 2
+            continue
+        (options if arg.startswith(tuple(o + "=" for o in _RUN_OPTIONS)) or arg in ("-h", "--help") else rest
+         ).append(arg)
+        i += 1
+    return [argv[0], *options, *rest]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``post`` command; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    args = _normalize_flags([a for a in args if a != "--debug"])
+    args = _run_options_first(_normalize_flags([a for a in args if a != "--debug"]))
     try:
         parser = build_parser()
         try:
