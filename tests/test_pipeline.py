@@ -106,6 +106,7 @@ def test_report_is_self_contained(finished):
     goals = json.loads((root / "out" / "report.json").read_text())["goals"]
     assert {g["dp"] for g in goals} == {False, True}
     assert "Prompt reconstruction check" in md and "reference (public)" in md
+    assert "- `transfer-dp`: matched full-vocabulary distributions (the paper's loss), α = " in md
 
 
 def test_reconstruct_reads_every_prompt_against_the_public_control(finished):

@@ -168,6 +168,22 @@ def _yes(v: Any) -> str:
     return "–" if v is None else ("yes" if v is True else "no" if v is False else f"{100 * v:.0f}%")
 
 
+_LOSS = {"vocab": "full-vocabulary distributions (the paper's loss)",
+         "label-words": "class distributions over the label words"}
+
+
+def _transfer_lines(out: Path) -> list[str]:
+    """How each POST cell's prompt was transferred: the loss, α and its source, steps, public texts."""
+    lines = []
+    for name in ("transfer", "transfer-dp", "transfer-undistilled", "transfer-undistilled-dp"):
+        if (r := _maybe(out / name)) is None:
+            continue
+        lines.append(f"- `{name}`: matched {_LOSS.get(r.get('mode'), r.get('mode'))}, α = {float(r['alpha']):.2f} "
+                     f"({r.get('alpha_source', 'given')}), {r['steps']} steps on {r['public_texts']} public texts "
+                     f"of `{r['public']}`")
+    return ["Transfers:", "", *lines, ""] if lines else []
+
+
 def write_report(out: str | Path) -> Path:
     """Write ``report.html`` and ``report.md`` for a pipeline directory; return the HTML path."""
     out = Path(out)
@@ -193,6 +209,7 @@ def write_report(out: str | Path) -> Path:
                      f"`{summary.get('public')}`; all steps together took {_fmt_s(compute)} (this last "
                      f"invocation {_fmt_s(summary.get('seconds'))}; finished steps are not run again).", "",
                      "## Results", "", table_md, ""]
+    md += _transfer_lines(out)
     if goal_rows:
         md += ["## Goals", "", "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
                "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
