@@ -169,11 +169,13 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
         raise PostError(f"the training split has {len(pool)} examples; the attack needs at least 4.")
     masks = balanced_masks(len(pool), cfg.shadows, cfg.seed)
     if cfg.dp and cfg.noise_multiplier is None:
-        # Every shadow trains with one σ, calibrated for a shadow's nominal size (half the pool): the
-        # same noise for all (one training recipe), and one accountant search instead of one per shadow.
+        # Every shadow trains with one σ (one training recipe, one accountant search instead of one per
+        # shadow), calibrated for the smallest shadow: its sample rate is the highest, so no shadow spends
+        # more than the ε under attack (calibrating for half the pool let a smaller shadow exceed it).
         from post.tune import make_plan
 
-        plan = make_plan(_tune_config(cfg, run.path / "unused.json", cfg.seed), len(pool) // 2)
+        smallest = int(masks.sum(axis=0).min())
+        plan = make_plan(_tune_config(cfg, run.path / "unused.json", cfg.seed), smallest)
         cfg = dataclasses.replace(cfg, noise_multiplier=plan.ledger.noise_multiplier)  # type: ignore[union-attr]
     write_json(run.path / "membership.json", {"pool": pool, "in": masks.astype(int).tolist()})
     shadows_dir = run.path / "shadows"
