@@ -366,8 +366,9 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
         # As many examples as ps was tuned on, so the control takes as many steps.
         limit = tune_opts.get("train_limit") or len(load_task(cfg).split("train"))
         return _make(tune.TuneConfig, "tune", {
-            **common, "task": reference_task, "label_words": reference_words, "max_length": cfg.max_length, "split_seed": cfg.split_seed,
-            "seed": cfg.seed, **tune_opts, "train_limit": limit, "dp": False, "model": student_dir(r), "test": False})
+            **common, "task": reference_task, "label_words": reference_words, "max_length": cfg.max_length,
+            "split_seed": cfg.split_seed, "seed": cfg.seed, **tune_opts, "train_limit": limit, "dp": False,
+            "model": student_dir(r), "test": False})
 
     tune_public = Step("tune-public", "user", "tune", tune_public_build, tune.tune, src_deps,
                        "control prompt tuned like ps on public labelled data")
