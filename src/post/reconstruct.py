@@ -226,7 +226,7 @@ def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> dict[str, Any]:
                "ngrams": counts, "longest_run": longest_run(top1, private, docs)}
         run.log(prompt=str(path), reference=is_reference, mean_top1_cosine=row["mean_top1_cosine"],
                 longest_run=row["longest_run"],
-                private_only=sum(c["private_only"] for n, c in counts.items() if int(n) >= 2))
+                private_only=private_only_multigrams(counts))
         rows.append(row)
     result = {"task": cfg.task, "split": cfg.split, "private_texts": len(private_texts),
               "public": cfg.public, "public_texts": len(public_texts), "max_n": cfg.max_n, "prompts": rows,
@@ -235,13 +235,15 @@ def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> dict[str, Any]:
     return run.finish(result)
 
 
+def private_only_multigrams(counts: dict[str, dict[str, int]]) -> int:
+    """Private-only n-grams with n ≥ 2, from :func:`reproduction`'s counts (single words prove little)."""
+    return sum(c["private_only"] for n, c in counts.items() if int(n) >= 2)
+
+
 def verdict(rows: Sequence[dict[str, Any]]) -> str:
     """One line: do the private prompts reproduce more private-only n-grams (n ≥ 2) than the references?"""
-    def multi(row: dict[str, Any]) -> int:
-        return sum(c["private_only"] for n, c in row["ngrams"].items() if int(n) >= 2)
-
-    mine = [multi(r) for r in rows if not r["reference"]]
-    refs = [multi(r) for r in rows if r["reference"]]
+    mine = [private_only_multigrams(r["ngrams"]) for r in rows if not r["reference"]]
+    refs = [private_only_multigrams(r["ngrams"]) for r in rows if r["reference"]]
     if not refs:
         return (f"private prompts reproduce at most {max(mine)} private-only n-grams (n ≥ 2); no reference prompt "
                 "was given to compare with.")
