@@ -118,3 +118,15 @@ def test_cli_and_bad_inputs(files, tmp_path, capsys):
         _config(files, files["leaky"], top_k=0)
     with pytest.raises(PostError, match="tuned on"):  # a prompt from another model is refused
         reconstruct(_config(files, files["leaky"], model="tiny-gpt2"), tmp_path / "other")
+
+
+def test_repeatable_flags_key_on_the_command_words_not_on_values():
+    from post.cli import _normalize_flags
+
+    assert _normalize_flags(["attack", "reconstruct", "--prompt", "a", "--prompt", "b"]) == [
+        "attack", "reconstruct", "--prompt+", "a", "--prompt+", "b"]
+    assert _normalize_flags(["user", "attack", "reconstruct", "--top-k=3"]) == [
+        "user", "attack", "reconstruct", "--top_k=3"]
+    # "reconstruct" as a path value of another command leaves its --prompt single-valued
+    assert _normalize_flags(["evaluate", "--prompt", "reconstruct", "--model", "m"]) == [
+        "evaluate", "--prompt", "reconstruct", "--model", "m"]

@@ -51,7 +51,12 @@ def _normalize_flags(argv: Sequence[str]) -> list[str]:
 
     A repeatable flag becomes jsonargparse's append form, ``--prompt+ a --prompt+ b``.
     """
-    repeated = {f for cmd, flags in _REPEATED_FLAGS.items() if cmd in argv for f in flags}
+    words = []  # the command words (``attack reconstruct``, ``user attack reconstruct``) before any flag
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    repeated = {f for cmd, flags in _REPEATED_FLAGS.items() if cmd in words for f in flags}
     out = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
