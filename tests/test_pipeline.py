@@ -117,6 +117,11 @@ def test_reconstruct_reads_every_prompt_against_the_public_control(finished):
                      ("tune-public", True)]
     assert {p["model"] for p in rec["prompts"]} == {"tiny-llama", str(root / "out" / "distill" / "student")}
     assert rec["private_texts"] > 0 and rec["public_texts"] == 40
+    # the control is tuned on as many (public) examples as ps was on private ones, so as many steps
+    # (capped by what the public set holds)
+    ps = json.loads((root / "out" / "tune-source" / "result.json").read_text())
+    asked = yaml.safe_load((root / "out" / "tune-public" / "config.yaml").read_text())
+    assert asked["train_limit"] == ps["n_train"] == 96
 
 
 def test_provider_directories_hold_no_private_text(finished):

@@ -353,7 +353,6 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
                        src_deps: list[str]) -> list[Step]:
     """A control prompt tuned like ps on public labelled data, then the nearest-token check of every prompt."""
     from post import reconstruct, tune
-    from post.resolve import load_task
 
     common = _common(cfg)
     opts = _section(cfg, "reconstruct")
@@ -362,15 +361,17 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
     reference_words = opts.pop("reference_label_words", cfg.label_words)
     tune_opts = _section(cfg, "tune")
 
+    first_ps = "tune-source" + ("-dp" if cfg.modes[0] == "dp" else "")
+
     def tune_public_build(r: dict[str, dict[str, Any]]) -> Any:
         # As many examples as ps was tuned on, so the control takes as many steps.
-        limit = tune_opts.get("train_limit") or len(load_task(cfg).split("train"))
+        limit = r[first_ps]["n_train"]
         return _make(tune.TuneConfig, "tune", {
             **common, "task": reference_task, "label_words": reference_words, "max_length": cfg.max_length,
             "split_seed": cfg.split_seed, "seed": cfg.seed, **tune_opts, "train_limit": limit, "dp": False,
             "model": student_dir(r), "test": False})
 
-    tune_public = Step("tune-public", "user", "tune", tune_public_build, tune.tune, src_deps,
+    tune_public = Step("tune-public", "user", "tune", tune_public_build, tune.tune, [*src_deps, first_ps],
                        "control prompt tuned like ps on public labelled data")
     prompts = [f"{stage}{'-dp' if mode == 'dp' else ''}" for mode in cfg.modes for stage in ("tune-source", "transfer")]
 
@@ -388,7 +389,7 @@ class _Placeholders(dict):
 
     def __missing__(self, name: str) -> dict[str, Any]:
         return {"student_dir": f"<{name}>", "model_dir": f"<{name}>", "prompt": f"<{name}>.safetensors",
-                "accuracy": 0.5}
+                "accuracy": 0.5, "n_train": 2}
 
 
 def check_steps(cfg: PipelineConfig) -> list[Step]:
