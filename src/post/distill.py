@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from post import progress
 from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, require
 from post.corpus import load_texts
@@ -260,10 +261,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
         log.info("distilling %s into layers %s on %d blocks of %d tokens, %d steps, %d process(es)",
                  cfg.teacher, keep, len(train), cfg.block_size, cfg.max_steps, acc.num_processes)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", unit="step", leave=False,
-               disable=not main_process or None)
+    bar = progress.steps(cfg.max_steps, initial=start, desc="distill", enabled=main_process)
     t0 = time.perf_counter()
     per_epoch = len(train) // cfg.batch_size
     for step in range(start, cfg.max_steps):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from post import progress
 from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, require
 from post.corpus import load_texts
@@ -236,10 +237,7 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     watch = _Watch(cfg, target, task) if cfg.watch_task else None
     if watch is not None and start == 0:
         curve.append(watch.point(0, pt, run))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="transfer", unit="step", leave=False,
-               disable=not main_process or None)
+    bar = progress.steps(cfg.steps, initial=start, desc="transfer", enabled=main_process)
     t1 = time.perf_counter()
     n = len(texts)
     for step in range(start, cfg.steps):

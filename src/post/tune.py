@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from post import progress
 from post.accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise, check_privacy_params, default_delta
 from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, TaskOptions, require
@@ -336,9 +337,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     if start == 0 and not history:
         history.append(validate(0))
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.total_steps, initial=start, desc="tune", unit="step", leave=False)
+    bar = progress.steps(plan.total_steps, initial=start, desc="tune")
     n = plan.n_train
     reserve(start)
     for step in range(start, plan.total_steps):
