@@ -49,6 +49,7 @@ import yaml
 
 from post.config import ModelOptions, TaskOptions, require
 from post.errors import ConfigError, PostError
+from post.progress import duration
 from post.rundir import RESULT_FILE, read_json, read_result, to_plain, write_json
 
 log = logging.getLogger(__name__)
@@ -406,11 +407,6 @@ def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Callable[[str], None] | None = None
                  ) -> dict[str, Any]:
     """Run (or resume) every step; write the table and the report; return the pipeline's result."""
@@ -470,7 +466,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         results[step.name] = step.run(config, d)
         took = time.perf_counter() - t0
         timings[step.name] = {"party": step.party, "seconds": round(took, 3), "skipped": False}
-        say(f"{'':7} {step.name:<24} finished in {_fmt(took)} (pipeline {_fmt(time.perf_counter() - t_start)})")
+        say(f"{'':7} {step.name:<24} finished in {duration(took)} (pipeline {duration(time.perf_counter() - t_start)})")
     stale = sorted(set(keys) - set(new_keys))
     for name in stale:  # a step this config no longer asks for: its results would mislead the table
         if (out / name).exists():

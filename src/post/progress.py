@@ -31,7 +31,7 @@ class _Lines:
         took = time.perf_counter() - self.t0
         rate = took / max(done, 1)
         log.info("%s: step %d/%d, %.2f s/step, %s left", self.desc, self.n, self.total, rate,
-                 _fmt(rate * (self.total - self.n)))
+                 duration(rate * (self.total - self.n)))
 
     def close(self) -> None:
         pass
@@ -45,7 +45,8 @@ class _Silent:
         pass
 
 
-def _fmt(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``9`` -> ``9s``."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
