@@ -175,33 +175,3 @@ def test_remembered_sigma_is_reused_but_never_trusted(tmp_path, monkeypatch):
     assert again == pytest.approx(sigma, rel=1e-6)
     assert compute_epsilon(noise_multiplier=again, sample_rate=0.02, steps=50, delta=1e-5, accountant="rdp") <= 3.0
 
-
-def test_dp_shadows_share_one_sigma_calibrated_for_the_smallest_shadow(tmp_path):
-    """Every DP shadow of a LiRA attack trains with the same σ: the one calibrated for the smallest shadow
-    with the attack's settings, so no shadow's ledger exceeds the ε under attack; each ledger accounts its
-    own sample rate."""
-    import json
-
-    import numpy as np
-
-    from helpers import write_sentiment_csv
-    from post.attack import AttackConfig, attack, balanced_masks
-
-    data = write_sentiment_csv(tmp_path / "d.csv", n=80)
-    cfg = AttackConfig(model="tiny-llama", task=str(data), label_words="negative=bad;positive=good", n_tokens=2,
-                       max_steps=2, batch_size=4, dp=True, epsilon=8.0, accountant="rdp", shadows=4, pool_size=40,
-                       eval_limit=4, device="cpu")
-    attack(cfg, tmp_path / "attack")
-    ledgers = [json.loads((tmp_path / "attack" / "shadows" / f"shadow-{s:03d}" / "tune" / "privacy.json").read_text())
-               for s in range(4)]
-    sizes = balanced_masks(40, 4, cfg.seed).sum(axis=0)
-    smallest = int(np.min(sizes))
-    assert sorted(x["dataset_size"] for x in ledgers) == sorted(sizes.tolist())
-    expected = calibrate_noise(target_epsilon=8.0, delta=default_delta(smallest), sample_rate=4 / smallest, steps=2,
-                               accountant="rdp")
-    assert {x["noise_multiplier"] for x in ledgers} == {expected}
-    for x in ledgers:
-        assert x["sample_rate"] == pytest.approx(4 / x["dataset_size"])
-        assert x["epsilon"] == pytest.approx(compute_epsilon(noise_multiplier=expected, sample_rate=x["sample_rate"],
-                                                             steps=2, delta=x["delta"], accountant="rdp"))
-        assert x["epsilon"] <= 8.0 + 1e-9

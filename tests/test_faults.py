@@ -14,6 +14,7 @@ stages (a fork server), so that each costs milliseconds to start instead of seco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -249,19 +250,29 @@ def _tune_args(data: Path, *extra: str) -> list[str]:
 def test_tune_survives_sigkill(files, forks, tmp_path, dp):
     root, data, _ = files
     args = _tune_args(data, *(["--dp", "true", "--epsilon", "4", "--accountant", "rdp", "--epochs", "8"] if dp else []))
-    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
     log = run_with_kills(forks, args, tmp_path / "killed", kills=3, seed=11 if dp else 10, dp=dp)
     _record("tune (DP)" if dp else "tune", log)
     assert log.kills >= 2
+    # A default DP run's noise is secret: its uninterrupted twin replays it with the seed from its checkpoint.
+    twin = ["--dp-seed", str(_secret_seed(tmp_path / "killed"))] if dp else []
+    assert main([*args, *twin, "--out", str(tmp_path / "clean")]) == 0
     a = load_file(str(tmp_path / "clean" / "prompt.safetensors"))["prompt"]
     b = load_file(str(tmp_path / "killed" / "prompt.safetensors"))["prompt"]
     assert torch.equal(a, b)
-    _same_result(tmp_path / "clean", tmp_path / "killed")
     if dp:
         la = PrivacyLedger.from_dict(json.loads((tmp_path / "clean" / "privacy.json").read_text()))
         lb = PrivacyLedger.from_dict(json.loads((tmp_path / "killed" / "privacy.json").read_text()))
         assert lb.steps == lb.planned_steps == la.steps  # every step accounted, none twice
-        assert lb == la and lb.epsilon == la.epsilon
+        assert (la.randomness, lb.randomness) == ("seeded", "secret")
+        assert dataclasses.replace(lb, randomness="seeded") == la and lb.epsilon == la.epsilon
+    else:
+        _same_result(tmp_path / "clean", tmp_path / "killed")
+
+
+def _secret_seed(run_dir: Path) -> int:
+    from post.tune import _secret_from
+
+    return _secret_from(load_file(str(run_dir / "checkpoint.safetensors"))["t.dp_secret"])
 
 
 def test_distill_survives_sigkill(files, forks, tmp_path):
@@ -302,7 +313,7 @@ def test_attack_shadows_survive_sigkill(files, forks, tmp_path, dp):
     args = ["attack", "lira", "--model", "tiny-llama", "--task", str(data), "--label-words", LW, "--shadows", "4",
             "--pool-size", "16", "--n-tokens", "2", "--epochs", "3", "--batch-size", "2", "--lr", "0.1",
             "--eval-limit", "2", "--eval-every", "100", "--checkpoint-every", "1", "--device", "cpu",
-            *(["--dp", "true", "--noise-multiplier", "1.0", "--accountant", "rdp"] if dp else [])]
+            *(["--dp", "true", "--noise-multiplier", "1.0", "--accountant", "rdp", "--dp-seed", "7"] if dp else [])]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
     log = run_with_kills(forks, args, tmp_path / "killed", kills=3, seed=41 if dp else 40, dp=dp)
     _record("attack shadows (DP)" if dp else "attack shadows", log)

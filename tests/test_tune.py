@@ -56,26 +56,64 @@ def test_dp_run_writes_a_ledger_that_recomputes(data_csv, tmp_path):
     ledger = PrivacyLedger.from_dict(json.loads((tmp_path / "privacy.json").read_text()))
     assert ledger.steps == ledger.planned_steps == result["steps"]
     assert ledger.epsilon == pytest.approx(8.0, abs=0.01) and ledger.epsilon <= 8.0 + 1e-9
-    assert ledger.delta < 1 / result["n_train"]
+    assert ledger.delta <= 0.1 / result["n_train"]  # δ ≪ 1/N by default
     assert ledger.recompute_epsilon() == pytest.approx(result["epsilon"])
+    assert ledger.randomness == "secret"
     pf = read_prompt(tmp_path / "prompt.safetensors")
-    assert pf.meta["privacy"] == ledger.to_dict()
+    assert pf.meta["privacy"] == ledger.public() and "dataset_size" not in pf.meta["privacy"]
+    assert PrivacyLedger.from_dict(pf.meta["privacy"]).epsilon == ledger.epsilon  # the provider can recompute ε
 
 
-def test_same_seed_same_prompt_other_seed_other_noise(data_csv, tmp_path):
+def test_dp_runs_log_no_loss_or_batch_size(data_csv, tmp_path):
+    tune(config(data_csv, dp=True, noise_multiplier=1.0, epochs=1), tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines and not any("loss" in x or "batch" in x for x in lines)
+
+
+def test_default_dp_runs_on_identical_inputs_give_different_prompts(data_csv, tmp_path):
+    """The DP noise is secret: re-running the public code on the same data does not replay it."""
     kw = dict(dp=True, noise_multiplier=1.0, epochs=1)
     a = tune(config(data_csv, **kw), tmp_path / "a")
     b = tune(config(data_csv, **kw), tmp_path / "b")
-    c = tune(config(data_csv, seed=1, **kw), tmp_path / "c")
+    assert not torch.allclose(read_prompt(a["prompt"]).tensor, read_prompt(b["prompt"]).tensor)
+
+
+def test_explicit_dp_seed_replays_and_says_the_guarantee_does_not_hold_against_its_holder(data_csv, tmp_path):
+    kw = dict(dp=True, noise_multiplier=1.0, epochs=1)
+    a = tune(config(data_csv, dp_seed=5, **kw), tmp_path / "a")
+    b = tune(config(data_csv, dp_seed=5, **kw), tmp_path / "b")
+    c = tune(config(data_csv, dp_seed=6, **kw), tmp_path / "c")
     pa, pb, pc = (read_prompt(r["prompt"]).tensor for r in (a, b, c))
     assert torch.equal(pa, pb)
     assert not torch.allclose(pa, pc)
+    ledger = PrivacyLedger.from_dict(read_prompt(a["prompt"]).meta["privacy"])
+    assert ledger.randomness == "seeded" and not ledger.holds_against_seed_holders
+
+
+def test_secure_mode_runs_and_is_not_replayable(data_csv, tmp_path):
+    kw = dict(dp=True, noise_multiplier=1.0, epochs=1, secure_mode=True)
+    a = tune(config(data_csv, **kw), tmp_path / "a")
+    b = tune(config(data_csv, **kw), tmp_path / "b")
+    assert not torch.allclose(read_prompt(a["prompt"]).tensor, read_prompt(b["prompt"]).tensor)
+    assert read_prompt(a["prompt"]).meta["privacy"]["randomness"] == "secure"
+    with pytest.raises(PostError, match="dp_seed|dp-seed"):
+        config(data_csv, secure_mode=True, dp_seed=1, dp=True)
+
+
+def _secret_seed(run_dir):
+    """The secret DP seed a run keeps in its private checkpoint."""
+    from safetensors.torch import load_file
+
+    from post.tune import _secret_from
+
+    return _secret_from(load_file(str(run_dir / "checkpoint.safetensors"))["t.dp_secret"])
 
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_killed_run_resumes_to_the_same_prompt(data_csv, tmp_path, monkeypatch, dp):
+    """A killed default DP run resumes with the secret seed from its checkpoint: the prompt is exactly the one
+    an uninterrupted run with that seed gives."""
     kw = dict(dp=dp, noise_multiplier=0.5 if dp else None, epochs=2)
-    full = tune(config(data_csv, **kw), tmp_path / "full")
     method = "dp_gradient" if dp else "mean_gradient"
     original = getattr(PromptTrainer, method)
     calls = {"n": 0}
@@ -92,9 +130,46 @@ def test_killed_run_resumes_to_the_same_prompt(data_csv, tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 14
     assert not (tmp_path / "resumed" / "result.json").exists()
     monkeypatch.setattr(PromptTrainer, method, original)
+    twin = dict(dp_seed=_secret_seed(tmp_path / "resumed")) if dp else {}
+    full = tune(config(data_csv, **kw, **twin), tmp_path / "full")
     resumed = tune(config(data_csv, **kw), tmp_path / "resumed")
     assert torch.equal(read_prompt(full["prompt"]).tensor, read_prompt(resumed["prompt"]).tensor)
     assert resumed["epsilon"] == full["epsilon"]
+
+
+def test_prompt_file_holds_no_seed_private_accuracy_path_or_n(data_csv, tmp_path):
+    """Every byte of a DP prompt file's metadata is in the 'what leaves the user' list."""
+    from safetensors import safe_open
+
+    from post.prompt import LEAVES_USER, LEDGER_KEYS, MODEL_KEYS, TASK_KEYS
+
+    out = tmp_path / "run"
+    tune(config(data_csv, dp=True, noise_multiplier=1.0, epochs=1), out)
+    with safe_open(str(out / "prompt.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    assert set(header) == {"post"}
+    raw = header["post"]
+    meta = json.loads(raw)
+    assert set(meta) <= set(LEAVES_USER)
+    assert set(meta["model"]) <= MODEL_KEYS and set(meta["task"]) <= TASK_KEYS
+    assert set(meta["privacy"]) <= LEDGER_KEYS
+    secret = _secret_seed(out)
+    assert str(secret) not in raw and str(secret) not in (out / "result.json").read_text()
+    assert str(secret) not in (out / "metrics.jsonl").read_text()
+    assert str(tmp_path) not in raw and str(data_csv) not in raw and "sentiment.csv" not in raw
+    for key in ("val_accuracy", "test_accuracy", "accuracy", "measured", "dataset_size", "n_train", "seed"):
+        assert key not in raw
+
+
+def test_a_prompt_file_with_extra_fields_is_refused_on_write_and_read(data_csv, tmp_path):
+    from post.prompt import check_leaves_user
+
+    with pytest.raises(PostError, match="must not leave the user"):
+        check_leaves_user({"format": "x", "measured": {"val_accuracy": 0.8}})
+    with pytest.raises(PostError, match="must not leave the user"):
+        check_leaves_user({"privacy": {"dataset_size": 3200}})
+    with pytest.raises(PostError, match="local path"):
+        check_leaves_user({"model": {"name": "/home/me/runs/student"}})
 
 
 def test_finished_run_is_not_redone_and_other_settings_are_refused(nonprivate, data_csv):

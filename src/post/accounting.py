@@ -20,6 +20,7 @@ from post.errors import ConfigError, PostError
 
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
+RANDOMNESS: tuple[str, ...] = ("secret", "secure", "seeded")
 
 # dp-accounting's RDP code logs a warning per order that fails to converge; the orders are
 # simply excluded, which is safe (the bound only gets looser).
@@ -157,9 +158,14 @@ class PrivacyLedger:
         planned_steps: Steps σ was calibrated for.
         delta: δ.
         accountant: pld or rdp (dp-accounting).
-        dataset_size: N, private training examples.
+        dataset_size: N, private training examples (None in the copy that leaves the user, see
+            :meth:`public`: ε needs only q).
         target_epsilon: ε asked for (None when σ was given directly).
         epsilon: ε spent after ``steps`` steps, as computed by the accountant.
+        randomness: where sampling and noise came from: ``secret`` (a seed from OS entropy, kept only
+            in the user's checkpoint), ``secure`` (the OS CSPRNG, Mironov-hardened sums) or
+            ``seeded`` (an explicit --dp-seed: the guarantee does not hold against anyone who knows
+            it, since they can replay every draw).
     """
 
     noise_multiplier: float
@@ -169,9 +175,10 @@ class PrivacyLedger:
     planned_steps: int
     delta: float
     accountant: str
-    dataset_size: int
+    dataset_size: int | None
     target_epsilon: float | None
     epsilon: float
+    randomness: str = "secret"
 
     def recompute_epsilon(self) -> float:
         return compute_epsilon(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
@@ -185,6 +192,15 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """The ledger as it leaves the user (in the prompt file): without the training-set size N."""
+        return {k: v for k, v in asdict(self).items() if k != "dataset_size"}
+
+    @property
+    def holds_against_seed_holders(self) -> bool:
+        """False for a run seeded with an explicit --dp-seed: whoever knows it can replay the noise."""
+        return self.randomness != "seeded"
 
     def _malformed(self) -> str | None:
         """What is wrong with the fields' types or ranges, or None."""
@@ -203,7 +219,8 @@ class PrivacyLedger:
             "planned_steps": count(self.planned_steps),
             "delta": number(self.delta) and 0 < self.delta < 1,
             "accountant": self.accountant in ACCOUNTANTS,
-            "dataset_size": count(self.dataset_size) and self.dataset_size >= 1,
+            "dataset_size": self.dataset_size is None or (count(self.dataset_size) and self.dataset_size >= 1),
+            "randomness": self.randomness in RANDOMNESS,
             "target_epsilon": self.target_epsilon is None or (number(self.target_epsilon) and self.target_epsilon > 0),
             "epsilon": number(self.epsilon) and self.epsilon >= 0,
         }
@@ -213,8 +230,10 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, verify: bool = True, tol: float = 1e-6) -> PrivacyLedger:
         """Rebuild a ledger; with ``verify``, refuse one whose ε disagrees with its own numbers."""
+        # Older ledgers name no randomness: they were seeded from the public config, so say so.
+        optional = {"dataset_size": None, "randomness": "seeded"}
         try:
-            values = {k: d[k] for k in cls.__dataclass_fields__}
+            values = {k: d[k] if k in d or k not in optional else optional[k] for k in cls.__dataclass_fields__}
         except (KeyError, TypeError, IndexError) as e:
             raise PostError(f"the privacy ledger is incomplete ({e!r}); no ε can be reported for it.") from None
         if values["epsilon"] == "inf":  # how run files spell an unbounded ε (no noise)
@@ -235,9 +254,11 @@ class PrivacyLedger:
 
 
 def default_delta(n: int) -> float:
-    """A δ strictly below 1/N: the largest power of ten under it (N = 3200 -> 1e-4)."""
+    """A δ well below 1/N: the largest power of ten at most 1/(10·N) (N = 3200 -> 1e-5).
+
+    δ bounds the probability that the guarantee fails outright; δ ≈ 1/N would allow one whole
+    example to leak, so common practice keeps δ ≪ 1/N.
+    """
     if n < 1:
         raise ConfigError("DP training needs at least one training example.")
-    exp = math.floor(math.log10(1 / n))
-    delta = 10.0**exp
-    return delta if delta < 1 / n else 10.0 ** (exp - 1)
+    return 10.0 ** math.floor(math.log10(1 / (10 * n)))

@@ -10,9 +10,16 @@ over class scores (mean label-word logits at the answer position).
   σ is calibrated to (ε, δ) for the planned number of steps by dp-accounting. Large logical
   batches are processed in micro-batches (gradient accumulation) to bound memory.
 
+DP randomness is secret by default: sampling and noise derive from (secret seed, step), with the
+secret drawn from OS entropy when the run starts and kept only in the run's private checkpoint
+(never in the prompt file, the result or the logs). ``--dp-seed`` makes a run reproducible for
+tests and research, and its ledger says the guarantee then does not hold against anyone who
+knows the seed; ``--secure-mode`` draws from the OS CSPRNG instead (see :mod:`post.dp`).
+
 The run directory holds ``prompt.safetensors`` (the prompt file), ``privacy.json`` (the ledger)
 and a checkpoint; a killed run started again with the same command resumes from it and takes
-exactly the same steps (sampling and noise are derived from (seed, step), not from RNG history).
+exactly the same steps (the secret seed is read back from the checkpoint). DP runs log no
+per-step loss or batch size: both are functions of the private data outside the guarantee.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +41,16 @@ from post import progress
 from post.accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise, check_privacy_params, default_delta
 from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, TaskOptions, require
-from post.dp import add_noise, clip_per_example, per_example_grads, poisson_sample, step_generator
+from post.dp import (
+    add_noise,
+    clip_per_example,
+    new_secret_seed,
+    per_example_grads,
+    poisson_sample,
+    secure_add_noise,
+    secure_poisson_sample,
+    step_generator,
+)
 from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import init_prompt, save_prompt
@@ -73,11 +89,18 @@ class TuneConfig(TaskOptions, ModelOptions):
         test: Score the final prompt on the test split.
         dp: Train with DP-SGD.
         epsilon: Target ε (with --dp).
-        delta: δ (with --dp; default: the largest power of ten below 1/N).
+        delta: δ (with --dp; default: the largest power of ten at most 1/(10·N)).
         max_grad_norm: Per-example clipping norm C (with --dp).
         noise_multiplier: Use this σ instead of calibrating it to --epsilon (with --dp).
         accountant: pld (dp-accounting's privacy loss distributions, tighter) or rdp.
-        seed: Seed of prompt init, shuffling, Poisson sampling and noise.
+        seed: Seed of prompt init, the data subsets and (non-private) shuffling. It never drives DP
+            sampling or noise.
+        dp_seed: Reproducible seed for DP sampling and noise, for tests and research only: anyone
+            who knows it can replay every draw, so the guarantee does not hold against them (the
+            ledger says so). Default: a secret seed from OS entropy, kept in the run's checkpoint.
+        secure_mode: Draw DP sampling and noise from the OS CSPRNG, each Gaussian a sum of four draws
+            (against floating-point attacks on Gaussian sampling, Mironov 2012); costs a little
+            time per step, and a resumed run redraws the steps after its checkpoint.
         checkpoint_every: Save a resumable checkpoint every this many steps.
     """
 
@@ -102,6 +125,8 @@ class TuneConfig(TaskOptions, ModelOptions):
     noise_multiplier: float | None = None
     accountant: Literal["pld", "rdp"] = "pld"
     seed: int = 0
+    dp_seed: int | None = None
+    secure_mode: bool = False
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
@@ -130,6 +155,10 @@ class TuneConfig(TaskOptions, ModelOptions):
             require(self.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {self.max_grad_norm}.")
             require(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
                     f"must be non-negative, got {self.noise_multiplier}.")
+            require(self.dp_seed is None or not self.secure_mode, "dp_seed",
+                    "can't be combined with --secure-mode (secure mode is not replayable).")
+        require(self.dp or (self.dp_seed is None and not self.secure_mode), "dp_seed",
+                "and --secure-mode only apply with --dp true.")
 
 
 @dataclass
@@ -140,6 +169,42 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     ledger: PrivacyLedger | None
+
+
+def randomness_of(cfg: TuneConfig) -> str:
+    """How a DP run draws its sampling and noise (the ledger's ``randomness``)."""
+    return "secure" if cfg.secure_mode else "seeded" if cfg.dp_seed is not None else "secret"
+
+
+class DPRandomness:
+    """Poisson sampling and Gaussian noise for DP step ``step``: from (seed, step), or from the OS CSPRNG."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed  # None: secure mode
+
+    def sample(self, n: int, rate: float, step: int) -> torch.Tensor:
+        if self.seed is None:
+            return secure_poisson_sample(n, rate)
+        return poisson_sample(n, rate, step_generator(self.seed, step, 0))
+
+    def noise(self, summed: torch.Tensor, ledger: PrivacyLedger, step: int) -> torch.Tensor:
+        if self.seed is None:
+            return secure_add_noise(summed, noise_multiplier=ledger.noise_multiplier,
+                                    max_grad_norm=ledger.max_grad_norm)
+        return add_noise(summed, noise_multiplier=ledger.noise_multiplier, max_grad_norm=ledger.max_grad_norm,
+                         generator=step_generator(self.seed, step, 1))
+
+
+# The secret seed is stored in the checkpoint as four 32-bit words (safetensors holds no big ints).
+_SECRET_KEY = "dp_secret"
+
+
+def _secret_tensor(seed: int) -> torch.Tensor:
+    return torch.tensor([(seed >> (32 * i)) & 0xFFFFFFFF for i in range(4)], dtype=torch.int64)
+
+
+def _secret_from(tensor: torch.Tensor) -> int:
+    return sum(int(w) << (32 * i) for i, w in enumerate(tensor.tolist()))
 
 
 def read_indices(path: Path, n: int) -> list[int]:
@@ -176,7 +241,7 @@ def make_plan(cfg: TuneConfig, n_train: int) -> Plan:
                                         accountant=cfg.accountant), cfg.epsilon
     ledger = PrivacyLedger(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sample_rate=q, steps=0,
                            planned_steps=total, delta=delta, accountant=cfg.accountant, dataset_size=n_train,
-                           target_epsilon=target, epsilon=0.0)
+                           target_epsilon=target, epsilon=0.0, randomness=randomness_of(cfg))
     return Plan(n_train, steps_per_epoch, total, ledger)
 
 
@@ -227,11 +292,17 @@ class PromptTrainer:
         return summed, total / max(len(idx), 1), all_norms
 
     def dp_gradient(self, prompt: torch.Tensor, idx: torch.Tensor, *, ledger: PrivacyLedger, expected_batch: float,
-                    noise: torch.Generator) -> tuple[torch.Tensor, float]:
-        """The privatised gradient: (Σ clip(g_i) + N(0, σ²C²)) / expected batch size."""
+                    noise: np.random.Generator | Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """The privatised gradient: (Σ clip(g_i) + N(0, σ²C²)) / expected batch size.
+
+        ``noise`` is a generator for :func:`add_noise`, or a function adding the noise itself.
+        """
         summed, loss, _ = self.clipped_sum(prompt, idx, ledger.max_grad_norm)
-        noisy = add_noise(summed, noise_multiplier=ledger.noise_multiplier, max_grad_norm=ledger.max_grad_norm,
-                          generator=noise)
+        if callable(noise):
+            noisy = noise(summed)
+        else:
+            noisy = add_noise(summed, noise_multiplier=ledger.noise_multiplier, max_grad_norm=ledger.max_grad_norm,
+                              generator=noise)
         return noisy / expected_batch, loss
 
 
@@ -305,15 +376,40 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     prompt = init_prompt(loaded, cfg.n_tokens, init=cfg.init, init_text=data.task.init_text, seed=cfg.seed)
     prompt = prompt.to(loaded.model.device).requires_grad_(True)
     opt = _make_optimizer(cfg, prompt)
-    start, history, elapsed_before = 0, [], 0.0
+    start, history, elapsed_before, secret = 0, [], 0.0, None
     if (ckpt := load_checkpoint(run.path, params={"prompt": prompt}, optimizer=opt)) is not None:
         tensors, meta = ckpt
         with torch.no_grad():
             prompt.copy_(tensors["prompt"])
         start, history, elapsed_before = int(meta["step"]), list(meta["history"]), float(meta["elapsed"])
+        if _SECRET_KEY in tensors:
+            secret = _secret_from(tensors[_SECRET_KEY])
         log.info("resuming from step %d", start)
     if plan.ledger is not None and start > 0:
         saved_ledger(run.path, plan=plan.ledger, at_least=start)
+    if plan.ledger is not None and ckpt is None and (run.path / LEDGER_FILE).exists():
+        # Steps were accounted (and taken) but their checkpoint is gone: starting over would draw a new secret
+        # and rewrite the ledger to fewer steps than were run.
+        raise PostError(f"{run.path} holds a DP run's ledger but no readable checkpoint; its steps can't be replayed "
+                        "or un-spent. Run again with a new --out.")
+    randomness: DPRandomness | None = None
+    extra_tensors: dict[str, torch.Tensor] = {}
+    if plan.ledger is not None and not cfg.secure_mode:
+        if cfg.dp_seed is not None:
+            secret = cfg.dp_seed
+        elif secret is None:
+            if start > 0:
+                raise PostError(f"the checkpoint in {run.path} holds no DP seed, so the run can't resume with the same "
+                                "noise; run again with a new --out.")
+            secret = new_secret_seed()
+        extra_tensors = {_SECRET_KEY: _secret_tensor(secret)} if cfg.dp_seed is None else {}
+    if plan.ledger is not None:
+        randomness = DPRandomness(None if cfg.secure_mode else secret)
+
+    def checkpoint(done: int) -> None:
+        save_checkpoint(run.path, tensors={"prompt": prompt, **extra_tensors}, params={"prompt": prompt},
+                        optimizer=opt, meta={"step": done, "history": history,
+                                             "elapsed": elapsed_before + time.perf_counter() - t0})
     eval_every = cfg.eval_every or plan.steps_per_epoch
 
     def reserve(done: int) -> None:
@@ -337,14 +433,16 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     if start == 0 and not history:
         history.append(validate(0))
     t0 = time.perf_counter()
+    if extra_tensors and start == 0:
+        checkpoint(0)  # the secret seed is on disk (privately) before the first step uses it
     bar = progress.steps(plan.total_steps, initial=start, desc="tune")
     n = plan.n_train
     reserve(start)
     for step in range(start, plan.total_steps):
-        if plan.ledger is not None:
-            idx = poisson_sample(n, plan.ledger.sample_rate, step_generator(cfg.seed, step, 0))
+        if plan.ledger is not None and randomness is not None:
+            idx = randomness.sample(n, plan.ledger.sample_rate, step)
             grad, loss = trainer.dp_gradient(prompt, idx, ledger=plan.ledger, expected_batch=cfg.batch_size,
-                                             noise=step_generator(cfg.seed, step, 1))
+                                             noise=lambda summed, s=step: randomness.noise(summed, plan.ledger, s))
         else:
             epoch, pos = divmod(step, plan.steps_per_epoch)
             idx = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
@@ -363,14 +461,15 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
             raise _diverged(f"the prompt became non-finite at step {step}", run.path)
         opt.zero_grad(set_to_none=True)
         bar.update(1)
-        run.log(step=step + 1, loss=loss, batch=len(idx))
+        # A DP run logs no per-step line: its loss, its sample size and even the time a step took (which grows
+        # with the sample) are functions of the private data outside the guarantee.
+        if plan.ledger is None:
+            run.log(step=step + 1, loss=loss, batch=len(idx))
         done = step + 1
         if done % eval_every == 0 or done == plan.total_steps:
             history.append(validate(done))
         if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
-            save_checkpoint(run.path, tensors={"prompt": prompt}, params={"prompt": prompt}, optimizer=opt,
-                            meta={"step": done, "history": history,
-                                  "elapsed": elapsed_before + time.perf_counter() - t0})
+            checkpoint(done)
             reserve(done)
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
@@ -390,10 +489,10 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
                                 prompt=prompt.detach(), desc="test")
         metrics = classification_metrics(scores, test.labels, data.class_names)
         result.update(test_accuracy=metrics["accuracy"], test_macro_f1=metrics["macro_f1"], test=metrics)
-    measured = {"val_accuracy": result["val_accuracy"], "test_accuracy": result.get("test_accuracy"),
-                "dataset": cfg.task, "n_train": plan.n_train}
+    # What leaves the user: the prompt, the public task definition and the ledger without N (see
+    # post.prompt.LEAVES_USER); no accuracy, seed, path or training-set size.
     save_prompt(run.path / PROMPT_FILE, prompt, loaded=loaded, task=data.task,
-                privacy=ledger.to_dict() if ledger else None, measured=measured)
+                privacy=ledger.public() if ledger else None)
     result["prompt"] = str(run.path / PROMPT_FILE)
     return run.finish(result)
 
