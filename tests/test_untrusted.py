@@ -216,11 +216,13 @@ def test_paths_and_names_in_prompt_metadata_are_never_used_as_paths(tuned, tmp_p
     root, data, prompt, _ = tuned
 
     def escape(meta):
-        meta["path"] = "../../../../etc/passwd"
-        meta["model"]["name"] = "../../../outside/model"
-        meta["measured"]["dataset"] = "../../../outside/data.csv"
         meta["transferred_from"] = {"model": {"name": "../../../../tmp/evil"}, "method": "../evil"}
 
+    # A path where the file format has none is refused outright (no path may leave the user).
+    for field, edit in {"path": lambda m: m.update(path="../../../../etc/passwd"),
+                        "model.name": lambda m: m["model"].update(name="../../../outside/model")}.items():
+        with pytest.raises(PostError, match="must not leave the user"):
+            read_prompt(_rewrite_prompt(prompt, tmp_path / f"{field}.safetensors", edit))
     crafted = _rewrite_prompt(prompt, tmp_path / "crafted.safetensors", escape)
     pf = read_prompt(crafted)
     assert pf.meta["path"] == str(crafted)  # where it was read from, not what it says
@@ -262,6 +264,8 @@ def test_prompt_metadata_of_the_wrong_shape_is_refused(tuned, tmp_path):
         "task-missing": lambda m: m.pop("task"),
         "task-label-words-garbage": lambda m: m["task"].update(label_words=[1, 2, 3]),
         "measured-a-list": lambda m: m.update(measured=[1]),
+        "a-private-accuracy": lambda m: m.update(measured={"val_accuracy": 0.8}),
+        "a-seed": lambda m: m["privacy"].update(seed=0) if m["privacy"] else m.update(seed=0),
         "privacy-a-string": lambda m: m.update(privacy="eps=0"),
         "provenance-without-model": lambda m: m.update(transferred_from={"alpha": 1}),
     }

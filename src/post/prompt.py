@@ -6,9 +6,14 @@ safetensors header's string metadata, a JSON document with
 - the model it was tuned on: name, fingerprint (config + embedding matrix), tokenizer fingerprint,
   width, vocabulary size;
 - the task: template, label words, init text;
-- the privacy ledger (for DP prompts) and what the user measured (e.g. the accuracy of the
-  prompt on its own model, which the provider's α heuristic needs);
+- the privacy ledger (for DP prompts), without the training-set size;
 - a sha256 over the tensor and the rest of the metadata, so an edited file is refused.
+
+The prompt file is the only thing that crosses from the user to the provider, so what it may
+hold is a contract (:data:`LEAVES_USER`): every metadata field is either covered by the privacy
+ledger or public. It holds no accuracy measured on private data, no seed, no path and no
+training-set size field (the ledger's q and step count still imply N/B); :func:`check_leaves_user`
+enforces that on every write and every read.
 
 Loading never unpickles; loading onto a model of another width, vocabulary or fingerprint is a
 clear error.
@@ -33,8 +38,52 @@ from post.errors import ConfigError, PostError
 from post.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from post.tasks import Task
 
-FORMAT = "post-prompt/1"
+FORMAT = "post-prompt/2"
 InitMode = Literal["text", "vocab", "random"]
+
+# What leaves the user: every field of a tuned prompt file's metadata, and why it may leave. The
+# tensor itself is the output of the DP mechanism (covered by ``privacy``) or, without DP, the
+# non-private prompt the user chose to release.
+LEAVES_USER: dict[str, str] = {
+    "format": "public: the file format's name",
+    "post_version": "public: the version of this software",
+    "model": "public: the provider's published student (name, fingerprint, tokenizer fingerprint, width, "
+             "vocabulary size, kind)",
+    "n_tokens": "public: the prompt length, a hyperparameter",
+    "task": "public: the task definition (template, label words, init text) chosen on public data",
+    "privacy": "covered: the DP ledger (σ, C, q, steps, δ, accountant, ε, randomness); ε is recomputed from it. "
+               "N itself is not stored, but q = B/N and the planned steps imply N to anyone who knows the batch "
+               "size B (also not stored): treat the order of magnitude of N as public",
+    "checksum": "derived: a sha256 over the fields above and the tensor",
+}
+# Keys allowed inside the nested public fields.
+MODEL_KEYS = frozenset({"name", "fingerprint", "tokenizer", "hidden_size", "vocab_size", "kind"})
+TASK_KEYS = frozenset({"template", "label_words", "init_text"})
+LEDGER_KEYS = frozenset({"noise_multiplier", "max_grad_norm", "sample_rate", "steps", "planned_steps", "delta",
+                         "accountant", "target_epsilon", "epsilon", "randomness"})
+# A transferred prompt is written by the provider (it never travels back as a user's file), and
+# records where it came from.
+PROVIDER_FIELDS = frozenset({"transferred_from"})
+
+
+def public_model_name(name: str) -> str:
+    """A model's name as it may leave the user: an alias or hub id as is, a local directory by its last part."""
+    looks_local = Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists()
+    return f"local:{Path(name).name}" if looks_local else name
+
+
+def check_leaves_user(meta: dict[str, Any], where: str = "the prompt file") -> None:
+    """Refuse prompt metadata holding anything outside :data:`LEAVES_USER` (e.g. a private accuracy, a seed,
+    a path or the training-set size)."""
+    extra = set(meta) - set(LEAVES_USER) - PROVIDER_FIELDS
+    model, task, ledger = (v if isinstance(v, dict) else {} for v in map(meta.get, ("model", "task", "privacy")))
+    extra |= {f"model.{k}" for k in set(model) - MODEL_KEYS} | {f"task.{k}" for k in set(task) - TASK_KEYS}
+    extra |= {f"privacy.{k}" for k in set(ledger) - LEDGER_KEYS}
+    if isinstance(model.get("name"), str) and model["name"] != public_model_name(model["name"]):
+        extra.add("model.name (a local path)")
+    if extra:
+        raise PostError(f"{where} carries fields that must not leave the user ({', '.join(sorted(extra))}); only "
+                        f"{', '.join(LEAVES_USER)} may. Re-tune with this version of post.")
 
 
 def init_prompt(loaded: LoadedModel, n_tokens: int, *, init: str = "text", init_text: str = "",
@@ -105,22 +154,25 @@ def _checksum(tensor: torch.Tensor, meta: dict[str, Any]) -> str:
 
 
 def save_prompt(path: str | os.PathLike[str], tensor: torch.Tensor, *, loaded: LoadedModel, task: Task,
-                privacy: dict[str, Any] | None = None, measured: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> Path:
-    """Write a prompt file atomically; returns its path."""
+                privacy: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a prompt file atomically; returns its path.
+
+    ``privacy`` is the ledger as it may leave the user (:meth:`PrivacyLedger.public`); anything
+    outside :data:`LEAVES_USER` is refused before a byte is written.
+    """
     tensor = tensor.detach().float().cpu().contiguous()
     meta: dict[str, Any] = {
         "format": FORMAT,
         "post_version": __version__,
-        "model": {"name": loaded.name, "fingerprint": model_fingerprint(loaded.model),
+        "model": {"name": public_model_name(loaded.name), "fingerprint": model_fingerprint(loaded.model),
                   "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
                   "hidden_size": loaded.hidden_size, "vocab_size": vocab_size(loaded), "kind": loaded.kind},
         "n_tokens": int(tensor.shape[0]),
         "task": task.to_dict(),
         "privacy": privacy,
-        "measured": measured or {},
         **(extra or {}),
     }
+    check_leaves_user(meta)
     meta["checksum"] = _checksum(tensor, meta)
     out = Path(path)
     with atomic_path(out) as tmp:
@@ -179,10 +231,10 @@ def _check_meta(p: Path, meta: dict[str, Any]) -> None:
     origin = meta.get("transferred_from")
     origin_ok = origin is None or (isinstance(origin, dict) and isinstance(origin.get("model"), dict)
                                    and isinstance(origin["model"].get("name"), str))
-    if not (model_ok and origin_ok and isinstance(meta.get("measured", {}), dict) and
-            isinstance(meta.get("task"), dict)):
-        raise PostError(f"{p} has incomplete prompt metadata (model, task, measured or provenance); it was not "
+    if not (model_ok and origin_ok and isinstance(meta.get("task"), dict)):
+        raise PostError(f"{p} has incomplete prompt metadata (model, task or provenance); it was not "
                         "written by post.")
+    check_leaves_user(meta, str(p))
     Task.from_dict(meta["task"])
     if meta.get("privacy") is not None:
         try:

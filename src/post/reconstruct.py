@@ -48,6 +48,8 @@ class ReconstructConfig(TaskOptions, ModelOptions):
         reference: Control prompts tuned with the same settings on public data.
         model: Model whose vocabulary the prompts are projected onto (default: each prompt's own
             model, by the name it records); a prompt from another model is refused.
+        local_model: The directory of the local model (e.g. the student) for prompts that record a
+            local model (``local:NAME``: prompt files carry no paths).
         split: The private split the prompts were trained on.
         public: Public text whose n-grams don't count as private (e.g. the transfer's public set);
             none to count every private n-gram.
@@ -59,6 +61,7 @@ class ReconstructConfig(TaskOptions, ModelOptions):
     prompt: list[Path] = field(default_factory=list)
     reference: list[Path] = field(default_factory=list)
     model: str | None = None
+    local_model: str | None = None
     split: str = "train"
     public: str | None = None
     public_limit: int | None = 5000
@@ -194,6 +197,11 @@ def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> dict[str, Any]:
     for path, is_reference in files:
         pf = read_prompt(path)
         name = cfg.model or pf.meta["model"]["name"]
+        if name.startswith("local:"):
+            if cfg.local_model is None:
+                raise PostError(f"{path} was tuned on a local model ({name}); pass its directory with --local-model "
+                                "or --model.")
+            name = cfg.local_model
         if name not in models:
             models[name] = load_configured_model(cfg, name)
         loaded = models[name]
