@@ -347,7 +347,12 @@ def transfer_with_corrupt_prompt(w, d):
 
 def transfer_without_alpha_inputs(w, d):
     return ["transfer", "--source-model", "tiny-llama", "--prompt", str(w.prompt), "--target-model", "tiny-llama",
-            "--public", str(w.corpus), "--steps", "2", "--device", "cpu"]
+            "--public", str(w.corpus), "--steps", "2", "--alpha-public", "none", "--device", "cpu"]
+
+
+def transfer_with_unlabelled_alpha_data(w, d):
+    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(w.prompt), "--target-model", "tiny-llama",
+            "--public", str(w.corpus), "--steps", "2", "--alpha-public", str(w.corpus), "--device", "cpu"]
 
 
 def model_weights_truncated(w, d):
@@ -540,6 +545,7 @@ CASES: list[tuple[Builder, str]] = [
     (prompt_for_other_classes, "tuned for classes"),
     (transfer_with_corrupt_prompt, "truncated or corrupt"),
     (transfer_without_alpha_inputs, "heuristic α needs"),
+    (transfer_with_unlabelled_alpha_data, "alpha"),
     # models
     (model_weights_truncated, "could not load"),
     (model_weights_pickled, "could not load"),

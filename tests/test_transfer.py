@@ -83,11 +83,45 @@ def test_label_word_mode_and_watch_curve(setup, tmp_path):
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
-def test_heuristic_alpha_needs_its_inputs(setup, tmp_path):
-    with pytest.raises(ConfigError, match="target-zero-shot"):
-        transfer(cfg(setup, alpha=None), tmp_path / "a")
-    r = transfer(cfg(setup, alpha=None, target_zero_shot=0.6, steps=2), tmp_path / "b")
-    assert r["alpha_source"].startswith("heuristic") and 0 <= r["alpha"] <= 1
+def test_heuristic_alpha_needs_its_inputs(setup, tmp_path, caplog):
+    with pytest.raises(ConfigError, match="alpha-public"):
+        transfer(cfg(setup, alpha=None, alpha_public=None), tmp_path / "a")
+    with pytest.raises(ConfigError, match="source-accuracy"):
+        cfg(setup, alpha=None, target_zero_shot=0.6)
+    r = transfer(cfg(setup, alpha=None, target_zero_shot=0.6, source_accuracy=0.7, steps=2), tmp_path / "b")
+    assert r["alpha_source"].startswith("heuristic") and "private" in r["alpha_source"]
+    assert r["alpha"] == pytest.approx(heuristic_alpha(target_zero_shot=0.6, source_accuracy=0.7, num_classes=2))
+    assert "outside the DP guarantee" in caplog.text
+
+
+def test_heuristic_alpha_from_public_labelled_data(setup, tmp_path):
+    """By default the provider measures ZS and C itself, on public labelled data restricted to the task's classes."""
+    import csv
+
+    from post.models import load_model
+    from post.prompt import read_prompt
+    from post.transfer import _accuracy, public_labelled
+
+    root, data, public, source_dir, target_dir, ps = setup
+    labelled = root / "public-labelled.csv"
+    with labelled.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(30):
+            w.writerow([f"a good flight number {i}", "positive"])
+            w.writerow([f"a bad delay number {i}", "negative"])
+    r = transfer(cfg(setup, alpha=None, alpha_public=str(labelled), alpha_public_limit=40, steps=2), tmp_path)
+    assert r["alpha_source"].startswith("heuristic (Eq. 6) on public") and 0 <= r["alpha"] <= 1
+    # The two accuracies are the target's zero-shot and ps on the source, on 20 + 20 balanced public examples.
+    task = read_prompt(ps["prompt"]).task
+    texts, labels = public_labelled(str(labelled), task, limit=40, seed=0)
+    assert sorted(labels) == [0] * 20 + [1] * 20 and all("number" in t for t in texts)
+    target = load_model(str(target_dir))
+    assert r["target_zero_shot"] == pytest.approx(_accuracy(target, task, texts, labels, None, 128))
+    assert r["source_accuracy"] == pytest.approx(
+        _accuracy(target, task, texts, labels, read_prompt(ps["prompt"]).tensor, 128))
+    assert r["alpha"] == pytest.approx(heuristic_alpha(target_zero_shot=r["target_zero_shot"],
+                                                       source_accuracy=r["source_accuracy"], num_classes=2))
 
 
 def test_vocab_mode_refuses_different_tokenizers(setup, tmp_path):

@@ -9,13 +9,14 @@ step                      party       what
 ========================  ==========  =====================================================
 distill                   provider    the student Φs (skipped when ``student`` names one)
 undistilled               provider    the same layers without distillation (optional)
-zero-shot-val             user        Φt zero-shot on validation, through ordinary queries (α)
 zero-shot                 user        Φt zero-shot on test                      (table cell)
 tune-source[-dp]          user        ps on Φs with the private data            (PT on Φs)
 tune-target[-dp]          baseline    prompt tuned on Φt: the data goes to the provider
-transfer[-dp]             provider    POST: pt from ps with public data only
+transfer[-dp]             provider    POST: pt from ps with public data only (α measured on
+                                      public labelled data: no private text reaches Φt)
 eval-post[-dp]            user        Φt with pt on test                        (POST)
 eval-direct[-dp]          user        Φt with ps as it is                       (direct transfer)
+eval-proxy[-dp]           user        Φt + (Φs(ps) − Φs) at query time         (proxy tuning)
 zst[-dp], eval-zst[-dp]   provider    zero-shot continuous prompt transfer     (ZST)
 …-undistilled[-dp]        both        tune on the undistilled layers, transfer, evaluate
 attack[-dp]               user        LiRA on prompts tuned like ps
@@ -97,7 +98,7 @@ class PipelineConfig(TaskOptions, ModelOptions):
     modes: list[str] = field(default_factory=lambda: list(MODES))
     undistilled: bool = False
     baselines: list[str] = field(default_factory=lambda: ["zero-shot", "target-tuning", "source-tuning", "direct",
-                                                          "zst"])
+                                                          "zst", "proxy"])
     attack_transfer: bool = False
     seed: int = 0
     distill: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +117,9 @@ class PipelineConfig(TaskOptions, ModelOptions):
         require(bool(self.target), "target", "must name the provider's model.")
         require(bool(self.modes) and all(m in MODES for m in self.modes), "modes",
                 f"must list some of {', '.join(MODES)}, got {self.modes}.")
-        known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst")
+        require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
+                f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
+        known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst", "proxy")
         bad = [b for b in self.baselines if b not in known]
         require(not bad, "baselines", f"unknown {bad}; choose from {', '.join(known)}.")
         for name in SECTIONS:
@@ -203,6 +206,16 @@ class Step:
     what: str
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """An option whose value comes from earlier steps' results."""
+
+    get: Callable[[dict[str, dict[str, Any]]], Any]
+
+    def __call__(self, results: dict[str, dict[str, Any]]) -> Any:
+        return self.get(results)
+
+
 def _section(cfg: PipelineConfig, name: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in (getattr(cfg, name) or {}).items()}
 
@@ -261,25 +274,27 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                    prompt_from: str | None, deps: list[str], what: str, **extra: Any) -> Step:
         def build(r: dict[str, dict[str, Any]]) -> Any:
             values = {**common, **task, "model": model if isinstance(model, str) else model(r), "split": split,
-                      "seed": cfg.seed, **ev, **extra}
+                      "seed": cfg.seed, **ev, **{k: v(r) if isinstance(v, _Deferred) else v for k, v in extra.items()}}
             if prompt_from is not None:
                 values["prompt"] = Path(r[prompt_from]["prompt"])
             return _make(evaluate.EvaluateConfig, "evaluate", values)
 
         return Step(name, party, "evaluate", build, evaluate.evaluate, deps, what)
 
-    steps.append(evaluation("zero-shot-val", "user", cfg.target, "validation", None, [],
-                            "Φt zero-shot on 200 validation examples (for α)", limit=200))
     if "zero-shot" in base:
         steps.append(evaluation("zero-shot", "user", cfg.target, "test", None, [], "Φt zero-shot on test"))
 
     def transfer_step(name: str, source: Callable[[dict[str, dict[str, Any]]], str], tuned: str,
                       deps: list[str], what: str) -> Step:
         def build(r: dict[str, dict[str, Any]]) -> Any:
+            # α comes from public labelled data (the public set itself when it is labelled): the
+            # provider sends no private text to Φt and receives no statistic of private data.
+            from post.data import is_dataset_name
+
+            alpha_public = {"alpha_public": cfg.public} if is_dataset_name(cfg.public.lower()) else {}
             values = {**common, "source_model": source(r),
                       "prompt": Path(r[tuned]["prompt"]), "target_model": cfg.target, "public": cfg.public,
-                      "max_length": cfg.max_length, "seed": cfg.seed,
-                      "target_zero_shot": r["zero-shot-val"]["accuracy"], **_section(cfg, "transfer")}
+                      "max_length": cfg.max_length, "seed": cfg.seed, **alpha_public, **_section(cfg, "transfer")}
             return _make(transfer.TransferConfig, "transfer", values)
 
         return Step(name, "provider", "transfer", build, transfer.transfer, deps, what)
@@ -308,12 +323,17 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                     [f"tune-target{sfx}"], f"Φt with its own prompt ({mode})"))
 
         steps.append(transfer_step(f"transfer{sfx}", student_dir, f"tune-source{sfx}",
-                                   [*src_deps, f"tune-source{sfx}", "zero-shot-val"], f"POST ps → pt ({mode})"))
+                                   [*src_deps, f"tune-source{sfx}"], f"POST ps → pt ({mode})"))
         steps.append(evaluation(f"eval-post{sfx}", "user", cfg.target, "test", f"transfer{sfx}",
                                 [f"transfer{sfx}"], f"Φt with pt ({mode})"))
         if "direct" in base:
             steps.append(evaluation(f"eval-direct{sfx}", "user", cfg.target, "test", f"tune-source{sfx}",
                                     [f"tune-source{sfx}"], f"Φt with ps as it is ({mode})", allow_other_model=True))
+        if "proxy" in base:
+            # Proxy tuning: Φt's logits plus the change ps causes on Φs, at query time (no transfer training).
+            steps.append(evaluation(f"eval-proxy{sfx}", "user", cfg.target, "test", f"tune-source{sfx}",
+                                    [*src_deps, f"tune-source{sfx}"], f"Φt + (Φs(ps) − Φs), proxy tuning ({mode})",
+                                    proxy_source_model=_Deferred(student_dir)))
         if "zst" in base:
             steps.append(Step(f"zst{sfx}", "provider", "zst", lambda r, sfx=sfx: _make(zst.ZstConfig, "zst", {
                 **common, "source_model": student_dir(r), "prompt": Path(r[f"tune-source{sfx}"]["prompt"]),
@@ -329,7 +349,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                     ["undistilled", f"tune-undistilled{sfx}"],
                                     f"the undistilled layers with their prompt ({mode})"))
             steps.append(transfer_step(f"transfer-undistilled{sfx}", und, f"tune-undistilled{sfx}",
-                                       ["undistilled", f"tune-undistilled{sfx}", "zero-shot-val"],
+                                       ["undistilled", f"tune-undistilled{sfx}"],
                                        f"POST from the undistilled layers ({mode})"))
             steps.append(evaluation(f"eval-post-undistilled{sfx}", "user", cfg.target, "test",
                                     f"transfer-undistilled{sfx}", [f"transfer-undistilled{sfx}"],
@@ -338,7 +358,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
             def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts) -> Any:
                 values = {**common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r),
                           "test": False, **_section(cfg, "attack")}
-                values.pop("train_limit", None)
+                # The shadows copy the released prompt's mechanism (q, steps, σ, δ): it was tuned on train_limit.
+                if (limit := values.pop("train_limit", None)) is not None:
+                    values["target_n_train"] = limit
                 if cfg.attack_transfer:
                     values.update(transfer_target=cfg.target, public=cfg.public)
                 return _make(attack.AttackConfig, "attack", values)
@@ -379,7 +401,8 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
     def build(r: dict[str, dict[str, Any]]) -> Any:
         return _make(reconstruct.ReconstructConfig, "reconstruct", {
             **common, **_task_opts(cfg), "prompt": [Path(r[p]["prompt"]) for p in prompts],
-            "reference": [Path(r["tune-public"]["prompt"])], "public": cfg.public, **opts})
+            "reference": [Path(r["tune-public"]["prompt"])], "public": cfg.public, "local_model": student_dir(r),
+            **opts})
 
     return [tune_public, Step("reconstruct", "user", "attack-reconstruct", build, reconstruct.reconstruct,
                               ["tune-public", *prompts], "nearest-token reading of every prompt vs the control")]

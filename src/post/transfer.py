@@ -16,10 +16,13 @@ logits per class, each model with its own tokenizer), so a prompt can move acros
 and widths (e.g. a SmolLM2 student -> Gemma 3).
 
 α: explicit (``--alpha``) or the paper's heuristic (Eq. 6) α = min((ZS − RG)/(C − RG), 1), with C
-the accuracy of ps on Φs (measured by the user, carried in the prompt file), ZS the zero-shot
-accuracy of Φt (measured by the user through ordinary queries, ``--target-zero-shot``) and RG
-chance. The provider never sees private data: the command takes public text only, and the
-prompt it reports is the one after a fixed number of steps.
+the accuracy of ps on Φs, ZS the zero-shot accuracy of Φt and RG chance. By default the provider
+measures both itself on *public* labelled data (``--alpha-public``, e.g. the airline tweets
+restricted by class name to the task's classes, balanced so that RG = 1/K): no private text and
+no number measured on private data is needed. ``--target-zero-shot``/``--source-accuracy`` take
+the user's own measurements instead, which sends statistics of private data outside the DP
+guarantee (it warns). The provider never sees private data: the command takes public text only,
+and the prompt it reports is the one after a fixed number of steps.
 """
 
 from __future__ import annotations
@@ -67,9 +70,13 @@ class TransferConfig(ModelOptions):
         batch_size: Public examples per step (all processes together).
         lr: Adam learning rate.
         alpha: Weight of the prompt-induced-change term; none = the paper's heuristic (Eq. 6).
-        target_zero_shot: Zero-shot accuracy of the target on the private task, measured by the user
-            through ordinary queries (for the heuristic α).
-        source_accuracy: Accuracy of ps on the source (default: the validation accuracy in the prompt file).
+        alpha_public: Public labelled data on which the provider measures the heuristic α's ZS (the
+            target zero-shot) and C (ps on the source), restricted by class name to the task's
+            classes and balanced; none = use --target-zero-shot and --source-accuracy.
+        alpha_public_limit: Public labelled examples for those two accuracies (split evenly over classes).
+        target_zero_shot: The target's zero-shot accuracy on the private task, measured by the user
+            (a statistic of private data outside the DP guarantee: prefer --alpha-public).
+        source_accuracy: ps's accuracy on the source measured by the user on private data (same caveat).
         temperature: Softmax temperature T.
         mode: vocab (full-vocabulary distributions, same tokenizer) or label-words (class
             distributions: works across tokenizers and widths).
@@ -92,6 +99,8 @@ class TransferConfig(ModelOptions):
     batch_size: int = 8
     lr: float = 1e-3
     alpha: float | None = None
+    alpha_public: str | None = "airline"
+    alpha_public_limit: int = 400
     target_zero_shot: float | None = None
     source_accuracy: float | None = None
     temperature: float = 2.0
@@ -118,6 +127,11 @@ class TransferConfig(ModelOptions):
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
         require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
         require(self.public_limit is None or self.public_limit >= 1, "public_limit", "must be at least 1.")
+        require(self.alpha_public_limit >= 2, "alpha_public_limit", "must be at least 2.")
+        if isinstance(self.alpha_public, str) and self.alpha_public.strip().lower() in ("", "none", "null"):
+            object.__setattr__(self, "alpha_public", None)  # spelled out on the command line
+        require((self.target_zero_shot is None) == (self.source_accuracy is None), "target_zero_shot",
+                "and --source-accuracy go together (the user's own measurements for the heuristic α).")
         require(self.watch_every >= 1, "watch_every", "must be at least 1.")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
 
@@ -176,18 +190,67 @@ def _check_same_tokenizer(source: LoadedModel, target: LoadedModel) -> None:
                           f"{target.name} have different vocabularies; use --mode label-words.")
 
 
-def resolve_alpha(cfg: TransferConfig, ps: PromptFile, num_classes: int) -> tuple[float, dict[str, Any]]:
+def public_labelled(name: str, task: Task, *, limit: int, seed: int, cache_dir: Path | None = None
+                    ) -> tuple[list[str], list[int]]:
+    """Texts and labels of a public labelled set, restricted by class name to ``task``'s classes.
+
+    Labels are ``task``'s class indices; the sample is balanced (``limit // K`` per class, seeded),
+    so chance accuracy is 1/K.
+    """
+    from post.data import is_dataset_name, load_labelled
+
+    words = None if is_dataset_name(name.lower()) else {k: list(v) for k, v in task.label_words.items()}
+    try:
+        data = load_labelled(name, cache_dir=cache_dir, label_words=words)
+    except PostError as e:
+        raise PostError(f"--alpha-public {name}: {e}") from None
+    missing = [c for c in task.class_names if c not in data.class_names]
+    if missing:
+        raise ConfigError(f"--alpha-public {name} has classes {', '.join(data.class_names)}, not the task's "
+                          f"{', '.join(missing)}; give public labelled data with the same class names, or --alpha.")
+    split = data.split("train")
+    labels = np.asarray(split.labels)
+    rng = np.random.default_rng([seed, 6])
+    per_class = max(1, limit // task.num_classes)
+    texts, out = [], []
+    for k, name_k in enumerate(task.class_names):
+        pool = np.flatnonzero(labels == data.class_names.index(name_k))
+        for i in rng.permutation(pool)[:per_class]:
+            texts.append(split.texts[int(i)])
+            out.append(k)
+    return texts, out
+
+
+def _accuracy(loaded: LoadedModel, task: Task, texts: list[str], labels: list[int], prompt: torch.Tensor | None,
+              max_length: int) -> float:
+    encoder = Encoder(task, loaded.tokenizer, loaded.kind, max_length)
+    scores = predict_scores(loaded.model, encoder, Verbalizer.build(task, loaded.tokenizer), texts, prompt=prompt,
+                            progress=False)
+    return float(classification_metrics(scores, labels, task.class_names)["accuracy"])
+
+
+def resolve_alpha(cfg: TransferConfig, ps: PromptFile, task: Task, source: LoadedModel, target: LoadedModel
+                  ) -> tuple[float, dict[str, Any]]:
+    """α as given, or the heuristic from the user's numbers, or (default) from public labelled data."""
+    k = task.num_classes
     if cfg.alpha is not None:
         return cfg.alpha, {"alpha_source": "given"}
-    measured = ps.meta.get("measured") or {}
-    c = cfg.source_accuracy if cfg.source_accuracy is not None else measured.get("val_accuracy")
-    zs = cfg.target_zero_shot if cfg.target_zero_shot is not None else measured.get("target_zero_shot")
-    if c is None or zs is None:
-        raise ConfigError("the heuristic α needs the target's zero-shot accuracy (--target-zero-shot, measured by the "
-                          "user with post evaluate --model TARGET) and the prompt's accuracy on the source "
-                          "(--source-accuracy or the prompt file); or give --alpha.")
-    alpha = heuristic_alpha(target_zero_shot=float(zs), source_accuracy=float(c), num_classes=num_classes)
-    return alpha, {"alpha_source": "heuristic (Eq. 6)", "target_zero_shot": zs, "source_accuracy": c}
+    if cfg.target_zero_shot is not None and cfg.source_accuracy is not None:
+        log.warning("the heuristic α uses accuracies the user measured on private data; they reach the provider "
+                    "outside the DP guarantee. --alpha-public measures them on public data instead.")
+        zs, c, how = cfg.target_zero_shot, cfg.source_accuracy, "heuristic (Eq. 6), user-measured on private data"
+    elif cfg.alpha_public:
+        texts, labels = public_labelled(cfg.alpha_public, task, limit=cfg.alpha_public_limit, seed=cfg.seed,
+                                        cache_dir=cfg.cache_dir)
+        zs = _accuracy(target, task, texts, labels, None, cfg.max_length)
+        c = _accuracy(source, task, texts, labels, ps.tensor.to(source.model.device), cfg.max_length)
+        how = f"heuristic (Eq. 6) on public {cfg.alpha_public} ({len(texts)} examples)"
+        log.info("α from public data: target zero-shot %.4f, ps on the source %.4f", zs, c)
+    else:
+        raise ConfigError("the heuristic α needs --alpha-public (public labelled data with the task's classes), or "
+                          "--target-zero-shot with --source-accuracy; or give --alpha.")
+    alpha = heuristic_alpha(target_zero_shot=float(zs), source_accuracy=float(c), num_classes=k)
+    return alpha, {"alpha_source": how, "target_zero_shot": zs, "source_accuracy": c}
 
 
 def _diverged(what: str, run_path: Path) -> PostError:
@@ -208,7 +271,7 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     target = load_configured_model(cfg, cfg.target_model)
     if cfg.mode == "vocab":
         _check_same_tokenizer(source, target)
-    alpha, alpha_info = resolve_alpha(cfg, ps, task.num_classes)
+    alpha, alpha_info = resolve_alpha(cfg, ps, task, source, target)
     public = load_texts(cfg.public, cache_dir=cfg.cache_dir)
     texts = [public[i] for i in subset(len(public), cfg.public_limit, cfg.seed)]
     if len(texts) < cfg.batch_size:
@@ -277,7 +340,7 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     if main_process:
         train_seconds = elapsed + time.perf_counter() - t1
         path = save_prompt(run_path / PROMPT_FILE, pt, loaded=target, task=task, privacy=ps.meta.get("privacy"),
-                           measured={}, extra={"transferred_from": {
+                           extra={"transferred_from": {
                                "model": ps.meta["model"], "prompt_checksum": ps.meta["checksum"], "alpha": alpha,
                                "mode": cfg.mode, "steps": cfg.steps, "public": cfg.public, "public_texts": n}})
         ledger = ps.meta.get("privacy")
