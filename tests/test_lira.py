@@ -1,10 +1,21 @@
-"""LiRA scoring: golden values on a hand-made Gaussian toy, and the AUC extremes."""
+"""LiRA and RMIA scoring: golden values on hand-made toys, the AUC extremes, and the coverage of the ε bound."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from post.lira import epsilon_lower_bound, leave_one_out, lira_offline, lira_online, logit_confidence, plot_roc, roc
+from post.lira import (
+    _epsilons,
+    epsilon_lower_bound,
+    leave_one_out,
+    leave_one_out_rmia,
+    lira_offline,
+    lira_online,
+    logit_confidence,
+    plot_roc,
+    rmia,
+    roc,
+)
 
 
 def test_logit_confidence_is_log_odds_of_the_true_class():
@@ -60,10 +71,76 @@ def test_roc_by_hand_and_tpr_at_fpr():
 def test_epsilon_lower_bound():
     rng = np.random.default_rng(2)
     labels = rng.random(4000) < 0.5
-    chance = roc(rng.normal(size=4000), labels)
-    assert epsilon_lower_bound(chance, int(labels.sum()), int((~labels).sum()), delta=1e-5) < 0.3
-    strong = roc(np.where(labels, 10.0, 0.0) + rng.normal(size=4000) * 0.1, labels)
-    assert epsilon_lower_bound(strong, int(labels.sum()), int((~labels).sum()), delta=1e-5) > 3
+    assert epsilon_lower_bound(rng.normal(size=4000), labels, delta=1e-5) < 0.3
+    strong = np.where(labels, 10.0, 0.0) + rng.normal(size=4000) * 0.1
+    assert epsilon_lower_bound(strong, labels, delta=1e-5) > 3
+    # Perfect separation of 1000 + 1000 held-out scores: FPR ≤ 1 − 0.025^(1/1000) at 97.5%, so ε ≈ log(1/0.0037).
+    perfect = np.log(1 / (1 - 0.025 ** (1 / 1000)))
+    assert epsilon_lower_bound(strong, labels, delta=0.0) == pytest.approx(perfect, rel=0.05)
+    assert epsilon_lower_bound(strong, np.ones(4000, bool), delta=1e-5) == 0.0
+
+
+def _naive_bound(scores, labels, delta, confidence=0.95):
+    """The old bound: Clopper-Pearson limits at every threshold of all scores, then the maximum."""
+    r = roc(scores, labels)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    e1, e2 = _epsilons(np.round(r.tpr * n_pos), np.round(r.fpr * n_neg), n_pos, n_neg, delta, 1 - confidence)
+    return max(0.0, float(np.max(np.r_[e1, e2])))
+
+
+def test_epsilon_lower_bound_covers_the_true_epsilon_of_a_laplace_mechanism():
+    """On a pure ε-DP pair (score = membership + Laplace(1/ε)), a 95% bound may exceed the true ε in at
+    most 5% of trials; with 600 trials, more than the Binomial(600, 0.05) 99.9% quantile fails the test.
+    The same harness catches the old bound (threshold picked on the scores it bounds)."""
+    eps, n, trials = 2.0, 600, 600
+    limit = stats.binom.ppf(0.999, trials, 0.05)
+    over, over_naive, values = 0, 0, []
+    rng = np.random.default_rng(1)
+    for t in range(trials):
+        labels = rng.random(n) < 0.5
+        scores = labels + rng.laplace(scale=1 / eps, size=n)
+        b = epsilon_lower_bound(scores, labels, delta=0.0, seed=t)
+        values.append(b)
+        over += b > eps
+        over_naive += _naive_bound(scores, labels, 0.0) > eps
+    assert over <= limit, f"{over} of {trials} bounds exceed the true ε"
+    assert over_naive > limit  # the harness has the power to see mis-coverage
+    assert np.mean(values) > 0.8  # and the bound is not vacuous: it finds a good part of ε = 2
+
+
+def test_rmia_by_hand():
+    z_target, z_ref = np.array([0.5, 0.2, 0.9]), np.array([[0.5, 0.5], [0.4, 0.4], [0.3, 0.3]])
+    z_use = np.ones((3, 2), bool)
+    # Online: p(x) = 0.5, ratio 1.6; the z ratios are 1, 0.5, 3; LR = 1.6, 3.2, 0.53.
+    args = (np.array([0.8]), np.array([[0.4, 0.6]]), np.ones((1, 2), bool), z_target, z_ref, z_use)
+    assert rmia(*args)[0] == pytest.approx(2 / 3)
+    assert rmia(*args, gamma=2.0)[0] == pytest.approx(1 / 3)
+    # Offline, a = 0.5: p(x) = ½(1.5·0.4 + 0.5) = 0.55 from the OUT reference only; z: 0.625, 0.55, 0.475.
+    # Ratios 1.4545 vs 0.8, 0.364, 1.895: LR = 1.82, 4.0, 0.77.
+    off = rmia(np.array([0.8]), np.array([[0.4, 0.6]]), np.array([[True, False]]), z_target, z_ref, z_use, a=0.5)
+    assert off[0] == pytest.approx(2 / 3)
+    assert rmia(np.array([0.8]), np.array([[0.4, 0.6]]), np.array([[True, False]]), z_target, z_ref, z_use, a=0.5,
+                gamma=1.9)[0] == pytest.approx(1 / 3)
+    # An x that is itself z number 0 is not compared with itself: 1 of the other 2.
+    assert rmia(np.array([0.5]), np.array([[0.5, 0.5]]), np.ones((1, 2), bool), z_target, z_ref, z_use,
+                z_self=np.array([0]))[0] == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="reference"):
+        rmia(np.array([0.5]), np.array([[0.5, 0.5]]), np.zeros((1, 2), bool), z_target, z_ref, z_use)
+
+
+@pytest.mark.parametrize("a", [None, 0.3])
+def test_rmia_at_chance_on_noise_and_above_lira_on_a_shift(a):
+    from post.attack import balanced_masks
+
+    rng = np.random.default_rng(0)
+    masks = balanced_masks(2000, 8, 1)
+    noise = rng.normal(size=masks.shape)
+    assert roc(*leave_one_out_rmia(noise, masks, a=a)).auc == pytest.approx(0.5, abs=0.015)
+    shifted = noise + np.where(masks, 1.0, 0.0)
+    r = roc(*leave_one_out_rmia(shifted, masks, a=a))
+    assert r.auc > 0.7 and r.auc > roc(*leave_one_out(shifted, masks)).auc
+    sep = roc(*leave_one_out_rmia(noise * 0.01 + np.where(masks, 5.0, 0.0), masks, a=a))
+    assert sep.auc > 0.99
 
 
 def test_input_checks_and_plot(tmp_path):

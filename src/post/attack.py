@@ -1,12 +1,21 @@
-"""Stage: LiRA membership inference on soft prompts (``post attack lira``), the privacy audit.
+"""Stage: LiRA and RMIA membership inference on soft prompts (``post attack lira``), the privacy audit.
 
-N shadow prompts are tuned with exactly the settings of the prompt under attack (DP or not),
-each on a seeded half of a pool of training examples; every example is in exactly half of the
-shadows. For every example and shadow the shadow prompt's logit-scaled confidence in the true
-class is recorded, and each shadow is attacked in turn with the others as reference (online and
-offline LiRA, with and without a global variance). With ``--transfer-target`` every shadow prompt
-is also transferred to that model with public data, and the transferred prompts (what the
-provider holds) are attacked through the target's outputs.
+N shadow prompts are tuned with the settings of the prompt under attack (DP or not), each on a
+seeded half of a pool of training examples; every example is in exactly half of the shadows. For
+every example and shadow the shadow prompt's logit-scaled confidence in the true class is
+recorded, and each shadow is attacked in turn with the others as reference: LiRA (online and
+offline, with and without a global variance) and RMIA (online, and offline with its parameter a),
+on the same scores. With ``--transfer-target`` every shadow prompt is also transferred to that
+model with public data, and the transferred prompts (what the provider holds) are attacked
+through the target's outputs.
+
+DP shadows run the released prompt's mechanism as closely as the pool allows: the released
+prompt (``target_n_train`` examples, the whole training split by default) fixes the sampling rate
+q, the steps T, σ and δ; each shadow samples at q too (batch = ⌊q·its size⌋, at least 1), takes
+exactly T steps, and uses the target's δ. σ is the target's unless a small pool forces a shadow's
+rate above q, and then it is raised until the highest rate spends no more than the ε under
+attack. Every shadow's own ledger is checked against that ε, and the result records both
+mechanisms (``target_mechanism``, ``shadow_mechanism``).
 
 Shadows are independent jobs: they run in parallel worker processes, each in its own run
 directory, so an interrupted attack resumes and a finished shadow is never retrained.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +36,7 @@ import numpy as np
 
 from post.config import require
 from post.errors import PostError
-from post.lira import Roc, epsilon_lower_bound, leave_one_out, logit_confidence, plot_roc, roc
+from post.lira import Roc, epsilon_lower_bound, leave_one_out, leave_one_out_rmia, logit_confidence, plot_roc, roc
 from post.resolve import load_configured_model, load_task, subset
 from post.rundir import RunDir, read_json, write_json
 from post.tune import TuneConfig, saved_ledger, tune
@@ -38,7 +48,11 @@ CONFIDENCE = "confidence.json"
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig(TuneConfig):
-    """LiRA membership inference on prompts tuned with these settings (all of post tune's options apply).
+    """LiRA and RMIA membership inference on prompts tuned with these settings (all of post tune's options apply).
+
+    With --dp, the tuning options (batch size, epochs, max steps, ε, δ, σ) describe the released prompt
+    under attack, trained on --target-n-train examples; each shadow derives its own batch and epochs
+    from them so that it runs the same rate q and number of steps.
 
     Attributes:
         shadows: Number of shadow prompts (paper: 8; ≥ 16 recommended).
@@ -52,6 +66,9 @@ class AttackConfig(TuneConfig):
         transfer_lr: Transfer learning rate.
         transfer_alpha: Transfer α.
         transfer_mode: vocab or label-words.
+        target_n_train: Training examples of the prompt under attack (its post tune --train-limit; default: the
+            whole training split): with --dp it fixes the sampling rate, steps and δ the shadows copy.
+        rmia_a: RMIA's offline parameter a (p_IN ≈ a·p_OUT + 1 − a; the paper tunes it on reference models).
     """
 
     shadows: int = 16
@@ -65,6 +82,8 @@ class AttackConfig(TuneConfig):
     transfer_lr: float = 1e-3
     transfer_alpha: float = 0.5
     transfer_mode: str = "vocab"
+    target_n_train: int | None = None
+    rmia_a: float = 0.3
 
     def __post_init__(self) -> None:
         TuneConfig.__post_init__(self)
@@ -76,6 +95,8 @@ class AttackConfig(TuneConfig):
         require(self.train_indices is None and self.train_limit is None, "train_indices",
                 "the attack chooses each shadow's training examples itself; drop --train-indices/--train-limit.")
         require(self.audit_delta is None or 0 < self.audit_delta < 1, "audit_delta", "must be in (0, 1).")
+        require(self.target_n_train is None or self.target_n_train >= 2, "target_n_train", "must be at least 2.")
+        require(0 <= self.rmia_a <= 1, "rmia_a", f"must be in [0, 1], got {self.rmia_a}.")
 
 
 def balanced_masks(n: int, shadows: int, seed: int) -> np.ndarray:
@@ -85,10 +106,66 @@ def balanced_masks(n: int, shadows: int, seed: int) -> np.ndarray:
     return order < shadows // 2
 
 
-def _tune_config(cfg: AttackConfig, indices_file: Path, seed: int) -> TuneConfig:
+def _tune_config(cfg: AttackConfig, indices_file: Path | None, seed: int, **overrides: Any) -> TuneConfig:
+    """The TuneConfig of one shadow: the attack's tuning options, its training indices and seed, ``overrides``."""
     fields = {f.name for f in dataclasses.fields(TuneConfig) if f.init}
     base = {k: getattr(cfg, k) for k in fields}
-    return TuneConfig(**{**base, "train_indices": indices_file, "seed": seed, "test": False})
+    if base.get("dp_seed") is not None:  # an explicit, reproducible DP seed: one per shadow
+        base["dp_seed"] = base["dp_seed"] + seed - cfg.seed
+    return TuneConfig(**{**base, "train_indices": indices_file, "seed": seed, "test": False, **overrides})
+
+
+@dataclass(frozen=True)
+class ShadowPlan:
+    """How DP shadows copy the released prompt's mechanism (see the module docstring).
+
+    Attributes:
+        target: The released prompt's mechanism: dataset_size, sample_rate, steps, noise_multiplier, delta,
+            epsilon (after its steps).
+        batch_sizes: Each shadow's expected batch (its Poisson rate is batch / its size).
+        epochs: Each shadow's epochs, enough that it takes ``steps`` steps.
+        steps: Steps every shadow takes (the target's).
+        noise_multiplier: σ of every shadow.
+        delta: δ of every shadow (the target's).
+    """
+
+    target: dict[str, Any]
+    batch_sizes: list[int]
+    epochs: list[int]
+    steps: int
+    noise_multiplier: float
+    delta: float
+
+    def overrides(self, s: int) -> dict[str, Any]:
+        """TuneConfig fields of shadow ``s``."""
+        return {"batch_size": self.batch_sizes[s], "epochs": self.epochs[s], "max_steps": self.steps,
+                "noise_multiplier": self.noise_multiplier, "delta": self.delta}
+
+
+def plan_dp_shadows(cfg: AttackConfig, sizes: list[int], target_n: int) -> ShadowPlan:
+    """Batches, steps, σ and δ for DP shadows of ``sizes`` examples copying a released prompt on ``target_n``."""
+    from post.accounting import calibrate_noise
+    from post.tune import make_plan
+
+    target = make_plan(_tune_config(cfg, None, cfg.seed), target_n).ledger
+    assert target is not None
+    steps, q = target.planned_steps, target.sample_rate
+    eps = target.after(steps).epsilon
+    if target.delta >= 1 / max(sizes):
+        raise PostError(f"the attacked prompt's δ = {target.delta:g} is not below 1/N for a shadow of {max(sizes)} "
+                        "examples; give a smaller --delta or a larger --pool-size.")
+    batches = [max(1, math.floor(q * n + 1e-9)) for n in sizes]
+    epochs = [max(1, math.ceil(steps / max(1, round(n / b)))) for n, b in zip(sizes, batches)]
+    top = max(b / n for b, n in zip(batches, sizes))
+    sigma = target.noise_multiplier
+    if top > q * (1 + 1e-12) and sigma > 0:
+        # A pool too small for rate q: the shadows with batch 1 sample faster, so they need more noise to stay
+        # within the ε under attack.
+        sigma = max(sigma, calibrate_noise(target_epsilon=eps, delta=target.delta, sample_rate=top, steps=steps,
+                                           accountant=cfg.accountant))
+    info = {"dataset_size": target_n, "sample_rate": q, "steps": steps, "noise_multiplier": target.noise_multiplier,
+            "delta": target.delta, "epsilon": eps, "batch_size": cfg.batch_size}
+    return ShadowPlan(info, batches, epochs, steps, sigma, target.delta)
 
 
 def _confidences(model_name: str, cfg: AttackConfig, prompt_path: str, pool: list[int]) -> list[float]:
@@ -108,8 +185,8 @@ def _confidences(model_name: str, cfg: AttackConfig, prompt_path: str, pool: lis
     return logit_confidence(scores, np.array([train.labels[i] for i in pool])).tolist()
 
 
-def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: list[int], threads: int
-               ) -> dict[str, Any]:
+def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: list[int], threads: int,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tune shadow ``s`` on ``members`` and record its confidences (and its transferred prompt's)."""
     import torch
 
@@ -121,7 +198,7 @@ def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: l
     idx_file = d / "train_indices.json"
     if not idx_file.exists():
         write_json(idx_file, members)
-    tuned = tune(_tune_config(cfg, idx_file, cfg.seed + 1 + s), d / "tune")
+    tuned = tune(_tune_config(cfg, idx_file, cfg.seed + 1 + s, **(overrides or {})), d / "tune")
     out: dict[str, Any] = {"shadow": s, "source": _confidences(cfg.model, cfg, tuned["prompt"], pool),
                            "tune_seconds": tuned["train_seconds"]}
     if cfg.transfer_target:
@@ -138,20 +215,36 @@ def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: l
     return out
 
 
-def audit(conf: np.ndarray, masks: np.ndarray, *, delta: float) -> tuple[dict[str, Any], dict[str, Roc]]:
-    """Attack figures for every LiRA variant from (N, S) confidences and membership."""
-    figures, curves = {}, {}
+def _figures(scores: np.ndarray, labels: np.ndarray, delta: float, seed: int) -> tuple[dict[str, Any], Roc]:
+    r = roc(scores, labels)
+    return {"auc": r.auc, "tpr_at_0.1%_fpr": r.tpr_at(0.001), "tpr_at_1%_fpr": r.tpr_at(0.01),
+            "balanced_accuracy": r.balanced_accuracy,
+            "epsilon_lower_bound": epsilon_lower_bound(scores, labels, delta=delta, seed=seed)}, r
+
+
+def audit(conf: np.ndarray, masks: np.ndarray, *, delta: float, rmia_a: float = 0.3, seed: int = 0
+          ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Roc]]:
+    """Attack figures from (N, S) confidences and membership: LiRA's variants, RMIA's, and all ROC curves."""
+    lira, rmia, curves = {}, {}, {}
     for online in (True, False):
         for global_variance in (False, True):
             name = f"{'online' if online else 'offline'}{', global variance' if global_variance else ''}"
             scores, labels = leave_one_out(conf, masks, online=online, global_variance=global_variance)
-            r = roc(scores, labels)
-            curves[name] = r
-            figures[name] = {"auc": r.auc, "tpr_at_0.1%_fpr": r.tpr_at(0.001), "tpr_at_1%_fpr": r.tpr_at(0.01),
-                             "balanced_accuracy": r.balanced_accuracy,
-                             "epsilon_lower_bound": epsilon_lower_bound(r, int(labels.sum()), int((~labels).sum()),
-                                                                        delta=delta)}
-    return figures, curves
+            lira[name], curves[f"LiRA {name}"] = _figures(scores, labels, delta, seed)
+    for name, a in (("online", None), (f"offline, a={rmia_a:g}", rmia_a)):
+        scores, labels = leave_one_out_rmia(conf, masks, a=a)
+        rmia[name], curves[f"RMIA {name}"] = _figures(scores, labels, delta, seed)
+    return lira, rmia, curves
+
+
+def _shadow_ledgers(shadows_dir: Path, n: int, ceiling: float) -> list[float]:
+    """Each DP shadow's ε from its own ledger (recomputed); refused if one spent more than ``ceiling``."""
+    eps = [saved_ledger(shadows_dir / f"shadow-{s:03d}" / "tune").epsilon for s in range(n)]
+    worst = int(np.argmax(eps))
+    if eps[worst] > ceiling * (1 + 1e-6) + 1e-9:
+        raise PostError(f"shadow {worst} spent ε = {eps[worst]:.4f}, more than the ε = {ceiling:.4f} under attack; its "
+                        f"prompt is not the mechanism attacked. Run again with a new --out.")
+    return eps
 
 
 def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -168,23 +261,16 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
     if len(pool) < 4:
         raise PostError(f"the training split has {len(pool)} examples; the attack needs at least 4.")
     masks = balanced_masks(len(pool), cfg.shadows, cfg.seed)
-    if cfg.dp and cfg.noise_multiplier is None:
-        # Every shadow trains with one σ (one training recipe, one accountant search instead of one per
-        # shadow), calibrated for the smallest shadow: its sample rate is the highest, so no shadow spends
-        # more than the ε under attack (calibrating for half the pool let a smaller shadow exceed it).
-        from post.tune import make_plan
-
-        smallest = int(masks.sum(axis=0).min())
-        plan = make_plan(_tune_config(cfg, run.path / "unused.json", cfg.seed), smallest)
-        cfg = dataclasses.replace(cfg, noise_multiplier=plan.ledger.noise_multiplier)  # type: ignore[union-attr]
+    sizes = masks.sum(axis=0).astype(int).tolist()
+    plan = plan_dp_shadows(cfg, sizes, cfg.target_n_train or len(train)) if cfg.dp else None
     write_json(run.path / "membership.json", {"pool": pool, "in": masks.astype(int).tolist()})
     shadows_dir = run.path / "shadows"
     import torch
 
     # Share the threads this process may use (OMP_NUM_THREADS, torch.set_num_threads) among the workers.
     threads = max(1, min(os.cpu_count() or 1, torch.get_num_threads()) // cfg.workers)
-    jobs = [(cfg, str(shadows_dir), s, pool, [pool[i] for i in np.nonzero(masks[:, s])[0]], threads)
-            for s in range(cfg.shadows)]
+    jobs = [(cfg, str(shadows_dir), s, pool, [pool[i] for i in np.nonzero(masks[:, s])[0]], threads,
+             plan.overrides(s) if plan else None) for s in range(cfg.shadows)]
     log.info("LiRA: %d shadows on a pool of %d %s examples, %d worker(s)", cfg.shadows, len(pool), cfg.task,
              cfg.workers)
     if cfg.workers == 1:
@@ -196,36 +282,65 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
             outs = list(ex.map(run_shadow, *zip(*jobs)))
     for o in outs:
         run.log(shadow=o["shadow"], tune_seconds=o["tune_seconds"])
-    ledger = saved_ledger(shadows_dir / "shadow-000" / "tune").to_dict() if cfg.dp else None
-    delta = cfg.audit_delta or (ledger["delta"] if ledger else 1e-5)
+    eps_s = _shadow_ledgers(shadows_dir, cfg.shadows, plan.target["epsilon"]) if plan else []
+    epsilon = plan.target["epsilon"] if plan else None
+    delta = cfg.audit_delta or (plan.delta if plan else 1e-5)
     conf = np.array([o["source"] for o in outs]).T
-    figures, curves = audit(conf, masks, delta=delta)
+    figures, rmia, curves = audit(conf, masks, delta=delta, rmia_a=cfg.rmia_a, seed=cfg.seed)
     plot_roc(curves, str(run.path / "roc.png"))
     result: dict[str, Any] = {
         "model": cfg.model, "task": cfg.task, "dp": cfg.dp, "shadows": cfg.shadows, "pool": len(pool),
-        "epsilon": ledger["epsilon"] if ledger else None, "delta": delta, "source_prompt": figures,
+        "epsilon": epsilon, "delta": delta, "source_prompt": figures, "source_prompt_rmia": rmia,
+        "epsilon_lower_bound_assumes": "independent scores; leave-one-out scores share shadows, so the bound is "
+                                       "indicative, not certified (post attack canary is)",
         "auc": figures["online"]["auc"], "tpr_at_1%_fpr": figures["online"]["tpr_at_1%_fpr"],
+        "tpr_at_0.1%_fpr": figures["online"]["tpr_at_0.1%_fpr"], "rmia_auc": rmia["online"]["auc"],
+        "rmia_tpr_at_1%_fpr": rmia["online"]["tpr_at_1%_fpr"],
+        "rmia_tpr_at_0.1%_fpr": rmia["online"]["tpr_at_0.1%_fpr"],
+        "rmia_offline_auc": rmia[f"offline, a={cfg.rmia_a:g}"]["auc"],
         "roc_png": str(run.path / "roc.png"), "wall_seconds": round(time.perf_counter() - t0, 3),
     }
+    if plan:
+        rates = [b / n for b, n in zip(plan.batch_sizes, sizes)]
+        result.update(
+            shadow_epsilon_max=max(eps_s), target_mechanism=plan.target,
+            shadow_mechanism={"dataset_sizes": sizes, "batch_sizes": plan.batch_sizes, "sample_rates": rates,
+                              "steps": plan.steps, "noise_multiplier": plan.noise_multiplier, "delta": plan.delta,
+                              "epsilons": eps_s},
+            mechanism_note=_mechanism_note(plan, rates))
     if cfg.transfer_target:
         conf_t = np.array([o["target"] for o in outs]).T
-        figures_t, curves_t = audit(conf_t, masks, delta=delta)
+        figures_t, rmia_t, curves_t = audit(conf_t, masks, delta=delta, rmia_a=cfg.rmia_a, seed=cfg.seed)
         plot_roc(curves_t, str(run.path / "roc-transferred.png"))
         result.update(transfer_target=cfg.transfer_target, transferred_prompt=figures_t,
-                      transferred_auc=figures_t["online"]["auc"],
+                      transferred_prompt_rmia=rmia_t, transferred_auc=figures_t["online"]["auc"],
+                      transferred_rmia_auc=rmia_t["online"]["auc"],
                       roc_transferred_png=str(run.path / "roc-transferred.png"))
     return run.finish(result)
 
 
+def _mechanism_note(plan: ShadowPlan, rates: list[float]) -> str:
+    t = plan.target
+    same_q = max(rates) <= t["sample_rate"] * (1 + 1e-12) and min(rates) >= 0.9 * t["sample_rate"]
+    rate = (f"q {min(rates):.4g}-{max(rates):.4g} (batch {min(plan.batch_sizes)}-{max(plan.batch_sizes)}) against "
+            f"the released prompt's q {t['sample_rate']:.4g} (batch {t['batch_size']} of {t['dataset_size']})")
+    sigma = ("the same σ" if plan.noise_multiplier == t["noise_multiplier"] else
+             f"σ {plan.noise_multiplier:.4g} instead of {t['noise_multiplier']:.4g} (the pool is too small for its q)")
+    return (f"shadows: {rate}{' (as close as integer batches allow)' if same_q else ''}; the same {plan.steps} "
+            f"steps and δ = {plan.delta:g}; {sigma}")
+
+
 def summarize(result: dict[str, Any]) -> str:
     privacy = f"DP, ε={float(result['epsilon']):.2f}" if result["dp"] else "non-private"
-    lines = [f"LiRA on {result['shadows']} shadow prompts ({privacy}), pool {result['pool']}, "
+    lines = [f"LiRA and RMIA on {result['shadows']} shadow prompts ({privacy}), pool {result['pool']}, "
              f"{result['wall_seconds']:.0f} s"]
-    for label, figs in (("source prompt", result["source_prompt"]),
-                        ("transferred prompt", result.get("transferred_prompt"))):
-        if figs:
-            o = figs["online"]
-            lines.append(f"  {label}: AUC {o['auc']:.3f}  TPR@1%FPR {o['tpr_at_1%_fpr']:.3f}  TPR@0.1%FPR "
-                         f"{o['tpr_at_0.1%_fpr']:.3f}  empirical ε ≥ {o['epsilon_lower_bound']:.2f}")
+    for label, key in (("source prompt", "source_prompt"), ("transferred prompt", "transferred_prompt")):
+        if result.get(key):
+            for name, o in (("LiRA", result[key]["online"]), ("RMIA", result.get(f"{key}_rmia", {}).get("online"))):
+                if o:
+                    lines.append(f"  {label}, {name}: AUC {o['auc']:.3f}  TPR@1%FPR {o['tpr_at_1%_fpr']:.3f}  TPR@0.1%"
+                                 f"FPR {o['tpr_at_0.1%_fpr']:.3f}  empirical ε ≥ {o['epsilon_lower_bound']:.2f}")
+    if result.get("mechanism_note"):
+        lines.append(f"  {result['mechanism_note']}; largest shadow ε {result['shadow_epsilon_max']:.3f}")
     lines.append(f"ROC: {result['roc_png']}")
     return "\n".join(lines)
