@@ -196,7 +196,9 @@ def test_checksum_mismatch_is_an_error_and_leaves_nothing(registry, monkeypatch)
 def test_airline_latin1_three_classes(registry):
     ds = load_labelled("airline", cache_dir=registry["cache"])
     assert ds.class_names == ("negative", "neutral", "positive")
-    assert ds.task.label_words["neutral"] == (" moderate", " neutral", " balanced")
+    # the causal-LM default chosen on public tweets (post.templates); the paper's words stay in data.TWEET_WORDS
+    assert ds.task.label_words["neutral"] == (" Neutral",) and ds.task.template == data.CAUSAL_SENTIMENT_TEMPLATE
+    assert data.TWEET_WORDS["neutral"] == (" moderate", " neutral", " balanced")
     assert [sum(ds.class_counts(s)[c] for s in ds.splits) for c in range(3)] == [20, 20, 10]
     positives = [t for sp in ds.splits.values() for t, y in zip(sp.texts, sp.labels) if y == 2]
     assert all(t.endswith("café") for t in positives)  # latin-1 decoded, the C1 control stripped

@@ -49,10 +49,17 @@ from post.corpus import (
     source_ok,
 )
 from post.errors import ConfigError, PostError
-from post.tasks import DEFAULT_TEMPLATE, SENTIMENT_WORDS, Task, parse_label_words
+from post.tasks import (
+    CAUSAL_SENTIMENT_TEMPLATE,
+    CAUSAL_SENTIMENT_WORDS,
+    DEFAULT_TEMPLATE,
+    SENTIMENT_WORDS,
+    Task,
+    parse_label_words,
+)
 
-__all__ = ["DatasetInfo", "LabelledDataset", "Split", "fetch_dataset", "list_datasets", "load_labelled",
-           "load_texts", "stratified_split"]
+__all__ = ["DatasetInfo", "LabelledDataset", "Split", "default_task", "fetch_dataset", "list_datasets",
+           "load_labelled", "load_texts", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,10 @@ TWEET_WORDS: dict[str, tuple[str, ...]] = {
     "neutral": (" moderate", " neutral", " balanced"),
     "positive": SENTIMENT_WORDS["positive"],
 }
+# airline's default words with the chosen template: the winning set's (post.templates "Positive/Negative") neutral.
+CAUSAL_TWEET_WORDS: dict[str, tuple[str, ...]] = {"negative": CAUSAL_SENTIMENT_WORDS["negative"],
+                                                  "neutral": (" Neutral",),
+                                                  "positive": CAUSAL_SENTIMENT_WORDS["positive"]}
 REVIEW_INIT = "Predict if sentiment of this review is positive or negative"
 TWEET_INIT = "Predict if sentiment of this tweet is positive, neutral or negative"
 NEWS_INIT = "Predict the topic of the news"
@@ -274,11 +285,14 @@ class BuiltinLabelled:
 
 
 BUILTIN_LABELLED: dict[str, BuiltinLabelled] = {
-    "mr": BuiltinLabelled(_parse_mr, ("-1", "1"), Task(DEFAULT_TEMPLATE, dict(SENTIMENT_WORDS), REVIEW_INIT),
+    # mr and airline default to the template and words chosen on public airline tweets for the causal target
+    # (post.tasks.CAUSAL_SENTIMENT_TEMPLATE); the paper's: --template '{text} It was {mask}.' and its words.
+    "mr": BuiltinLabelled(_parse_mr, ("-1", "1"),
+                          Task(CAUSAL_SENTIMENT_TEMPLATE, dict(CAUSAL_SENTIMENT_WORDS), REVIEW_INIT),
                           "4,000 sentences (2,000 per class)",
                           "movie-review sentence polarity (Pang & Lee 2005); stands in for sst2"),
     "airline": BuiltinLabelled(_parse_airline, ("negative", "neutral", "positive"),
-                               Task(DEFAULT_TEMPLATE, dict(TWEET_WORDS), TWEET_INIT),
+                               Task(CAUSAL_SENTIMENT_TEMPLATE, dict(CAUSAL_TWEET_WORDS), TWEET_INIT),
                                "38,158 tweets (16,186 / 15,018 / 6,954)",
                                "CrowdFlower airline/driverless-car tweets, 3-way sentiment; stands in for "
                                "tweet_eval; the default public transfer text"),
@@ -557,6 +571,16 @@ def load_labelled(name: str, *, text_column: str = "text", label_column: str = "
     task, splits, dropped = _load_file(path, text_column, label_column, template, label_words, init_text,
                                        split_seed, encoding)
     return LabelledDataset(key, task, splits, f"file:{path.resolve()}", dropped)
+
+
+def default_task(name: str) -> Task | None:
+    """The built-in task of a named labelled set (``mr``, ``airline``, a hub set), without loading its data."""
+    low = str(name).strip().lower()
+    if low in BUILTIN_LABELLED:
+        return BUILTIN_LABELLED[low].task
+    if low in _HUB_ALIASES:
+        return HUB_DATASETS[_HUB_ALIASES[low]].task
+    return None
 
 
 def list_datasets() -> list[DatasetInfo]:

@@ -53,6 +53,10 @@ class DistillConfig(ModelOptions):
         keep_layers: Teacher layers the student starts from (paper: first and last).
         corpus: Unlabelled text: offline (wiki + news), wiki, news, a text/JSONL/CSV file, or hf:NAME.
         corpus_limit: Use at most this many texts of the corpus.
+        corpus_template: Wrap each corpus text in a task template with {text} and {mask}, cut at
+            {mask} (e.g. 'Review: {text}\nSentiment: {mask}'), so that the student learns the
+            teacher's answers where the task asks its question. Use it with the provider's public
+            text (e.g. --corpus airline); it needs no labels and no private data.
         block_size: Tokens per packed block.
         batch_size: Blocks per optimizer step (all processes together).
         max_steps: Optimizer steps.
@@ -77,6 +81,7 @@ class DistillConfig(ModelOptions):
     keep_layers: str = "0,-1"
     corpus: str = "offline"
     corpus_limit: int | None = None
+    corpus_template: str | None = None
     block_size: int = 128
     batch_size: int = 8
     max_steps: int = 500
@@ -114,6 +119,18 @@ class DistillConfig(ModelOptions):
         require(self.held_out >= 1, "held_out", f"must be at least 1, got {self.held_out}.")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
         require(self.log_every >= 1, "log_every", "must be at least 1.")
+        if self.corpus_template is not None:
+            from post.tasks import check_template
+
+            check_template(self.corpus_template)
+
+
+def templated(texts: list[str], template: str | None, mask_token: str | None) -> list[str]:
+    """``texts`` wrapped in ``template`` up to its {mask} (causal), or with the mask token in it (masked)."""
+    if template is None:
+        return texts
+    head = template.split("{mask}")[0].rstrip(" ") if mask_token is None else template.replace("{mask}", mask_token)
+    return [head.replace("{text}", t) for t in texts]
 
 
 def pack_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
@@ -222,8 +239,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
-    blocks = pack_blocks(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir),
-                         teacher.tokenizer, cfg.block_size)
+    texts = templated(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir), cfg.corpus_template,
+                      teacher.tokenizer.mask_token if kind == "masked" else None)
+    blocks = pack_blocks(texts, teacher.tokenizer, cfg.block_size)
     order = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
     if len(blocks) <= cfg.held_out + cfg.batch_size:
         raise PostError(f"the corpus gives {len(blocks)} blocks: too few for --held-out {cfg.held_out} and "

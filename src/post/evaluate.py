@@ -1,4 +1,17 @@
-"""Stage: score a model (optionally with a soft prompt) on one split of a task."""
+"""Stage: score a model (optionally with a soft prompt) on one split of a task.
+
+Besides the metrics, every run writes ``predictions.json`` (:func:`write_predictions`): the split's
+example indices it scored, their labels and the predicted classes, so two methods scored on the
+same sentences can be compared pairwise (exact McNemar test, :mod:`post.stats`).
+
+**Proxy tuning** (a baseline; Liu et al. 2024, "Tuning language models by proxy"): with
+``--proxy-source-model S --prompt ps`` the target's logits get the change the prompt causes on the
+small model added at query time, ``Φt(x) + (Φs(ps; x) − Φs(x))``, at the answer position. A
+class's score is the mean of its label words' logits, a linear map, so adding the three models'
+class scores is the same as adding their label-word logits first. Each model's per-position logit
+offset is shared by all words and cancels in the argmax, so raw logits can be added. The target
+never sees the prompt; the user must run Φs next to every query.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from post.config import ModelOptions, TaskOptions, check_split, require
 from post.errors import PostError
 from post.prompt import load_prompt
 from post.resolve import load_configured_model, load_task, subset
-from post.rundir import RunDir
+from post.rundir import RunDir, read_json, write_json
 from post.scoring import Encoder, classification_metrics, predict_scores
 from post.tasks import Verbalizer
 
 log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +49,8 @@ class EvaluateConfig(TaskOptions, ModelOptions):
         seed: Seed of that subset.
         allow_other_model: Use a prompt tuned on another model of the same width as it is ("direct
             transfer", a baseline); without it such a prompt is refused.
+        proxy_source_model: Proxy tuning (a baseline): the small model --prompt was tuned on; the
+            target's label-word logits get Φs(prompt; x) − Φs(x) added. Needs the same tokenizer.
     """
 
     model: str
@@ -41,6 +60,7 @@ class EvaluateConfig(TaskOptions, ModelOptions):
     limit: int | None = None
     seed: int = 0
     allow_other_model: bool = False
+    proxy_source_model: str | None = None
 
     def __post_init__(self) -> None:
         TaskOptions.__post_init__(self)
@@ -49,6 +69,10 @@ class EvaluateConfig(TaskOptions, ModelOptions):
         check_split(self.split)
         require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}.")
         require(self.limit is None or self.limit >= 1, "limit", f"must be at least 1, got {self.limit}.")
+        require(self.proxy_source_model is None or self.prompt is not None, "proxy_source_model",
+                "needs --prompt: the prompt tuned on that model, whose effect is added to the target's logits.")
+        require(self.proxy_source_model is None or not self.allow_other_model, "allow_other_model",
+                "does not apply to proxy tuning (the prompt runs on --proxy-source-model, its own model).")
 
 
 def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -62,11 +86,13 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
     texts = [split.texts[i] for i in idx]
     labels = [split.labels[i] for i in idx]
     loaded = load_configured_model(cfg, cfg.model)
+    source = load_configured_model(cfg, cfg.proxy_source_model) if cfg.proxy_source_model is not None else None
     prompt = prompt_file = None
     prompt_meta: dict[str, Any] | None = None
     if cfg.prompt is not None:
-        prompt_file = load_prompt(cfg.prompt, loaded, same_model=not cfg.allow_other_model)
-        prompt, prompt_meta = prompt_file.tensor.to(loaded.model.device), prompt_file.summary()
+        owner = source if source is not None else loaded  # proxy tuning runs the prompt on its own model
+        prompt_file = load_prompt(cfg.prompt, owner, same_model=source is not None or not cfg.allow_other_model)
+        prompt, prompt_meta = prompt_file.tensor.to(owner.model.device), prompt_file.summary()
     task = data.task
     if prompt_file is not None:  # a prompt is only meaningful with the template it was tuned with
         task = prompt_file.task
@@ -77,18 +103,86 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
     verbalizer = Verbalizer.build(task, loaded.tokenizer)
     log.info("scoring %d %s examples of %s with %s", len(texts), cfg.split, cfg.task, cfg.model)
     t0 = time.perf_counter()
-    scores = predict_scores(loaded.model, encoder, verbalizer, texts, batch_size=cfg.batch_size, prompt=prompt,
-                            desc=f"evaluate {cfg.split}")
+    if source is not None:
+        assert prompt is not None
+        scores = _proxy_scores(cfg, loaded, source, task, encoder, verbalizer, texts, prompt)
+    else:
+        scores = predict_scores(loaded.model, encoder, verbalizer, texts, batch_size=cfg.batch_size, prompt=prompt,
+                                desc=f"evaluate {cfg.split}")
     elapsed = time.perf_counter() - t0
     metrics = classification_metrics(scores, labels, data.class_names)
+    write_predictions(run.path, cfg.split, [int(i) for i in idx], labels, scores)
     run.log(split=cfg.split, **{k: metrics[k] for k in ("n", "accuracy", "macro_f1")},
             examples_per_second=len(texts) / max(elapsed, 1e-9))
+    extra = {"method": "proxy", "proxy_source_model": cfg.proxy_source_model} if source is not None else {}
     return run.finish({
-        "model": cfg.model, "task": cfg.task, "split": cfg.split, "prompt": prompt_meta,
-        **metrics, "scoring_seconds": round(elapsed, 3),
+        "model": cfg.model, "task": cfg.task, "split": cfg.split, "prompt": prompt_meta, **extra,
+        **metrics, "scoring_seconds": round(elapsed, 3), "predictions": str(run.path / PREDICTIONS_FILE),
     })
 
 
+def combine_proxy(target: np.ndarray, source_prompted: np.ndarray, source_plain: np.ndarray) -> np.ndarray:
+    """(N, C) proxy-tuned class scores ``Φt(x) + (Φs(ps; x) − Φs(x))`` from three (N, C) score arrays."""
+    if not target.shape == source_prompted.shape == source_plain.shape:
+        raise PostError(f"proxy tuning needs scores of one shape, got {target.shape}, {source_prompted.shape} and "
+                        f"{source_plain.shape}.")
+    return target + (source_prompted - source_plain)
+
+
+def _proxy_scores(cfg: EvaluateConfig, target: Any, source: Any, task: Any, encoder: Encoder,
+                  verbalizer: Verbalizer, texts: list[str], prompt: Any) -> np.ndarray:
+    """Class scores of proxy tuning: the same encoded inputs and label words on both models."""
+    if target.tokenizer.get_vocab() != source.tokenizer.get_vocab():
+        raise PostError(f"proxy tuning adds {cfg.proxy_source_model}'s logits to {cfg.model}'s, so both need the "
+                        "same tokenizer; use a student of the target (post distill / post student).")
+    source_encoder = Encoder(task, source.tokenizer, source.kind, cfg.max_length)
+    source_verbalizer = Verbalizer.build(task, source.tokenizer)
+    if not _same_ids(source_verbalizer.token_ids, verbalizer.token_ids):
+        raise PostError("the label words tokenise differently on the two models; proxy tuning needs the same "
+                        "tokenizer.")
+    kw = {"batch_size": cfg.batch_size}
+    base = predict_scores(target.model, encoder, verbalizer, texts, desc="proxy: target", **kw)
+    tuned = predict_scores(source.model, source_encoder, source_verbalizer, texts, prompt=prompt,
+                           desc="proxy: source with prompt", **kw)
+    plain = predict_scores(source.model, source_encoder, source_verbalizer, texts, desc="proxy: source", **kw)
+    return combine_proxy(base, tuned, plain)
+
+
+def _same_ids(a: Any, b: Any) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and bool((a == b).all())
+
+
+def write_predictions(run_path: str | Path, split: str, indices: list[int], labels: Any, scores: np.ndarray) -> Path:
+    """Write ``predictions.json``: {"split", "indices" (into the split), "labels", "predicted"} (class indices).
+
+    ``scores`` is (N, C) in the order of ``indices``. The file holds no text, only indices and
+    classes, so pairing two runs needs both to have scored the same split of the same task.
+    """
+    path = Path(run_path) / PREDICTIONS_FILE
+    predicted = np.asarray(scores).argmax(axis=1).tolist() if len(indices) else []
+    if len(indices) != len(labels) or len(indices) != len(predicted):
+        raise PostError(f"predictions need one index, label and score row per example ({len(indices)}, "
+                        f"{len(labels)}, {len(predicted)}).")
+    write_json(path, {"split": split, "indices": [int(i) for i in indices], "labels": [int(y) for y in labels],
+                      "predicted": [int(p) for p in predicted]})
+    return path
+
+
+def read_predictions(run_path: str | Path) -> dict[int, tuple[int, int]] | None:
+    """``example index -> (label, predicted)`` of a run's ``predictions.json``; None when it has none."""
+    path = Path(run_path) / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    d = read_json(path)
+    try:
+        rows = zip(d["indices"], d["labels"], d["predicted"], strict=True)
+        return {int(i): (int(y), int(p)) for i, y, p in rows}
+    except (KeyError, TypeError, ValueError):
+        raise PostError(f"{path} is not a predictions file (indices, labels, predicted); delete it and re-run "
+                        "the evaluation.") from None
+
+
 def summarize(result: dict[str, Any]) -> str:
+    how = f" (proxy tuning via {result['proxy_source_model']})" if result.get("proxy_source_model") else ""
     return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  on {result['n']} "
-            f"{result['split']} examples of {result['task']} with {result['model']} ({result['seconds']:.1f} s)")
+            f"{result['split']} examples of {result['task']} with {result['model']}{how} ({result['seconds']:.1f} s)")

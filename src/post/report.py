@@ -20,6 +20,7 @@ from typing import Any
 
 from post.errors import PostError
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
+from post.stats import at_chance, format_p
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -34,23 +35,50 @@ def _cells(out: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(p.open(encoding="utf-8"))) if p.is_file() else []
 
 
+def _num(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
 def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Per task and privacy setting: POST against PT on Φs, zero-shot Φt and 90% of PT on Φt."""
-    by = {(c["task"], c["method"], c["dp"] == "True"): float(c["accuracy"]) for c in cells}
+    """Per task and privacy setting: POST against PT on Φs, zero-shot Φt and 90% of PT on Φt.
+
+    Each row carries POST's n and Wilson 95% interval where the table has them, the exact McNemar
+    p-value of each comparison where both runs saved predictions on the same sentences, and
+    ``PT on Φt failed``: True when the PT-on-Φt baseline's interval contains chance (1 / classes),
+    so "POST reaches 90% of it" would be a statement about a failed baseline.
+    """
+    by = {(c["task"], c["method"], c["dp"] == "True"): c for c in cells}
     rows = []
     for task, method, dp in sorted(by):
         if method != "POST":
             continue
-        post = by[(task, method, dp)]
-        row: dict[str, Any] = {"task": task, "dp": dp, "post": post}
-        for name, ref in (("beats PT on Φs", by.get((task, "PT on Φs", dp))),
-                          ("beats zero-shot Φt", by.get((task, "zero-shot Φt", dp)))):
-            row[name] = None if ref is None else post > ref
-        full = by.get((task, "PT on Φt", dp))
+        cell = by[(task, method, dp)]
+        post = float(cell["accuracy"])
+        row: dict[str, Any] = {"task": task, "dp": dp, "post": post, "n": _num(cell.get("n")),
+                               "ci_low": _num(cell.get("ci_low")), "ci_high": _num(cell.get("ci_high"))}
+        for name, ref_method, key in (("beats PT on Φs", "PT on Φs", "pt_source"),
+                                      ("beats zero-shot Φt", "zero-shot Φt", "zero_shot_target")):
+            ref = by.get((task, ref_method, dp))
+            row[name] = None if ref is None else post > float(ref["accuracy"])
+            row[f"p_value_vs_{key}"] = _num(cell.get(f"p_value_vs_{key}"))
+        full_cell = by.get((task, "PT on Φt", dp))
+        full = None if full_cell is None else float(full_cell["accuracy"])
         row["of PT on Φt"] = None if full is None else post / full
         row["≥ 90% of PT on Φt"] = None if full is None else post >= 0.9 * full
+        row["p_value_vs_pt_target"] = _num(cell.get("p_value_vs_pt_target"))
+        row["PT on Φt failed"] = _baseline_failed(full_cell)
         rows.append(row)
     return rows
+
+
+def _baseline_failed(cell: dict[str, str] | None) -> bool | None:
+    """Whether a cell's 95% interval contains chance (None when it has no interval or class count)."""
+    if cell is None:
+        return None
+    low, high, classes = _num(cell.get("ci_low")), _num(cell.get("ci_high")), _num(cell.get("num_classes"))
+    if low is None or high is None or not classes:
+        return None
+    return at_chance(low, high, int(classes))
 
 
 def _png(fig: Any) -> str:
@@ -83,10 +111,14 @@ def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
     fig, ax = plt.subplots(figsize=(7.5, 3.4), dpi=110)
     width = 0.38
     for j, (dp, color, label) in enumerate(((False, "#4C72B0", "non-private"), (True, "#DD8452", "DP"))):
-        vals = [next((100 * float(c["accuracy"]) for c in cells if c["task"] == task and c["method"] == m
-                      and (c["dp"] == "True") == dp), float("nan")) for m in methods]
+        found = [next((c for c in cells if c["task"] == task and c["method"] == m and (c["dp"] == "True") == dp),
+                      None) for m in methods]
+        vals = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
+        # Wilson 95% intervals as error bars where the table has them
+        err = [[v - 100 * (_num(c.get("ci_low")) or v / 100) if c else 0.0 for c, v in zip(found, vals)],
+               [100 * (_num(c.get("ci_high")) or v / 100) - v if c else 0.0 for c, v in zip(found, vals)]]
         xs = [i + (j - 0.5) * width for i in range(len(methods))]
-        bars = ax.bar(xs, vals, width, color=color, label=label)
+        bars = ax.bar(xs, vals, width, color=color, label=label, yerr=err, capsize=2, error_kw={"lw": 0.8})
         for b, v in zip(bars, vals):
             if v == v:
                 ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
@@ -164,8 +196,18 @@ def _fmt_s(seconds: Any) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def _yes(v: Any) -> str:
-    return "–" if v is None else ("yes" if v is True else "no" if v is False else f"{100 * v:.0f}%")
+def _yes(v: Any, p: float | None = None, failed: bool | None = False) -> str:
+    """A goal's cell: "yes"/"no"/a ratio, with its McNemar p; "baseline failed" when the reference is at chance."""
+    if failed:
+        return "baseline failed"
+    text = "–" if v is None else ("yes" if v is True else "no" if v is False else f"{100 * v:.0f}%")
+    return text + (f" (p {format_p(p)})" if p is not None and v is not None else "")
+
+
+def _post_cell(g: dict[str, Any]) -> str:
+    if g.get("n") and g.get("ci_low") is not None:
+        return f"{100 * g['post']:.1f} [{100 * g['ci_low']:.1f}–{100 * g['ci_high']:.1f}] n={int(g['n'])}"
+    return f"{100 * g['post']:.1f}"
 
 
 _LOSS = {"vocab": "full-vocabulary distributions (the paper's loss)",
@@ -211,11 +253,17 @@ def write_report(out: str | Path) -> Path:
                      "## Results", "", table_md, ""]
     md += _transfer_lines(out)
     if goal_rows:
-        md += ["## Goals", "", "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
+        md += ["## Goals", "", "POST: test accuracy % [Wilson 95% interval] n = test sentences; p: exact McNemar "
+               "test against that method on the same sentences; \"baseline failed\": PT on Φt is within its 95% "
+               "interval of chance (1 / classes), so no ratio to it means anything.", "",
+               "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
                "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {g['task']} | {'DP' if g['dp'] else 'non-private'} | {100 * g['post']:.1f} | "
-               f"{_yes(g['beats PT on Φs'])} | {_yes(g['beats zero-shot Φt'])} | {_yes(g['of PT on Φt'])} | "
-               f"{_yes(g['≥ 90% of PT on Φt'])} |" for g in goal_rows]
+        md += [f"| {g['task']} | {'DP' if g['dp'] else 'non-private'} | {_post_cell(g)} | "
+               f"{_yes(g['beats PT on Φs'], g['p_value_vs_pt_source'])} | "
+               f"{_yes(g['beats zero-shot Φt'], g['p_value_vs_zero_shot_target'])} | "
+               f"{_yes(g['of PT on Φt'], failed=g['PT on Φt failed'])} | "
+               f"{_yes(g['≥ 90% of PT on Φt'], failed=g['PT on Φt failed'])} |"
+               for g in goal_rows]
         md.append("")
     md += ["## Privacy", ""]
     if ledger:
@@ -224,6 +272,7 @@ def write_report(out: str | Path) -> Path:
                f"{ledger['max_grad_norm']}, sampling rate q = {ledger['sample_rate']:.4f}, {ledger['steps']} steps, "
                f"N = {ledger['dataset_size']}. The transferred DP prompt carries the same guarantee "
                "(post-processing: the transfer sees only the prompt and public text).", ""]
+        md += [_RANDOMNESS.get(ledger.get("randomness", "seeded"), ""), ""]
     else:
         md += ["No DP run in this pipeline.", ""]
     if attacks:
@@ -269,6 +318,17 @@ def write_report(out: str | Path) -> Path:
     path.write_text(html_text, encoding="utf-8")
     write_json(out / "report.json", {"goals": goal_rows, "cells": cells})
     return path
+
+
+_RANDOMNESS = {
+    "secret": "Sampling and noise came from a secret seed drawn from OS entropy and kept only in the user's "
+              "checkpoint: the guarantee holds against an adversary who knows the code, the data but one example, "
+              "and the config.",
+    "secure": "Sampling and noise came straight from the OS CSPRNG, each Gaussian a sum of four draws (hardened "
+              "against floating-point attacks on Gaussian sampling).",
+    "seeded": "**Warning: this DP run used an explicit, reproducible seed (--dp-seed). Anyone who knows it can replay "
+              "every sample and noise draw, and against them the run has no privacy at all.**",
+}
 
 
 def _eps(value: Any) -> str:

@@ -5,6 +5,11 @@ zero-shot Φt, PT on Φt, PT on Φs, direct transfer, ZST, POST. Each run direct
 what its ``result.json`` says (stage, model, prompt provenance), so the table reads run
 directories only. A cell's time is the cost of producing it: tuning for PT cells; tuning on Φs
 plus the transfer for transferred prompts (followed through the prompt files' run directories).
+
+Every accuracy carries its test-set size n and its Wilson 95% interval (:mod:`post.stats`). Where
+runs saved per-example predictions (``predictions.json``: evaluate runs, and tune runs that write
+one), each POST cell gets an exact McNemar p-value against every other method scored on exactly
+the same sentences (CSV columns ``p_value_vs_<method key>``, blank otherwise).
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from typing import Any
 from post.config import require
 from post.errors import PostError
 from post.rundir import RESULT_FILE, RunDir, read_result
+from post.stats import accuracy_interval, format_p, paired_mcnemar
 
-METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "POST",
+METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "proxy tuning", "POST",
            "PT on Φs, undistilled", "POST, undistilled Φs")
-OPTIONAL = METHODS[6:]  # shown only when some run fills them
+OPTIONAL = ("proxy tuning", "PT on Φs, undistilled", "POST, undistilled Φs")  # shown only when some run fills them
+# ASCII keys of the methods, for CSV column names (p_value_vs_<key>).
+METHOD_KEYS = {"zero-shot Φt": "zero_shot_target", "PT on Φt": "pt_target", "PT on Φs": "pt_source",
+               "direct transfer": "direct", "ZST": "zst", "proxy tuning": "proxy", "POST": "post",
+               "PT on Φs, undistilled": "pt_source_undistilled", "POST, undistilled Φs": "post_undistilled"}
+TESTED = ("POST", "POST, undistilled Φs")  # the methods whose cells get McNemar p-values against the others
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +55,8 @@ class TableConfig:
 
 @dataclass
 class Cell:
+    """One table cell. ``predictions``: example index -> (label, predicted), when the run saved them."""
+
     task: str
     method: str
     dp: bool
@@ -52,6 +65,27 @@ class Cell:
     delta: float | None
     seconds: float | None
     run: str
+    n: int | None = None
+    num_classes: int | None = None
+    predictions: dict[int, tuple[int, int]] | None = None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """Wilson 95% interval of the accuracy (None without n)."""
+        return accuracy_interval(self.accuracy, self.n) if self.n else None
+
+
+def _with_size(cell: Cell, metrics: dict[str, Any] | None, run: Path) -> Cell:
+    """Fill n, the class count and the saved predictions of a cell from its run."""
+    from post.evaluate import read_predictions
+
+    metrics = metrics or {}
+    if metrics.get("n") is not None:
+        cell.n = int(metrics["n"])
+    if metrics.get("class_names"):
+        cell.num_classes = len(metrics["class_names"])
+    cell.predictions = read_predictions(run)
+    return cell
 
 
 def _result_dirs(paths: list[Path]) -> list[Path]:
@@ -93,6 +127,18 @@ def _config(run: Path) -> dict[str, Any]:
         return {}
 
 
+def _same_model(prompt_model: str | None, model: str | None) -> bool:
+    """Whether a prompt file's model name is ``model``: prompt files name a local directory ``local:<its name>``."""
+    if not prompt_model or not model:
+        return False
+    if prompt_model == model:
+        return True
+    from post import prompt
+
+    public = getattr(prompt, "public_model_name", None)
+    return public is not None and prompt_model == public(str(model))
+
+
 def _undistilled(model: str | None) -> bool:
     """Whether ``model`` is a student directory written by ``post student`` (layers kept, no training)."""
     if not model:
@@ -107,6 +153,13 @@ def _undistilled(model: str | None) -> bool:
 def classify(run: Path, target: str) -> Cell | None:
     """The table cell a finished run fills, or None when it is not a table cell."""
     r = read_result(run)
+    cell = _classify(r, run, target)
+    if cell is None:
+        return None
+    return _with_size(cell, r.get("test") if r.get("stage") == "tune" else r, run)
+
+
+def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
     stage = r.get("stage")
     if stage == "tune" and r.get("test_accuracy") is not None:
         method = "PT on Φt" if r["model"] == target else (
@@ -116,7 +169,12 @@ def classify(run: Path, target: str) -> Cell | None:
     if stage != "evaluate" or r.get("split") != "test":
         return None
     p = r.get("prompt")
-    if p is not None and p.get("method") == "tuned" and p["model"] == r.get("model"):
+    if r.get("method") == "proxy":  # the target plus the prompt's change on the small model, at query time
+        if r.get("model") != target or p is None:
+            return None
+        return Cell(r["task"], "proxy tuning", p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"),
+                    p.get("delta"), _prompt_cost(p.get("path")), str(run))
+    if p is not None and p.get("method") == "tuned" and _same_model(p["model"], r.get("model")):
         # A prompt scored on the model it was tuned on: a PT cell, costed by its tuning run.
         method = "PT on Φt" if r["model"] == target else (
             "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
@@ -126,8 +184,11 @@ def classify(run: Path, target: str) -> Cell | None:
         return None
     if p is None:
         return Cell(r["task"], "zero-shot Φt", False, r["accuracy"], None, None, r.get("seconds"), str(run))
-    method = {"post": "POST", "zst": "ZST"}.get(p.get("method"), "direct transfer" if p["model"] != target else None)
-    if method == "POST" and _undistilled(p.get("source_model")):
+    direct = None if _same_model(p["model"], target) else "direct transfer"
+    method = {"post": "POST", "zst": "ZST"}.get(p.get("method"), direct)
+    # Prompt files name a local source only as local:NAME; the transfer run's config holds its directory.
+    source = _config(Path(p["path"]).parent).get("source_model") if p.get("path") else None
+    if method == "POST" and _undistilled(source or p.get("source_model")):
         method = "POST, undistilled Φs"
     if method is None:
         return None
@@ -140,6 +201,37 @@ def _label(task: str) -> str:
     return Path(task).name if "/" in task and Path(task).suffix else task
 
 
+def p_values(grid: dict[tuple[str, str, bool], Cell]) -> dict[tuple[str, str, bool], dict[str, float]]:
+    """Exact McNemar p-values of each POST cell against every other method of its task and setting.
+
+    Only pairs whose runs saved predictions on exactly the same test sentences get a value.
+    """
+    out: dict[tuple[str, str, bool], dict[str, float]] = {}
+    for (task, method, dp), cell in grid.items():
+        if method not in TESTED or cell.predictions is None:
+            continue
+        row = {}
+        for other in METHODS:
+            ref = grid.get((task, other, dp))
+            if other == method or ref is None or ref.predictions is None:
+                continue
+            test = paired_mcnemar(cell.predictions, ref.predictions)
+            if test is not None:
+                row[other] = float(test["p_value"])
+        out[(task, method, dp)] = row
+    return out
+
+
+def show_cell(c: Cell | None) -> str:
+    """``70.0 [60.4–78.1] n=100 (0.9 min)``: accuracy %, its Wilson 95% interval and n, then the cost."""
+    if c is None:
+        return "–"
+    text = f"{100 * c.accuracy:.1f}"
+    if c.n and (ci := c.interval) is not None:
+        text += f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}] n={c.n}"
+    return text + (f" ({c.seconds / 60:.1f} min)" if c.seconds else "")
+
+
 def build_table(cells: list[Cell]) -> tuple[str, str]:
     """(Markdown, CSV) of the cells: a non-private and a DP table, one row per task, a column per method."""
     tasks = sorted({c.task for c in cells})
@@ -149,11 +241,7 @@ def build_table(cells: list[Cell]) -> tuple[str, str]:
         if c.method == "zero-shot Φt":  # no training, no privacy cost: the same figure heads both tables
             grid[(c.task, c.method, True)] = c
     methods = [m for m in METHODS if m not in OPTIONAL or any(k[1] == m for k in grid)]
-
-    def show(c: Cell | None) -> str:
-        if c is None:
-            return "–"
-        return f"{100 * c.accuracy:.1f}" + (f" ({c.seconds / 60:.1f} min)" if c.seconds else "")
+    tests = p_values(grid)
 
     md = []
     for dp in (False, True):
@@ -162,15 +250,27 @@ def build_table(cells: list[Cell]) -> tuple[str, str]:
         eps = sorted({f"ε = {c.epsilon:.2f}, δ = {c.delta:.1e}" for k, c in grid.items()
                       if k[2] == dp and c.epsilon is not None and c.delta is not None})
         title = "Non-private" if not dp else "DP" + (f" ({'; '.join(eps)})" if eps else "")
-        md += [f"**{title}**: test accuracy % (cost to produce the prompt)", "",
-               "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        md += [f"| {_label(t)} | " + " | ".join(show(grid.get((t, m, dp))) for m in methods) + " |" for t in tasks]
+        md += [f"**{title}**: test accuracy % [Wilson 95% interval] n = test sentences (cost to produce the prompt)",
+               "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        md += [f"| {_label(t)} | " + " | ".join(show_cell(grid.get((t, m, dp))) for m in methods) + " |"
+               for t in tasks]
+        for (t, m, d), row in sorted(tests.items()):
+            if d == dp and row:
+                md.append("")
+                md.append(f"{_label(t)}, {m} vs each method on the same test sentences, exact McNemar p: "
+                          + ", ".join(f"{o} {format_p(p)}" for o, p in row.items()))
         md.append("")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "method", "dp", "accuracy", "epsilon", "delta", "seconds", "run"])
+    p_cols = list(METHODS)  # POST, undistilled Φs is tested against POST too
+    w.writerow(["task", "method", "dp", "accuracy", "n", "ci_low", "ci_high", "num_classes", "epsilon", "delta",
+                "seconds", "run", *(f"p_value_vs_{METHOD_KEYS[m]}" for m in p_cols)])
     for (task, method, dp), c in sorted(grid.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]), kv[0][2])):
-        w.writerow([task, method, dp, f"{c.accuracy:.4f}", c.epsilon, c.delta, c.seconds, c.run])
+        ci = c.interval
+        row = tests.get((task, method, dp), {})
+        w.writerow([task, method, dp, f"{c.accuracy:.4f}", c.n if c.n else "",
+                    f"{ci[0]:.4f}" if ci else "", f"{ci[1]:.4f}" if ci else "", c.num_classes or "", c.epsilon,
+                    c.delta, c.seconds, c.run, *(f"{row[m]:.6g}" if m in row else "" for m in p_cols)])
     return "\n".join(md), buf.getvalue()
 
 

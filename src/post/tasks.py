@@ -18,7 +18,14 @@ from transformers import PreTrainedTokenizerBase
 
 from post.errors import ConfigError, PostError
 
-DEFAULT_TEMPLATE = "{text} It was {mask}."
+DEFAULT_TEMPLATE = "{text} It was {mask}."  # the paper's (made for a masked LM); hub sets and user files keep it
+
+# The built-in sentiment tasks' default for causal LMs, chosen by `post user choose-template --model smollm2-135m
+# --task mr --public airline --limit 300` on 300 class-balanced *public* airline tweets (negative/positive) only:
+# balanced accuracy 80.3% [75.5-84.4] zero-shot, where the paper's template and words give 50.7% (chance).
+# See post.templates and the README ("Choosing a template").
+CAUSAL_SENTIMENT_TEMPLATE = "{text}\nOverall, the tone of this text is{mask}"
+CAUSAL_SENTIMENT_WORDS: dict[str, tuple[str, ...]] = {"negative": (" Negative",), "positive": (" Positive",)}
 
 SENTIMENT_WORDS: dict[str, tuple[str, ...]] = {
     "negative": (" terrible", " negative", " bad", " poor", " awful"),

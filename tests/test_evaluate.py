@@ -1,0 +1,128 @@
+"""The evaluate stage's per-example predictions and the proxy-tuning baseline, on tiny models."""
+
+import json
+
+import numpy as np
+import pytest
+
+import post.evaluate as ev
+from helpers import write_sentiment_csv
+from post.errors import ConfigError, PostError
+from post.evaluate import EvaluateConfig, combine_proxy, evaluate, read_predictions, write_predictions
+from post.models import load_model, save_model, tiny_model
+from post.prompt import read_prompt
+from post.resolve import subset
+from post.scoring import Encoder, predict_scores
+from post.student import build_student
+from post.tasks import Verbalizer
+from post.tune import TuneConfig, tune
+
+LABEL_WORDS = "negative=bad;positive=good"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_sentiment_csv(root / "d.csv", n=120)
+    teacher = tiny_model("llama")
+    target_dir = save_model(teacher, root / "target")
+    source_dir = save_model(build_student(teacher, "1"), root / "source")
+    ps = tune(TuneConfig(model=str(source_dir), task=str(data), label_words=LABEL_WORDS, n_tokens=4, epochs=2,
+                         batch_size=8, lr=0.1, test=False, device="cpu"), root / "ps")
+    return root, data, target_dir, source_dir, ps
+
+
+def _cfg(setup, **kw):
+    root, data, target_dir, source_dir, ps = setup
+    return EvaluateConfig(**{"model": str(target_dir), "task": str(data), "label_words": LABEL_WORDS,
+                             "split": "test", "device": "cpu", **kw})
+
+
+def test_combine_proxy_by_hand():
+    t = np.array([[1.0, 2.0], [0.0, -1.0]])
+    sp = np.array([[0.5, 0.1], [3.0, 0.0]])
+    s = np.array([[0.2, 0.3], [1.0, 1.0]])
+    np.testing.assert_allclose(combine_proxy(t, sp, s), [[1.3, 1.8], [2.0, -2.0]])
+    np.testing.assert_array_equal(combine_proxy(t, s, s), t)  # no change on the small model: the target as it is
+    with pytest.raises(PostError, match="one shape"):
+        combine_proxy(t, sp[:1], s)
+
+
+def test_predictions_file_round_trip_and_errors(tmp_path):
+    write_predictions(tmp_path, "test", [4, 1, 7], [1, 0, 1], np.array([[0.1, 0.9], [0.2, 0.1], [3.0, 1.0]]))
+    assert read_predictions(tmp_path) == {4: (1, 1), 1: (0, 0), 7: (1, 0)}
+    assert read_predictions(tmp_path / "none") is None
+    with pytest.raises(PostError, match="one index, label and score row"):
+        write_predictions(tmp_path, "test", [1, 2], [0], np.zeros((2, 2)))
+    (tmp_path / "predictions.json").write_text(json.dumps({"indices": [1, 2], "labels": [0]}))
+    with pytest.raises(PostError, match="not a predictions file"):
+        read_predictions(tmp_path)
+
+
+def test_evaluate_writes_predictions_that_match_its_accuracy(setup, tmp_path):
+    r = evaluate(_cfg(setup, limit=9, seed=3), tmp_path / "zs")
+    preds = read_predictions(tmp_path / "zs")
+    n_test = 12  # 10% of 120
+    assert sorted(preds) == subset(n_test, 9, 3).tolist() and r["n"] == 9
+    assert r["accuracy"] == pytest.approx(np.mean([y == p for y, p in preds.values()]))
+    assert r["predictions"].endswith("predictions.json") and "method" not in r
+
+
+def test_proxy_tuning_adds_the_prompts_change_on_the_source(setup, tmp_path):
+    root, data, target_dir, source_dir, ps = setup
+    r = evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "proxy")
+    assert r["method"] == "proxy" and r["proxy_source_model"] == str(source_dir)
+    assert r["prompt"]["model"].endswith("source") and r["prompt"]["method"] == "tuned"
+    # The same figure computed by hand from the three models' scores.
+    target, source = load_model(str(target_dir)), load_model(str(source_dir))
+    task = read_prompt(ps["prompt"]).task
+    from post.data import load_labelled
+
+    texts = list(load_labelled(str(data), label_words=LABEL_WORDS).split("test").texts)
+    prompt = read_prompt(ps["prompt"]).tensor
+
+    def scores(m, p=None):
+        return predict_scores(m.model, Encoder(task, m.tokenizer, m.kind, 128), Verbalizer.build(task, m.tokenizer),
+                              texts, prompt=p)
+
+    want = scores(target) + scores(source, prompt) - scores(source)
+    got = read_predictions(tmp_path / "proxy")
+    assert [got[i][1] for i in range(len(texts))] == want.argmax(1).tolist()
+    # and it is not the target alone nor the prompt on the source alone (the test can fail)
+    assert not np.allclose(want, scores(target)) and not np.allclose(want, scores(source, prompt))
+
+
+def test_proxy_with_no_prompt_change_is_the_target_zero_shot(setup, tmp_path, monkeypatch):
+    zero_shot = evaluate(_cfg(setup), tmp_path / "zs")
+    real = ev.predict_scores
+    # The small model ignores the prompt: Φs(ps; x) − Φs(x) = 0 exactly.
+    monkeypatch.setattr(ev, "predict_scores", lambda *a, prompt=None, **kw: real(*a, **kw))
+    root, data, target_dir, source_dir, ps = setup
+    proxy = evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "proxy")
+    assert read_predictions(tmp_path / "proxy") == read_predictions(tmp_path / "zs")
+    assert proxy["accuracy"] == zero_shot["accuracy"] and proxy["confusion_matrix"] == zero_shot["confusion_matrix"]
+
+
+def test_proxy_refuses_bad_setups(setup, tmp_path, monkeypatch):
+    root, data, target_dir, source_dir, ps = setup
+    with pytest.raises(ConfigError, match="--proxy-source-model: needs --prompt"):
+        _cfg(setup, proxy_source_model=str(source_dir))
+    with pytest.raises(ConfigError, match="--allow-other-model"):
+        _cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir), allow_other_model=True)
+    # the prompt must belong to the proxy source, not to the target
+    with pytest.raises(PostError):
+        evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(target_dir)), tmp_path / "wrong")
+    # another tokenizer
+    calls = {"n": 0}
+    orig = ev.load_configured_model
+
+    def other_vocab(cfg, name):
+        loaded = orig(cfg, name)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the target model
+            loaded.tokenizer.add_tokens(["zzzznewtoken"])
+        return loaded
+
+    monkeypatch.setattr(ev, "load_configured_model", other_vocab)
+    with pytest.raises(PostError, match="same tokenizer"):
+        evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "vocab")

@@ -1,0 +1,160 @@
+"""The results table and the report's goals: n, Wilson intervals, McNemar p-values, proxy cells, failed baselines."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from post.report import goals, write_report
+from post.stats import mcnemar_exact, wilson_interval
+from post.table import METHOD_KEYS, METHODS, TableConfig, build_table, classify, table
+
+TARGET = "tiny-target"
+N = 40
+
+
+def _run(root, name, result, correct=None, labels=None):
+    """A finished run directory; ``correct`` (per example) writes predictions.json for it."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(result))
+    if correct is not None:
+        labels = labels or [i % 2 for i in range(len(correct))]
+        pred = [y if ok else 1 - y for y, ok in zip(labels, correct)]
+        (d / "predictions.json").write_text(json.dumps({"split": "test", "indices": list(range(len(correct))),
+                                                        "labels": labels, "predicted": pred}))
+    return d
+
+
+def _eval(accuracy, prompt=None, n=N, **kw):
+    return {"stage": "evaluate", "split": "test", "model": TARGET, "task": "mr", "prompt": prompt,
+            "accuracy": accuracy, "n": n, "class_names": ["negative", "positive"], "seconds": 3.0, **kw}
+
+
+def _prompt(method, model="student", eps=None):
+    return {"method": method, "model": model, "source_model": "student", "epsilon": eps,
+            "delta": 1e-4 if eps else None, "path": None}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    post_ok = [True] * 30 + [False] * 10  # 75%
+    zs_ok = [i % 2 == 0 for i in range(N)]  # 50%
+    # PT on Φs: right where POST is, except 8 of POST's right answers: b = 8, c = 0
+    src_ok = [True] * 22 + [False] * 18
+    _run(tmp_path, "zero-shot", _eval(0.5), zs_ok)
+    _run(tmp_path, "eval-source", _eval(22 / N, _prompt("tuned"), model="student"), src_ok)
+    _run(tmp_path, "eval-post", _eval(0.75, _prompt("post", model=TARGET)), post_ok)
+    _run(tmp_path, "eval-proxy", _eval(0.6, _prompt("tuned"), method="proxy", proxy_source_model="student"),
+         [True] * 24 + [False] * 16)
+    _run(tmp_path, "eval-direct", _eval(0.55, _prompt("tuned")))  # no predictions saved: p-value blank
+    _run(tmp_path, "tune-target", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False, "test_accuracy": 0.8,
+                                   "train_seconds": 60.0, "test": {"n": N, "class_names": ["negative", "positive"]}})
+    return tmp_path, {"post": post_ok, "zs": zs_ok, "src": src_ok}
+
+
+def test_cells_carry_n_interval_and_predictions(runs):
+    root, ok = runs
+    post = classify(root / "eval-post", TARGET)
+    assert post.method == "POST" and post.n == N and post.num_classes == 2 and len(post.predictions) == N
+    assert post.interval == wilson_interval(30, N)
+    proxy = classify(root / "eval-proxy", TARGET)
+    assert proxy.method == "proxy tuning" and not proxy.dp  # not mistaken for direct transfer
+    assert classify(root / "eval-direct", TARGET).method == "direct transfer"
+    # prompt files name a local model directory "local:<name>"; the run names its path
+    local = _run(root, "eval-local", _eval(0.6, _prompt("tuned", model="local:student"), model=str(root / "student")))
+    assert classify(local, TARGET).method == "PT on Φs"
+    pt = classify(root / "tune-target", TARGET)
+    assert pt.method == "PT on Φt" and pt.n == N and pt.predictions is None
+
+
+def test_csv_has_sizes_intervals_and_mcnemar_against_each_baseline(runs, tmp_path):
+    root, ok = runs
+    cells = [classify(root / d, TARGET) for d in ("zero-shot", "eval-source", "eval-post", "eval-proxy",
+                                                   "eval-direct", "tune-target")]
+    md, text = build_table(cells)
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert list(rows) == [m for m in METHODS if m in rows]
+    header = next(csv.reader(io.StringIO(text)))
+    assert {"n", "ci_low", "ci_high", "run"} <= set(header)
+    assert {f"p_value_vs_{METHOD_KEYS[m]}" for m in METHODS} <= set(header)
+    post = rows["POST"]
+    low, high = wilson_interval(30, N)
+    assert post["n"] == str(N) and float(post["ci_low"]) == pytest.approx(low, abs=1e-4)
+    assert float(post["ci_high"]) == pytest.approx(high, abs=1e-4) and post["run"].endswith("eval-post")
+    want_src = mcnemar_exact(ok["post"], ok["src"])
+    assert (want_src["b"], want_src["c"]) == (8, 0)
+    assert float(post["p_value_vs_pt_source"]) == pytest.approx(want_src["p_value"], rel=1e-5)
+    assert float(post["p_value_vs_zero_shot_target"]) == pytest.approx(
+        mcnemar_exact(ok["post"], ok["zs"])["p_value"], rel=1e-5)
+    assert post["p_value_vs_proxy"] != ""
+    assert post["p_value_vs_direct"] == "" and post["p_value_vs_pt_target"] == ""  # no predictions for those
+    assert rows["PT on Φs"]["p_value_vs_post"] == ""  # only POST rows are tested
+    # Markdown: every accuracy with its interval and n; the p-values under the table.
+    assert f"75.0 [{100 * low:.1f}–{100 * high:.1f}] n=40" in md and "proxy tuning" in md
+    assert "POST vs each method on the same test sentences, exact McNemar p: " in md
+
+
+def test_p_value_needs_the_same_sentences(runs):
+    root, ok = runs
+    other = _run(root, "zs-other", _eval(0.5, n=N - 1), ok["zs"][:-1])  # one sentence fewer
+    cells = [classify(root / "eval-post", TARGET), classify(other, TARGET)]
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(build_table(cells)[1]))}
+    assert rows["POST"]["p_value_vs_zero_shot_target"] == ""
+
+
+def test_old_runs_without_n_keep_working(tmp_path):
+    d = _run(tmp_path, "old", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False, "test_accuracy": 0.5,
+                               "train_seconds": None})
+    md, text = build_table([classify(d, TARGET)])
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert row["n"] == "" and row["ci_low"] == "" and row["p_value_vs_post"] == "" and "| 50.0 |" in md
+
+
+def test_table_stage_writes_the_csv(runs, tmp_path):
+    root, ok = runs
+    r = table(TableConfig(runs=[root], target=TARGET), tmp_path / "table")
+    assert r["cells"] == 6 and "p_value_vs_pt_source" in (tmp_path / "table" / "table.csv").read_text()
+
+
+def _goal_cells(pt_acc, pt_n=N):
+    lo, hi = wilson_interval(round(pt_acc * pt_n), pt_n)
+    base = {"task": "mr", "dp": "False", "num_classes": "2"}
+    return [{**base, "method": "POST", "accuracy": "0.75", "n": str(N), "ci_low": "0.6", "ci_high": "0.86",
+             "p_value_vs_pt_source": "0.0078", "p_value_vs_zero_shot_target": "0.01", "p_value_vs_pt_target": ""},
+            {**base, "method": "PT on Φs", "accuracy": "0.55", "n": str(N)},
+            {**base, "method": "zero-shot Φt", "accuracy": "0.5", "n": str(N)},
+            {**base, "method": "PT on Φt", "accuracy": str(pt_acc), "n": str(pt_n), "ci_low": str(lo),
+             "ci_high": str(hi)}]
+
+
+def test_goals_flag_a_baseline_at_chance():
+    failed = goals(_goal_cells(0.55))  # 22 of 40: the interval holds 0.5
+    assert failed[0]["PT on Φt failed"] is True and failed[0]["≥ 90% of PT on Φt"] is True
+    fine = goals(_goal_cells(0.8))
+    assert fine[0]["PT on Φt failed"] is False and fine[0]["≥ 90% of PT on Φt"] is True
+    assert fine[0]["p_value_vs_pt_source"] == pytest.approx(0.0078) and fine[0]["n"] == N
+
+
+def _pipeline_dir(root, cells):
+    (root / "table").mkdir(parents=True)
+    with open(root / "table" / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, sorted({k for c in cells for k in c}))
+        w.writeheader()
+        w.writerows(cells)
+    (root / "table" / "table.md").write_text("table")
+    (root / "pipeline-result.json").write_text(json.dumps({"task": "mr", "target": TARGET, "steps": {}}))
+    return root
+
+
+def test_report_says_baseline_failed_instead_of_yes(tmp_path):
+    write_report(_pipeline_dir(tmp_path / "a", _goal_cells(0.55)))
+    md = (tmp_path / "a" / "report.md").read_text()
+    goal = next(line for line in md.splitlines() if line.startswith("| mr | non-private"))
+    assert "75.0 [60.0–86.0] n=40" in goal and "yes (p 0.008)" in goal
+    assert goal.endswith("| baseline failed | baseline failed |")
+    write_report(_pipeline_dir(tmp_path / "b", _goal_cells(0.8)))
+    goal = next(line for line in (tmp_path / "b" / "report.md").read_text().splitlines()
+                if line.startswith("| mr | non-private"))
+    assert "baseline failed" not in goal and goal.endswith("| 94% | yes |")
