@@ -1,64 +1,41 @@
-"""The provider's query endpoint on loopback: answers match post evaluate's scores; bad requests get 4xx."""
+"""``post provider serve``: the command starts the multi-tenant service (post.service); its options are checked."""
 
-import json
-import threading
-import urllib.error
-import urllib.request
+import socket
 
 import pytest
 
-from helpers import write_sentiment_csv
-from post.errors import PostError
-from post.serve import Classifier, ServeConfig, make_server
-from post.tune import TuneConfig, tune
+from post.cli import main
+from post.errors import ConfigError, PostError
+from post.serve import ServeConfig, serve
+from post.service.config import ServiceConfig
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data = write_sentiment_csv(root / "d.csv", n=64)
-    tuned = tune(TuneConfig(model="tiny-llama", task=str(data), label_words="negative=bad;positive=good", n_tokens=4,
-                            epochs=2, batch_size=8, lr=0.1, device="cpu"), root / "tune")
-    cfg = ServeConfig(model="tiny-llama", prompt=tuned["prompt"], port=0, device="cpu", max_texts=4)
-    clf = Classifier(cfg)
-    server = make_server(cfg, clf)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield url, clf, tuned
-    server.shutdown()
-    server.server_close()
+def test_serve_is_the_service():
+    assert ServeConfig is ServiceConfig
+    cfg = ServeConfig(model="tiny-gpt2", student="tiny-llama")
+    assert cfg.host == "127.0.0.1"  # loopback unless told otherwise
+    assert cfg.db_url.startswith("sqlite:///") and cfg.db_url.endswith("post-service/service.db")
 
 
-def _post(url, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/classify", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_health_and_classify(served):
-    url, clf, tuned = served
-    with urllib.request.urlopen(url + "/health", timeout=30) as r:
-        health = json.loads(r.read())
-    assert health["classes"] == ["negative", "positive"] and health["n_tokens"] == 4
-    status, body = _post(url, {"texts": ["good", "bad", "great"]})
-    assert status == 200 and len(body["labels"]) == 3 and len(body["scores"][0]) == 2
-    assert body == clf.classify(["good", "bad", "great"])  # the same scores as scoring in-process
-
-
-@pytest.mark.parametrize("body, code", [
-    (b"not json", 400), ({"text": "x"}, 400), ({"texts": []}, 400), ({"texts": [1, 2]}, 400),
-    ({"texts": ["a"] * 5}, 413),
+@pytest.mark.parametrize("kw, flag", [
+    ({"port": 70000}, "--port"), ({"max_epsilon": 0}, "--max-epsilon"), ({"max_batch": 0}, "--max-batch"),
+    ({"max_wait_ms": 5000}, "--max-wait-ms"), ({"student": ""}, "--student"), ({"job_lease": 0}, "--job-lease"),
 ])
-def test_bad_requests_get_a_clear_4xx(served, body, code):
-    status, answer = _post(served[0], body)
-    assert status == code and "error" in answer
+def test_bad_options_name_their_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ServeConfig(**{"model": "tiny-gpt2", "student": "tiny-llama", **kw})
 
 
-def test_serving_needs_a_prompt():
-    with pytest.raises(PostError, match="--prompt is required"):
-        Classifier(ServeConfig(model="tiny-llama", device="cpu"))
+def test_the_command_needs_a_student(capsys):
+    assert main(["provider", "serve", "--model", "tiny-gpt2"]) == 2
+    assert "student" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PostError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(ServeConfig(model="tiny-gpt2", student="tiny-llama", port=port, device="cpu",
+                              data_dir=tmp_path / "svc"))

@@ -1,0 +1,242 @@
+"""Serving many soft prompts on one target: mixed-prompt batches and a dynamic batcher.
+
+Shapes: B rows (texts) in one forward, each row i with its own prompt p_i (n_i, d) and its own
+token ids s_i (L_i,); W = max_i (n_i + L_i).
+
+One forward serves rows of different prompts (and different tasks): row i is laid out as
+``[p_i, embed(s_i), pad...]`` (right padding), its attention mask is 1 on the first n_i + L_i
+positions and its answer position is n_i + a_i, a_i being the answer index :class:`post.scoring.Encoder`
+gives without a prompt. That is exactly the layout :func:`post.scoring.prepend_prompt` builds for
+one prompt, so each row's class scores equal one-at-a-time scoring up to floating-point noise
+(``tests/test_service_engine.py`` checks 1e-5). The hidden state at each answer position goes
+through the LM head's label-word rows of that row's task (rows are grouped by verbalizer).
+
+:class:`Batcher` turns concurrent requests into such forwards: the first waiting request opens a
+batch, which then takes more requests for at most ``max_wait`` seconds or until ``max_batch`` rows;
+the queue holds at most ``max_queue`` requests (a full queue is answered 429 with Retry-After).
+The target's weights are loaded once; prompts are cached by id (:class:`PromptCache`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from post.models import LoadedModel
+from post.scoring import Encoder, _takes_use_cache, backbone, head_logits
+from post.service.errors import ApiError
+from post.service.store import ModelIdentity, read_checked
+from post.tasks import Task, Verbalizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedPrompt:
+    """A transferred prompt ready to serve: tensor (n, d) on the model's device and dtype, its task's pieces."""
+
+    id: str
+    tensor: torch.Tensor
+    task: Task
+    encoder: Encoder
+    verbalizer: Verbalizer
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.task.class_names)
+
+
+@dataclass
+class Row:
+    """One text to score: its prompt, its token ids (without the prompt) and answer index."""
+
+    prompt: ServedPrompt
+    ids: list[int]
+    answer: int
+
+
+class MixedScorer:
+    """Class scores of rows with different prompts and tasks in one forward of the target."""
+
+    def __init__(self, loaded: LoadedModel, max_length: int) -> None:
+        self.loaded, self.max_length = loaded, max_length
+        self.model = loaded.model.eval()
+        self.dtype = next(self.model.parameters()).dtype
+        tok = loaded.tokenizer
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+        self._pieces: dict[str, tuple[Encoder, Verbalizer]] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, id: str, tensor: torch.Tensor, task: Task) -> ServedPrompt:
+        """A :class:`ServedPrompt`; encoders and verbalizers are shared by prompts of one task."""
+        key = json.dumps(task.to_dict(), sort_keys=True)
+        with self._lock:
+            if key not in self._pieces:
+                self._pieces[key] = (Encoder(task, self.loaded.tokenizer, self.loaded.kind, self.max_length),
+                                     Verbalizer.build(task, self.loaded.tokenizer))
+            encoder, verbalizer = self._pieces[key]
+        return ServedPrompt(id, tensor.to(self.model.device, self.dtype), task, encoder, verbalizer)
+
+    def rows(self, prompt: ServedPrompt, texts: Sequence[str]) -> list[Row]:
+        seqs, answers = prompt.encoder.encode(texts)
+        return [Row(prompt, s, a) for s, a in zip(seqs, answers)]
+
+    def inputs(self, rows: Sequence[Row]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs (inputs_embeds (B, W, d), attention_mask (B, W)) and answer positions (B,)."""
+        device = self.model.device
+        lengths = [r.prompt.tensor.shape[0] + len(r.ids) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        answers = torch.empty(len(rows), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = r.prompt.tensor.shape[0]
+            ids[i, n : n + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+            mask[i, : lengths[i]] = 1
+            answers[i] = n + r.answer
+        embeds = self.model.get_input_embeddings()(ids.to(device))
+        for i, r in enumerate(rows):
+            embeds[i, : r.prompt.tensor.shape[0]] = r.prompt.tensor.to(embeds.dtype)
+        return {"inputs_embeds": embeds, "attention_mask": mask.to(device)}, answers.to(device)
+
+    @torch.no_grad()
+    def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Per row, its (C_i,) class scores in its task's class order."""
+        inputs, answers = self.inputs(rows)
+        body = backbone(self.model)
+        if _takes_use_cache(body):
+            inputs["use_cache"] = False
+        out = body(**inputs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        at = hidden[torch.arange(len(rows), device=hidden.device), answers]
+        result: list[np.ndarray | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(id(r.prompt.verbalizer), []).append(i)
+        for idx in groups.values():
+            verb = rows[idx[0]].prompt.verbalizer
+            sel = torch.tensor(idx, device=at.device)
+            s = verb.class_scores(head_logits(self.model, at[sel], verb.token_ids)).float().cpu().numpy()
+            for j, i in enumerate(idx):
+                result[i] = s[j]
+        return result  # type: ignore[return-value]
+
+
+class PromptCache:
+    """Transferred prompts by id (LRU), read from their files once and checked against the target."""
+
+    def __init__(self, scorer: MixedScorer, target: ModelIdentity, capacity: int) -> None:
+        self.scorer, self.target, self.capacity = scorer, target, capacity
+        self._items: OrderedDict[str, ServedPrompt] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, id: str, path: Path) -> ServedPrompt:
+        with self._lock:
+            if id in self._items:
+                self._items.move_to_end(id)
+                return self._items[id]
+        pf = read_checked(path, f"stored prompt {id}")
+        if (why := self.target.mismatch(pf.meta)) is not None:
+            raise ApiError("wrong_prompt_kind", f"prompt {id} is not for the served model {self.target.name} "
+                           f"({why}).")
+        served = self.scorer.prepare(id, pf.tensor, pf.task)
+        with self._lock:
+            self._items[id] = served
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return served
+
+
+@dataclass
+class _Request:
+    rows: list[Row]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class BatchStats:
+    forwards: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+
+class Batcher:
+    """A thread that forms mixed-prompt batches from a bounded queue of requests."""
+
+    def __init__(self, scorer: MixedScorer, *, max_batch: int, max_wait: float, max_queue: int) -> None:
+        self.scorer, self.max_batch, self.max_wait = scorer, max_batch, max_wait
+        self.queue: queue.Queue[_Request] = queue.Queue(max_queue)
+        self.stats = BatchStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="post-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[Row]) -> concurrent.futures.Future:
+        """Queue rows; the future gives their class scores. A full queue raises ``queue_full`` (429)."""
+        req = _Request(rows)
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            raise ApiError("queue_full", "the model's queue is full; retry after a moment.",
+                           retry_after=self.retry_after()) from None
+        return req.future
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained: queued requests × mean seconds per request."""
+        per_row = self.stats.seconds / self.stats.rows if self.stats.rows else 0.05
+        return max(1.0, round(self.queue.qsize() * per_row, 1))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch, n = [first], len(first.rows)
+            deadline = time.monotonic() + self.max_wait
+            while n < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    req = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                batch.append(req)
+                n += len(req.rows)
+            self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        flat = [(b, j) for b, req in enumerate(batch) for j in range(len(req.rows))]
+        flat.sort(key=lambda bj: -(len(batch[bj[0]].rows[bj[1]].ids) + batch[bj[0]].rows[bj[1]].prompt.tensor.shape[0]))
+        results: list[list[np.ndarray | None]] = [[None] * len(req.rows) for req in batch]
+        try:
+            for start in range(0, len(flat), self.max_batch):
+                chunk = flat[start : start + self.max_batch]
+                t0 = time.perf_counter()
+                out = self.scorer.scores([batch[b].rows[j] for b, j in chunk])
+                self.stats.seconds += time.perf_counter() - t0
+                self.stats.forwards += 1
+                self.stats.rows += len(chunk)
+                for (b, j), s in zip(chunk, out):
+                    results[b][j] = s
+        except Exception as e:  # noqa: BLE001 - every waiting request must get an answer
+            log.exception("a batched forward failed")
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(e)
+            return
+        for req, res in zip(batch, results):
+            req.future.set_result(res)

@@ -1,0 +1,122 @@
+"""Mixed-prompt batching: one forward for rows of different prompts and tasks equals one-at-a-time scoring."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from post.models import load_model
+from post.prompt import init_prompt
+from post.scoring import Encoder, predict_scores
+from post.service.engine import Batcher, MixedScorer, PromptCache
+from post.service.errors import ApiError
+from post.service.store import ModelIdentity
+from post.tasks import Verbalizer
+from test_service_support import SENTIMENT, TOPICS, write_prompt
+
+TEXTS = ["good", "a truly awful and very long delay at the gate", "great", "ok", "the crew was friendly and kind",
+         "bad bad bad"]
+
+
+def _reference(loaded, prompt, task, texts):
+    enc = Encoder(task, loaded.tokenizer, loaded.kind, 64)
+    return predict_scores(loaded.model, enc, Verbalizer.build(task, loaded.tokenizer), texts, batch_size=1,
+                          prompt=prompt, progress=False)
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "tiny-roberta"])
+def test_mixed_batch_matches_one_at_a_time(model):
+    loaded = load_model(model)
+    scorer = MixedScorer(loaded, max_length=64)
+    # Three prompts of different lengths, two tasks (2 and 3 classes, different templates).
+    specs = [(SENTIMENT, 3, 0), (TOPICS, 7, 1), (SENTIMENT, 5, 2)]
+    prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, n, init="random", seed=seed), task)
+               for i, (task, n, seed) in enumerate(specs)]
+    rows, expected = [], []
+    for i, text in enumerate(TEXTS * 2):  # interleaved: neighbouring rows have other prompts
+        p = prompts[i % 3]
+        rows += scorer.rows(p, [text])
+        expected.append(_reference(loaded, p.tensor, p.task, [text])[0])
+    got = scorer.scores(rows)
+    assert [len(g) for g in got] == [len(e) for e in expected] and {len(g) for g in got} == {2, 3}
+    np.testing.assert_allclose(np.stack([np.pad(g, (0, 3 - len(g))) for g in got]),
+                               np.stack([np.pad(e, (0, 3 - len(e))) for e in expected]), atol=1e-5, rtol=0)
+
+
+def test_a_wrong_prefix_would_be_caught():
+    """The check above has teeth: scoring a row under another prompt changes its scores far beyond 1e-5."""
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    a = scorer.prepare("a", init_prompt(loaded, 4, init="random", seed=0), SENTIMENT)
+    b = scorer.prepare("b", init_prompt(loaded, 4, init="random", seed=1), SENTIMENT)
+    sa, sb = scorer.scores(scorer.rows(a, ["good"]) + scorer.rows(b, ["good"]))
+    assert np.abs(sa - sb).max() > 1e-3
+
+
+def test_batcher_merges_concurrent_requests_and_keeps_each_answer():
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, 2 + i, init="random", seed=i), SENTIMENT)
+               for i in range(4)]
+    expected = {i: scorer.scores(scorer.rows(prompts[i], [TEXTS[i]]))[0] for i in range(4)}
+    batcher = Batcher(scorer, max_batch=16, max_wait=0.3, max_queue=16)
+    try:
+        futures = {i: batcher.submit(scorer.rows(prompts[i], [TEXTS[i]])) for i in range(4)}
+        got = {i: f.result(timeout=30)[0] for i, f in futures.items()}
+    finally:
+        batcher.close()
+    for i in range(4):
+        np.testing.assert_allclose(got[i], expected[i], atol=1e-5)
+    assert batcher.stats.rows == 4 and batcher.stats.forwards == 1  # one mixed forward for four prompts
+
+
+def test_batcher_splits_at_max_batch():
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    p = scorer.prepare("p", init_prompt(loaded, 2, init="random", seed=0), SENTIMENT)
+    batcher = Batcher(scorer, max_batch=4, max_wait=0.0, max_queue=4)
+    try:
+        out = batcher.submit(scorer.rows(p, TEXTS + TEXTS[:4])).result(timeout=30)
+    finally:
+        batcher.close()
+    assert len(out) == 10 and batcher.stats.forwards == 3
+
+
+def test_full_queue_answers_queue_full_with_retry_after():
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    p = scorer.prepare("p", init_prompt(loaded, 2, init="random", seed=0), SENTIMENT)
+    gate = threading.Event()
+    real = scorer.scores
+    scorer.scores = lambda rows: (gate.wait(30), real(rows))[1]  # the model is busy until the gate opens
+    batcher = Batcher(scorer, max_batch=1, max_wait=0.0, max_queue=2)
+    try:
+        first = batcher.submit(scorer.rows(p, ["a"]))
+        deadline = time.monotonic() + 10
+        while batcher.queue.qsize() and time.monotonic() < deadline:  # the loop has taken the first request
+            time.sleep(0.01)
+        queued = [batcher.submit(scorer.rows(p, ["b"])) for _ in range(2)]
+        with pytest.raises(ApiError) as err:
+            batcher.submit(scorer.rows(p, ["c"]))
+        assert err.value.code == "queue_full" and err.value.status == 429 and err.value.retry_after >= 1
+        gate.set()
+        assert len(first.result(timeout=30)) == 1 and all(len(q.result(timeout=30)) == 1 for q in queued)
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_prompt_cache_loads_once_and_refuses_another_models_prompt(tmp_path):
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    cache = PromptCache(scorer, ModelIdentity.of(loaded), capacity=1)
+    mine = write_prompt(tmp_path / "a.safetensors", "tiny-gpt2", n_tokens=3)
+    other = write_prompt(tmp_path / "b.safetensors", "tiny-llama", n_tokens=3)
+    first = cache.get("a", mine)
+    mine.unlink()  # served from memory from now on
+    assert cache.get("a", mine) is first and first.tensor.dtype == torch.float32
+    with pytest.raises(ApiError) as err:
+        cache.get("b", other)
+    assert err.value.code == "wrong_prompt_kind"
