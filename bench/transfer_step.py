@@ -4,7 +4,8 @@
 
 Measured side by side in one process, interleaved, on the same batches:
 - transfer step (target forward+backward with the cached constants) ÷ prompt-tuning step on the
-  target (target ≤ 1.2: the cached Φs(ps;x), Φs(x), Φt(x) make the step one target pass);
+  target, both on the same MR sentences (target ≤ 1.2: the cached Φs(ps;x), Φs(x), Φt(x) make the step
+  one target pass), and the step on the public tweets it really takes (longer, so dearer);
 - the whole user+provider cost, tuning on Φs for --epochs plus --transfer-steps transfer steps
   (and the one-off constant caching), ÷ tuning on Φt for the same epochs.
 """
@@ -38,7 +39,12 @@ def main() -> None:
     ap.add_argument("--transfer-steps", type=int, default=300)
     ap.add_argument("--public", type=int, default=256, help="public texts whose constants are cached")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time this process's CPU seconds (a machine shared with other jobs)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     data = load_labelled("mr")
     public = list(load_labelled("airline").split("train").texts[: args.public])
     target = load_model(args.target)
@@ -54,19 +60,26 @@ def main() -> None:
     prompt = init_prompt(target, args.n_tokens, init_text=data.task.init_text)
     tgt = Scorer(target, data.task, public, mode="vocab", max_length=128)
     src = Scorer(source, data.task, public, mode="vocab", max_length=128)
-    t0 = time.perf_counter()
+    t0 = clock()
     consts = [src.constants(prompt, 32), src.constants(None, 32), tgt.constants(None, 32)]
-    t_cache = time.perf_counter() - t0
+    t_cache = clock() - t0
     pt = prompt.clone().requires_grad_(True)
+    # The same step on the very texts the tuning step takes (the first --steps batches of MR training
+    # sentences): the public tweets are longer, so only this pair isolates the transfer step's overhead.
+    same_texts = list(train.texts[: args.steps * args.tune_batch])
+    tgt_same = Scorer(target, data.task, same_texts, mode="vocab", max_length=128)
+    src_same = Scorer(source, data.task, same_texts, mode="vocab", max_length=128)
+    consts_same = [src_same.constants(prompt, 32), src_same.constants(None, 32), tgt_same.constants(None, 32)]
 
-    def transfer_step(idx: np.ndarray) -> None:
-        out = post_loss(tgt(idx, pt), consts[2][idx], consts[0][idx], consts[1][idx], alpha=0.5, temperature=2.0)
+    def transfer_step(idx: np.ndarray, scorer: Scorer = tgt, c: list[torch.Tensor] = consts) -> None:
+        out = post_loss(scorer(idx, pt), c[2][idx], c[0][idx], c[1][idx], alpha=0.5, temperature=2.0)
         torch.autograd.grad(out["loss"], pt)
 
     rng = np.random.default_rng(0)
     big, small = f"tune target (batch {args.tune_batch})", f"tune target (batch {args.transfer_batch})"
     move = f"transfer (batch {args.transfer_batch})"
-    times = dict.fromkeys((big, "tune source", move, small), 0.0)
+    same = f"transfer, tuning's texts ({args.transfer_batch})"
+    times = dict.fromkeys((big, "tune source", move, small, same), 0.0)
     tune_s.mean_gradient(prompt, torch.arange(4))  # warm-up
     for step in range(args.steps):
         idx = torch.arange(step * args.tune_batch, (step + 1) * args.tune_batch)
@@ -74,20 +87,25 @@ def main() -> None:
         jobs = ((big, tune_t.mean_gradient, idx), ("tune source", tune_s.mean_gradient, idx),
                 (small, tune_t.mean_gradient, idx[: args.transfer_batch]))
         for name, fn, batch in jobs:
-            t = time.perf_counter()
+            t = clock()
             fn(prompt, batch)
-            times[name] += time.perf_counter() - t
-        t = time.perf_counter()
+            times[name] += clock() - t
+        t = clock()
         transfer_step(pub)
-        times[move] += time.perf_counter() - t
+        times[move] += clock() - t
+        t = clock()
+        transfer_step(idx[: args.transfer_batch].numpy(), tgt_same, consts_same)
+        times[same] += clock() - t
     times = {k: v / args.steps for k, v in times.items()}
     print(f"target {args.target}, source layers {args.keep_layers} of it, {args.n_tokens}-token prompt, "
           f"{args.steps} interleaved steps, {torch.get_num_threads()} threads")
     for k, v in times.items():
         print(f"  {k:<28}{v:8.3f} s/step")
     print(f"  caching constants for {args.public} public texts: {t_cache:.1f} s (once)")
-    ratio = times[move] / times[small]
-    print(f"transfer step / tuning step on the target, same batch: {ratio:.3f}  (target <= 1.2)")
+    ratio = times[same] / times[small]
+    print(f"transfer step / tuning step on the target, same texts: {ratio:.3f}  (target <= 1.2)")
+    print(f"transfer step on public tweets / tuning step on MR sentences: {times[move] / times[small]:.3f} "
+          "(the tweets are longer)")
     steps_per_epoch = int(np.ceil(len(train) / args.tune_batch))
     user = args.epochs * steps_per_epoch * times["tune source"]
     provider = t_cache + args.transfer_steps * times[move]

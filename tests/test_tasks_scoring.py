@@ -157,3 +157,31 @@ def test_classification_metrics_by_hand():
     assert m["per_class_accuracy"] == {"neg": pytest.approx(2 / 3), "pos": 1.0}
     f1_neg, f1_pos = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * (2 / 3) * 1 / (2 / 3 + 1)
     assert m["macro_f1"] == pytest.approx((f1_neg + f1_pos) / 2)
+
+
+def test_length_buckets_sort_pad_less_and_cover_every_index():
+    from post.scoring import length_buckets
+
+    lengths = [5, 30, 7, 30, 2, 18, 9, 1, 25]
+    buckets = length_buckets(lengths, 4)
+    flat = np.concatenate(buckets)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))  # a permutation: nothing lost or repeated
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    assert flat[:2].tolist() == [1, 3]  # ties keep input order
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in buckets)
+    unsorted = sum(len(lengths[s : s + 4]) * max(lengths[s : s + 4]) for s in range(0, len(lengths), 4))
+    assert padded < unsorted
+    with pytest.raises(PostError, match="batch size"):
+        length_buckets(lengths, 0)
+
+
+def test_predict_scores_rows_follow_the_input_order(tiny):
+    task = Task()
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    perm = [2, 0, 5, 4, 1, 3]
+    texts = [TEXTS[i] for i in perm]
+    base = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=2, progress=False)
+    shuffled = predict_scores(tiny.model, enc, verb, texts, batch_size=2, progress=False)
+    np.testing.assert_allclose(shuffled, base[perm], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(base[0], base[2])  # rows differ, so a mix-up would show

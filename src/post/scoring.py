@@ -124,10 +124,20 @@ class Encoder:
     def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         """Yield (original indices, batch), grouping texts of similar length to cut padding."""
         seqs, answers = self.encode(texts)
-        order = np.argsort([-len(s) for s in seqs], kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_buckets([len(s) for s in seqs], batch_size):
             yield idx, self.collate([seqs[i] for i in idx], [answers[i] for i in idx])
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Indices of batches of similar length: longest first, each padded to its own longest (ties keep input order).
+
+    Writing each batch's results to ``out[idx]`` restores the input order. Sorting first pads every
+    batch to a width close to its members' lengths instead of the longest of a random group.
+    """
+    if batch_size < 1:
+        raise PostError(f"batch size must be at least 1, got {batch_size}.")
+    order = np.argsort([-int(n) for n in lengths], kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def backbone(model: nn.Module) -> nn.Module:

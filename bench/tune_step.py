@@ -1,0 +1,91 @@
+"""Benchmark: a prompt-tuning step vs the raw model's forward+backward, and the cost model's prediction.
+
+    python bench/tune_step.py [--model smollm2-135m] [--n-tokens 10] [--batch-size 16] [--steps 3]
+
+Measured side by side in one process, interleaved, on the same batches of MR training sentences:
+- tuning step: :meth:`post.tune.PromptTrainer.mean_gradient` (prompt prepended, class scores at the
+  answer position, cross-entropy, gradient to the prompt);
+- raw: ``model(inputs_embeds=[prompt; embeddings]).logits`` (full-vocabulary logits at every position,
+  as a plain Hugging Face forward gives them) and a backward from the answer-position logit to the
+  prompt: what tuning costs done naively.
+Prints raw time ÷ tuning-step time (target ≥ 0.9: the step adds nothing to the model's own passes), and
+the step time the cost model predicts from a calibration on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from post.cost import Tokens, arch_from_config, calibrate, prompt_step_flops
+from post.data import load_labelled
+from post.models import load_model
+from post.prompt import init_prompt
+from post.scoring import Encoder, prepend_prompt
+from post.tasks import Verbalizer
+from post.tune import PromptTrainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n-tokens", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time this process's CPU seconds (a machine shared with other jobs)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    data = load_labelled("mr")
+    loaded = load_model(args.model)
+    enc = Encoder(data.task, loaded.tokenizer, loaded.kind, args.max_length)
+    verb = Verbalizer.build(data.task, loaded.tokenizer)
+    train = data.split("train")
+    trainer = PromptTrainer(loaded, enc, verb, train.texts, train.labels, micro_batch_size=args.batch_size)
+    prompt = init_prompt(loaded, args.n_tokens, init_text=data.task.init_text)
+    model = loaded.model
+    batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.steps + 1)]
+
+    def step(idx: torch.Tensor) -> None:
+        trainer.mean_gradient(prompt, idx)
+
+    def raw(idx: torch.Tensor) -> None:
+        batch = enc.collate([trainer.seqs[i] for i in idx], [trainer.answers[i] for i in idx])
+        p = prompt.clone().requires_grad_(True)
+        logits = model(**prepend_prompt(model, batch, p), use_cache=False).logits
+        picked = logits[torch.arange(len(batch)), batch.answer_index + args.n_tokens, verb.token_ids[0]]
+        torch.autograd.grad(picked.sum(), p)
+
+    step(batches[0])  # warm-up
+    raw(batches[0])
+    t_step = t_raw = 0.0
+    tokens = Tokens()
+    for idx in batches[1:]:
+        t0 = clock()
+        step(idx)
+        t_step += clock() - t0
+        t0 = clock()
+        raw(idx)
+        t_raw += clock() - t0
+        tokens = tokens + Tokens.uniform(len(idx), max(len(trainer.seqs[i]) for i in idx) + args.n_tokens)
+    width = int(tokens.tokens / tokens.seqs) - args.n_tokens
+    rates = calibrate(args.model, "0", n_tokens=args.n_tokens, text_tokens=width, batch=args.batch_size, steps=2,
+                      threads=args.threads, clock=args.clock)
+    arch = arch_from_config(model.config.to_dict(), args.model)
+    predicted = rates.seconds(prompt_step_flops(arch, tokens, head_cols=len(verb.token_ids))) / args.steps
+    n = args.steps
+    print(f"model {args.model}, {args.n_tokens}-token prompt, batch {args.batch_size}, {n} interleaved steps, "
+          f"{torch.get_num_threads()} thread(s), {args.clock} clock")
+    print(f"  prompt-tuning step          {t_step / n:8.3f} s/step")
+    print(f"  raw forward+backward        {t_raw / n:8.3f} s/step  (full logits at every position)")
+    print(f"  cost model (calibrated)     {predicted:8.3f} s/step  ({predicted / (t_step / n) - 1:+.0%})")
+    print(f"raw time / tuning-step time: {t_raw / t_step:.3f}  (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

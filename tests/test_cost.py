@@ -1,0 +1,223 @@
+"""The cost model: FLOP counts by hand and against torch's counter, presets, ratios, run reconstruction, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from post import cost
+from post.cli import main
+from post.cost import (
+    ARCHS,
+    Arch,
+    CostConfig,
+    Flops,
+    Rates,
+    Tokens,
+    arch_from_config,
+    estimate,
+    forward_flops,
+    prompt_step_flops,
+    resolve_arch,
+    train_step_flops,
+)
+from post.errors import ConfigError, PostError
+from post.models import tiny_model
+
+LABEL_WORDS = "negative=bad,awful,terrible;positive=good,great,amazing"
+SMALL = Arch("small", n_layers=2, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16, vocab=10, gated=True)
+
+
+def test_flops_of_a_small_config_by_hand():
+    # One layer: q 8x8, k 8x4, v 8x4, o 8x8 (GQA: one kv head of 4), gate/up/down 8x16 each.
+    p = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16
+    assert SMALL.layer_params == p == 576
+    t = Tokens.uniform(3, 5)  # three sequences of 5 tokens
+    matmul = 2 * p * 15  # 2 FLOPs per weight per token
+    qk = 2 * 5 * 5 * 4 * 2 * 3  # QKᵀ: 2·L·L·head_dim per head, 2 heads, 3 sequences
+    scores = 2 * qk  # and AV, as many
+    assert scores == 4 * 8 * 75  # 4·a·ΣL², a = 8
+    head = 2 * 8 * 4 * 3  # 4 label-word rows at the 3 answer positions
+    fwd = forward_flops(SMALL, t, head_cols=4)
+    assert fwd == Flops(2 * (matmul + scores) + head)
+    step = prompt_step_flops(SMALL, t, head_cols=4)
+    # Frozen model: 1 matmul per weight (input gradient only), 4 L² products for attention, the head once.
+    assert step == Flops(2 * (matmul + scores) + head, 2 * (matmul + 2 * scores) + head)
+    train = train_step_flops(SMALL, t, head_cols=10)  # distillation: full vocabulary at all 15 positions
+    head_all = 2 * 8 * 10 * 15
+    assert train == Flops(2 * (matmul + scores) + head_all, 2 * (2 * matmul + 2 * scores) + head_all)
+    assert train_step_flops(SMALL, t, head_cols=10, train_head=True).backward == train.backward + head_all
+
+
+def _eager(model):
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._attn_implementation = "eager"  # explicit bmm's that torch's counter sees
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_flops_equal_torch_flop_counter(name):
+    model = _eager(tiny_model(name).model)
+    arch = resolve_arch(name)
+    ids = torch.randint(5, 100, (3, 7))
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # like a prompt: the only leaf
+    with FlopCounterMode(display=False) as fc:
+        logits = model(inputs_embeds=emb, use_cache=False).logits
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        logits.sum().backward()
+    want = prompt_step_flops(arch, Tokens.uniform(3, 7), head_cols=arch.vocab, all_positions=True)
+    assert (fwd, fc.get_total_flops()) == (want.forward, want.backward)
+    model.requires_grad_(True)
+    logits = model(inputs_embeds=emb.detach(), use_cache=False).logits
+    with FlopCounterMode(display=False) as fc:
+        logits.sum().backward()
+    assert fc.get_total_flops() == train_step_flops(arch, Tokens.uniform(3, 7), head_cols=arch.vocab,
+                                                    train_head=True).backward
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
+def test_layer_params_equal_the_model_weights(name):
+    model = tiny_model(name).model
+    arch = resolve_arch(name)
+    block = next(m for n, m in model.named_modules() if n.endswith((".layers.0", ".h.0")))
+    assert sum(p.numel() for p in block.parameters() if p.dim() == 2) == arch.layer_params
+
+
+@pytest.mark.parametrize("name,published,untied", [("llama-2-7b", 6.738e9, True), ("llama-3-8b", 8.030e9, True),
+                                                   ("llama-3-70b", 70.55e9, True), ("gpt2-xl", 1.558e9, False),
+                                                   ("smollm2-135m", 134.5e6, False)])
+def test_presets_match_published_parameter_counts(name, published, untied):
+    a = ARCHS[name]
+    total = a.params + (a.d_model * a.vocab if untied else 0)
+    assert total == pytest.approx(published, rel=0.01)
+
+
+def test_arch_from_hf_config_json(tmp_path):
+    gpt2 = {"model_type": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25, "n_inner": None, "vocab_size": 50257}
+    assert arch_from_config(gpt2, "gpt2-xl") == ARCHS["gpt2-xl"]
+    llama = {"model_type": "llama", "num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(llama))
+    for spec in (str(path), str(tmp_path)):
+        a = resolve_arch(spec)
+        assert (a.n_layers, a.layer_params, a.vocab) == (80, ARCHS["llama-3-70b"].layer_params, 128256)
+    assert resolve_arch("meta-llama/Llama-2-7b-hf").layer_params == ARCHS["llama-2-7b"].layer_params
+    with pytest.raises(PostError, match="no architecture known"):
+        resolve_arch("nobody/no-such-model")
+    with pytest.raises(PostError, match="none of"):
+        arch_from_config({"model_type": "llama"}, "broken")
+
+
+def test_estimate_ratios_dp_overhead_and_crossover():
+    rates = Rates(1e12, 5e11)
+    w = cost.SETTINGS["paper-llama2-7b-sst2"]
+    r = estimate(w, rates)
+    stages = {s["stage"]: s for s in r["stages"]}
+    assert r["ratio"] == pytest.approx((r["user_seconds"] + r["transfer_seconds"]) / r["baseline_seconds"])
+    assert stages["PT on Φs (DP)"]["seconds"] == stages["PT on Φs"]["seconds"]  # per-example grads come free
+    slow = estimate(w, Rates(1e12, 5e11, dp_overhead=1.5))
+    assert {s["stage"]: s for s in slow["stages"]}["PT on Φt (DP)"]["seconds"] == pytest.approx(
+        1.5 * stages["PT on Φt"]["seconds"])
+    # At the crossover N the (PT on Φs + transfer) / PT on Φt ratio is 1/10 (validation left out: it scales too).
+    n = r["crossover_n_train"]
+    at = estimate(cost.replace(w, n_train=round(n), eval_examples=0), rates)
+    assert at["ratio"] == pytest.approx(0.1, rel=0.01)
+    # With the head at the answer only, a student example costs layers kept / layers; logits everywhere add the head.
+    answer_only = estimate(cost.replace(w, all_positions=False), rates)
+    assert answer_only["student_share"] == pytest.approx(2 / 32, rel=0.01)
+    assert r["student_share"] > answer_only["student_share"]
+
+
+def test_cost_config_names_the_bad_flag():
+    with pytest.raises(ConfigError, match="--setting"):
+        CostConfig(setting="nope")
+    with pytest.raises(ConfigError, match="--utilisation"):
+        CostConfig(utilisation=0)
+    with pytest.raises(ConfigError, match="--n-train"):
+        CostConfig(n_train=0)
+    w = CostConfig(setting="paper-gpt2xl-sst2", epochs=3).workload()
+    assert (w.epochs, w.n_train, w.target) == (3, 67349, "gpt2-xl")
+
+
+def test_cli_cost_prints_every_stage(capsys):
+    assert main(["cost", "--setting", "paper-gpt2xl-sst2", "--device", "a100-fp32", "--utilisation", "0.5"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("PT on Φs", "PT on Φt (DP)", "transfer", "distillation (one-time)", "cheaper"):
+        assert stage in out
+    assert main(["cost", "--target", "tiny-llama", "--keep-layers", "0", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["target"] == "tiny-llama" and math.isfinite(data["ratio"])
+
+
+def test_calibrate_measures_positive_rates():
+    rates = cost.calibrate("tiny-llama", "0", n_tokens=2, text_tokens=8, batch=2, steps=1, threads=0)
+    assert rates.forward > 0 and rates.backward > 0 and rates.source_forward > 0 and rates.dp_overhead > 0
+
+
+def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatch):
+    from helpers import write_sentiment_csv
+    from post import tune
+
+    data = write_sentiment_csv(tmp_path / "s.csv", n=60)
+    seen = []
+    real = tune.PromptTrainer._losses
+
+    def spy(self, idx, prompt):
+        seen.append((len(idx), max(len(self.seqs[int(i)]) for i in idx) + prompt.shape[-2]))
+        return real(self, idx, prompt)
+
+    monkeypatch.setattr(tune.PromptTrainer, "_losses", spy)
+    for dp in (False, True):
+        out = tmp_path / f"run-tune-{dp}"
+        tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=3, max_steps=4,
+                                  batch_size=8, micro_batch_size=3, eval_limit=5, test=False, dp=dp,
+                                  noise_multiplier=1.0), out)
+        stage = cost.tune_run_cost(out)
+        train = sum((Tokens.uniform(b, w) for b, w in seen), Tokens())
+        if not dp:  # the exact batches: same seed, same order, same micro-batches
+            assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)
+        else:  # DP sampling is secret: a stand-in Poisson sample of the same rate
+            assert stage.dp and 0 < stage.parts[0].flops.forward
+        seen.clear()
+    rows = cost.compare_run_dirs(tmp_path, Rates(1e9, 1e9))
+    assert [r["run"] for r in rows] == ["run-tune-False", "run-tune-True"]
+    assert all(r["predicted_seconds"] > 0 and r["measured_seconds"] > 0 for r in rows)
+    assert "| run-tune-False |" in cost.report_section(tmp_path, Rates(1e9, 1e9))
+
+
+def test_distillation_time_adds_the_measured_loss_cost_per_logit():
+    w = cost.SETTINGS["demo"]
+    plain = {s["stage"]: s["seconds"] for s in estimate(w, Rates(1e10, 1e10))["stages"]}
+    lossy = {s["stage"]: s["seconds"] for s in estimate(w, Rates(1e10, 1e10, loss_per_logit=1e-9))["stages"]}
+    logits = w.distill_steps * w.distill_batch_size * w.block_size * ARCHS["smollm2-135m"].vocab
+    assert lossy["distillation (one-time)"] - plain["distillation (one-time)"] == pytest.approx(logits * 1e-9)
+    assert lossy["PT on Φs"] == plain["PT on Φs"]  # tuning reads logits at the answer only
+
+
+def test_compare_run_dirs_reads_saved_rates_and_never_calibrates_when_told(tmp_path):
+    from helpers import write_sentiment_csv
+    from post import tune
+
+    data = write_sentiment_csv(tmp_path / "s.csv", n=40)
+    tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=2, max_steps=2,
+                              batch_size=4, eval_limit=4, test=False), tmp_path / "tune-source")
+    assert cost.compare_run_dirs(tmp_path, calibrate_missing=False) == []
+    assert cost.report_section(tmp_path, calibrate_missing=False) == ""
+    calls = []
+
+    def fake(target, keep):
+        calls.append(target)
+        return Rates(2e9, 1e9)
+
+    with pytest.raises(PostError, match="no target model"):  # a lone tune run on Φs names no target
+        cost.compare_run_dirs(tmp_path, calibrate_fn=fake)
+    (tmp_path / "cost-calibration.json").write_text(json.dumps(Rates(2e9, 1e9).to_dict()))
+    rows = cost.compare_run_dirs(tmp_path, calibrate_fn=fake)
+    stage = cost.tune_run_cost(tmp_path / "tune-source")
+    want = sum(p.flops.forward / 2e9 + p.flops.backward / 1e9 for p in stage.parts)  # the saved rates, not fake's
+    assert not calls and rows[0]["predicted_seconds"] == pytest.approx(want)
