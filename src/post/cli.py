@@ -79,7 +79,7 @@ class StageCommand:
 
 
 def _stage_commands() -> list[StageCommand]:
-    from post import distill, evaluate, export, student, table, transfer, tune, zst
+    from post import distill, evaluate, export, student, table, templates, transfer, tune, zst
 
     return [
         StageCommand("evaluate", "Score a model (optionally with a soft prompt) on a task split.",
@@ -98,14 +98,19 @@ def _stage_commands() -> list[StageCommand]:
                      table.TableConfig, table.table, table.summarize),
         StageCommand("export-peft", "Export a prompt file as a PEFT prompt-tuning adapter.",
                      export.ExportPeftConfig, export.export_peft, export.summarize),
+        StageCommand("choose-template", "Rank templates x label words zero-shot on public data (or on your own data "
+                     "with a student model only).", templates.ChooseTemplateConfig, templates.choose_template,
+                     templates.summarize),
     ]
 
 
 def _attack_commands() -> list[StageCommand]:
-    from post import attack, reconstruct
+    from post import attack, canary, reconstruct
 
-    return [StageCommand("lira", "LiRA membership inference on soft prompts (shadow prompts, ROC, empirical ε).",
-                         attack.AttackConfig, attack.attack, attack.summarize),
+    return [StageCommand("lira", "LiRA and RMIA membership inference on soft prompts (shadow prompts, ROC, "
+                         "empirical ε).", attack.AttackConfig, attack.attack, attack.summarize),
+            StageCommand("canary", "One-run audit: tune once with secret canaries, guess them, bound ε (Steinke "
+                         "et al. 2023).", canary.CanaryConfig, canary.canary_audit, canary.summarize),
             StageCommand("reconstruct", "Project prompts onto their nearest tokens and count the private n-grams "
                          "they reproduce.", reconstruct.ReconstructConfig, reconstruct.reconstruct,
                          reconstruct.summarize)]
@@ -137,8 +142,10 @@ def _add_attack(sub: Any, help: str) -> None:
 
 # The two parties: the user's commands touch private data and never need the target's weights; the
 # provider's never take private data. Both only exchange files (the student one way, prompts the other).
-USER_COMMANDS = ("tune", "evaluate", "attack")
-PROVIDER_COMMANDS = ("distill", "student", "transfer", "zst", "serve")
+USER_COMMANDS = ("tune", "evaluate", "attack", "choose-template", "upload", "transfer-status", "classify")
+PROVIDER_COMMANDS = ("distill", "student", "transfer", "zst", "serve", "tenants")
+# Commands of the provider's service (post.service.cli): serve and tenants, and the user's client side.
+SERVICE_COMMANDS = ("serve", "tenants", "upload", "transfer-status", "classify")
 
 
 def _pipeline_parsers(sub: Any) -> None:
@@ -173,11 +180,10 @@ def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
     for name in names:
         if name == "attack":
             _add_attack(psub, "Privacy audits: attack lira, attack reconstruct.")
-        elif name == "serve":
-            from post.serve import ServeConfig
+        elif name in SERVICE_COMMANDS:
+            from post.service.cli import add_command
 
-            psub.add_subcommand("serve", _config_parser(ServeConfig, "Serve a model with a prompt."),
-                                help="Serve the target model with a transferred prompt.")
+            add_command(psub, name)
         else:
             psub.add_subcommand(name, _stage_parser(stages[name]), help=stages[name].help)
 
@@ -189,15 +195,20 @@ def build_parser() -> ArgumentParser:
     for cmd in _stage_commands():
         sub.add_subcommand(cmd.name, _stage_parser(cmd), help=cmd.help)
     _pipeline_parsers(sub)
-    _add_party(sub, "user", USER_COMMANDS, "The user's side: tune, evaluate, attack (private data stays here).")
+    _add_party(sub, "user", USER_COMMANDS, "The user's side: tune, evaluate, attack (private data stays here); "
+               "upload, transfer-status, classify against a provider's service.")
     _add_party(sub, "provider", PROVIDER_COMMANDS,
-               "The provider's side: distill, student, transfer, zst, serve (no private data).")
+               "The provider's side: distill, student, transfer, zst, serve, tenants (no private data).")
     fetch = _Parser(description="Download, verify and cache built-in models and datasets.", exit_on_error=False)
     fetch.add_argument("names", nargs="+", help="Built-in model or dataset names (see post models / post datasets).")
     fetch.add_argument("--cache_dir", type=Path | None, default=None, help="Cache directory.")
     fetch.add_argument("--verify", type=bool, default=False,
                        help="Re-hash cached files and repair any that changed.")
     sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
+    from post.cost import CostConfig
+
+    sub.add_subcommand("cost", _config_parser(CostConfig, "Estimate FLOPs and time of each POST stage."),
+                       help="Estimate FLOPs and time of each stage: the user's and provider's cost vs tuning on Φt.")
     _add_attack(sub, "Privacy audits: post attack lira (membership inference on prompts), post attack "
                 "reconstruct (nearest-token reading of prompts).")
     sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
@@ -351,10 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             attacks = {c.name: c for c in _attack_commands()}
             name = sub_ns.attack_command
             _run_stage(attacks[name], sub_ns[name])
-        elif command == "serve":
-            from post.serve import ServeConfig, serve
+        elif command in SERVICE_COMMANDS:
+            from post.service.cli import run as run_service
 
-            serve(_build_config(ServeConfig, sub_ns))
+            run_service(command, sub_ns)
         elif command in ("run", "demo"):
             _run_pipeline(command, sub_ns)
         elif command == "report":
@@ -363,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {write_report(sub_ns.dir)}")
         elif command == "fetch":
             _fetch(ns.fetch)
+        elif command == "cost":
+            from post.cost import CostConfig, print_cost
+
+            print_cost(_build_config(CostConfig, ns.cost))
         elif command == "models":
             _list_models()
         elif command == "datasets":
