@@ -315,7 +315,7 @@ def prompt_header_corrupted(w, d):
 
 def prompt_metadata_edited(w, d):
     tensor, meta = _prompt_parts(w)
-    meta["measured"]["val_accuracy"] = 0.99  # checksum left as it was
+    meta["task"]["init_text"] = "edited"  # checksum left as it was
     save_file({"prompt": tensor}, str(d / "edited.safetensors"), metadata={"post": json.dumps(meta)})
     return _evaluate(w, d / "edited.safetensors")
 
