@@ -178,3 +178,30 @@ def test_cli_runs_the_audit_and_names_a_bad_flag(data, tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "result.json").read_text())["stage"] == "attack-canary"
     assert main([*args[:-2], "--guesses-in", "20", "--out", str(tmp_path / "bad")]) == 2
     assert "--guesses-in" in capsys.readouterr().err
+
+
+def test_the_audited_dp_mechanism_does_not_depend_on_the_secret_coins():
+    """T and σ are fixed before the coins decide N: every coin outcome runs the same steps at a rate ≤ q."""
+    from post.accounting import compute_epsilon
+    from post.canary import fixed_mechanism
+    from post.tune import TuneConfig, make_plan
+
+    cfg = CanaryConfig(model="tiny-llama", canaries=40, guesses_in=4, guesses_out=4, dp=True, epsilon=4.0,
+                       accountant="rdp", batch_size=8, epochs=2)
+    mech = fixed_mechanism(cfg, 60, 1e-4)
+    for n_in in (0, 17, 40):  # any number of canaries included
+        n = 60 + n_in
+        tc = TuneConfig(model="tiny-llama", dp=True, batch_size=8, delta=1e-4, accountant="rdp", **mech)
+        plan = make_plan(tc, n)
+        assert plan.total_steps == mech["max_steps"] and plan.ledger.noise_multiplier == mech["noise_multiplier"]
+        assert compute_epsilon(noise_multiplier=mech["noise_multiplier"], sample_rate=8 / n, steps=plan.total_steps,
+                               delta=1e-4, accountant="rdp") <= 4.0 + 1e-9
+
+
+def test_exact_coverage_when_correct_guesses_are_binomial():
+    """Exactly, not by simulation: with v ~ Binomial(r, e^ε/(1+e^ε)) (the worst case for ε-DP), the probability
+    that the 95% bound exceeds ε is at most 5% (an off-by-one in the tail breaks this)."""
+    for eps, r in ((1.0, 200), (0.5, 64), (2.0, 32)):
+        p = 1 / (1 + math.exp(-eps))
+        miss = sum(stats.binom.pmf(v, r, p) for v in range(r + 1) if one_run_epsilon(500, r, v) > eps)
+        assert miss <= 0.05, (eps, r, miss)

@@ -215,9 +215,33 @@ def canary_scores(cfg: TuneConfig, prompt_path: str, texts: list[str], labels: l
     return conf[0] - conf[1]
 
 
-def _tune_config(cfg: CanaryConfig, task_file: Path, task: Any, delta: float | None) -> TuneConfig:
+def fixed_mechanism(cfg: CanaryConfig, n_train: int, delta: float) -> dict[str, Any]:
+    """Steps and σ that do not depend on the secret coins (DP runs with a target ε).
+
+    The training set holds n_train to n_train + m examples depending on the coins, and tuning would
+    derive its steps and σ from that N, so the audited run would not be one fixed mechanism. Here T
+    is planned for the largest set and σ calibrated at the largest rate any coins give (q = B/n_train):
+    whatever the coins, the run takes T steps at a rate ≤ q with that σ, so it is (ε, δ)-DP for the
+    target ε, and its own ledger (at its actual q) reports no more.
+    """
+    if not cfg.dp or cfg.noise_multiplier is not None:
+        return {}
+    from post.accounting import calibrate_noise
+
+    steps = max(1, round((n_train + cfg.canaries) / cfg.batch_size)) * cfg.epochs
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    sigma = calibrate_noise(target_epsilon=cfg.epsilon, delta=delta, sample_rate=min(1.0, cfg.batch_size / n_train),
+                            steps=steps, accountant=cfg.accountant)
+    per_epoch_min = max(1, round(n_train / cfg.batch_size))
+    return {"max_steps": steps, "epochs": max(cfg.epochs, -(-steps // per_epoch_min)), "noise_multiplier": sigma}
+
+
+def _tune_config(cfg: CanaryConfig, task_file: Path, task: Any, delta: float | None,
+                 mechanism: dict[str, Any] | None = None) -> TuneConfig:
     fields = {f.name for f in dataclasses.fields(TuneConfig) if f.init}
     values = {k: getattr(cfg, k) for k in fields}
+    values.update(mechanism or {})
     values.update(task=str(task_file), text_column="text", label_column="label", template=task.template,
                   label_words={k: list(v) for k, v in task.label_words.items()}, init_text=task.init_text,
                   train_limit=None, train_indices=None, test=False, encoding="utf-8")
@@ -250,7 +274,8 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
         _write_task(task_file, data, train_idx, canaries)
     log.info("canary audit: %d canaries (%d trained on, secret), %d training examples, %s", cfg.canaries,
              int(coins.sum()), len(train_idx), f"DP ε={cfg.epsilon:g}" if cfg.dp else "non-private")
-    tuned = tune(_tune_config(cfg, task_file, data.task, delta), run.path / "tune")
+    tuned = tune(_tune_config(cfg, task_file, data.task, delta, fixed_mechanism(cfg, len(train_idx), delta)),
+                 run.path / "tune")
     scores = canary_scores(cfg, tuned["prompt"], canaries["texts"], canaries["labels"])
     guess = guesses(scores, cfg.guesses_in, cfg.guesses_out)
     r, v = count_correct(guess, coins)
