@@ -433,8 +433,10 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     if start == 0 and not history:
         history.append(validate(0))
     t0 = time.perf_counter()
-    if extra_tensors and start == 0:
-        checkpoint(0)  # the secret seed is on disk (privately) before the first step uses it
+    if plan.ledger is not None and ckpt is None:
+        # Before any step is accounted: the secret seed is on disk (privately) before the first step uses it,
+        # and a DP run whose ledger exists always has a checkpoint to resume from.
+        checkpoint(0)
     bar = progress.steps(plan.total_steps, initial=start, desc="tune")
     n = plan.n_train
     reserve(start)
