@@ -306,6 +306,7 @@ def write_report(out: str | Path) -> Path:
     md += ["## Cost of each stage", "", "| step | party | what | time |", "|---|---|---|---|"]
     md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {_fmt_s(seconds[name])} |"
            for name, s in steps.items()]
+    md += ["", *_predicted_costs(out)]
     md += ["", "## Config", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
     (out / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
 
@@ -318,6 +319,18 @@ def write_report(out: str | Path) -> Path:
     path.write_text(html_text, encoding="utf-8")
     write_json(out / "report.json", {"goals": goal_rows, "cells": cells})
     return path
+
+
+def _predicted_costs(out: Path) -> list[str]:
+    """post.cost's predicted vs measured time of each training run, when rates measured here are at hand
+    (the report never loads a model to calibrate; ``post cost --calibrate`` saves them)."""
+    from post import cost
+
+    try:
+        section = cost.report_section(out, calibrate_missing=False)
+    except (PostError, OSError, KeyError, ValueError):
+        return []
+    return section.splitlines() if section else []
 
 
 _RANDOMNESS = {
