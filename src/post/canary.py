@@ -253,9 +253,9 @@ def _tune_config(cfg: CanaryConfig, task_file: Path, task: Any, delta: float | N
 def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
     """Tune once with secret canaries, guess them, and report the one-run ε lower bound."""
     from post.accounting import default_delta
-    from post.resolve import load_task, subset
+    from post.resolve import load_task
     from post.rundir import RunDir, write_json
-    from post.tune import read_indices, tune
+    from post.tune import training_indices, tune
 
     run = RunDir(run_dir, stage="attack-canary", config=cfg)
     if (done := run.existing_result()) is not None:
@@ -263,8 +263,7 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_task(cfg)
     train = data.split("train")
-    train_idx = (subset(len(train), cfg.train_limit, cfg.seed).tolist() if cfg.train_indices is None
-                 else read_indices(cfg.train_indices, len(train)))
+    train_idx = training_indices(cfg, len(train))
     canaries = _load_or_make(run.path / CANARIES, cfg, len(data.class_names))
     coins = np.asarray(canaries["in"], bool)
     # One δ whatever the coins: below 1/N for the largest possible training set.

@@ -883,13 +883,12 @@ def tune_run_cost(run: Path) -> StageCost:
     from post.dp import poisson_sample, step_generator
     from post.resolve import load_task, subset
     from post.scoring import Encoder
-    from post.tune import TuneConfig, _epoch_order, make_plan, read_indices
+    from post.tune import TuneConfig, _epoch_order, make_plan, training_indices
 
     cfg = _build(TuneConfig, _read_config(run))
     data = load_task(cfg)
     train = data.split("train")
-    tr_idx = subset(len(train), cfg.train_limit, cfg.seed) if cfg.train_indices is None else \
-        read_indices(cfg.train_indices, len(train))
+    tr_idx = training_indices(cfg, len(train))
     texts = [train.texts[i] for i in tr_idx]
     plan = make_plan(replace(cfg, noise_multiplier=cfg.noise_multiplier or 1.0), len(texts))
     tok = _tokenizer(cfg.model, cfg.cache_dir)

@@ -219,6 +219,13 @@ def read_indices(path: Path, n: int) -> list[int]:
     return idx
 
 
+def training_indices(cfg: TuneConfig, n: int) -> list[int]:
+    """The training-split indices a tuning config trains on: --train-indices, or a seeded --train-limit subset."""
+    if cfg.train_indices is not None:
+        return read_indices(cfg.train_indices, n)
+    return subset(n, cfg.train_limit, cfg.seed).tolist()
+
+
 def make_plan(cfg: TuneConfig, n_train: int) -> Plan:
     """Steps per epoch and total, and (DP) σ calibrated for exactly those steps."""
     if n_train < 2:
@@ -361,8 +368,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         return _check_finished(run, done)
     data = load_task(cfg)
     train = data.split("train")
-    tr_idx = subset(len(train), cfg.train_limit, cfg.seed) if cfg.train_indices is None else \
-        read_indices(cfg.train_indices, len(train))
+    tr_idx = training_indices(cfg, len(train))
     texts, labels = [train.texts[i] for i in tr_idx], [train.labels[i] for i in tr_idx]
     plan = make_plan(cfg, len(texts))
     val = data.split("validation")
