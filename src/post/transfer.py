@@ -208,15 +208,16 @@ def public_labelled(name: str, task: Task, *, limit: int, seed: int, cache_dir: 
     if missing:
         raise ConfigError(f"--alpha-public {name} has classes {', '.join(data.class_names)}, not the task's "
                           f"{', '.join(missing)}; give public labelled data with the same class names, or --alpha.")
-    split = data.split("train")
-    labels = np.asarray(split.labels)
+    from post.templates import restrict_classes
+
+    all_texts, all_labels = restrict_classes(data, "train", task.class_names)
+    labels = np.asarray(all_labels)
     rng = np.random.default_rng([seed, 6])
     per_class = max(1, limit // task.num_classes)
     texts, out = [], []
-    for k, name_k in enumerate(task.class_names):
-        pool = np.flatnonzero(labels == data.class_names.index(name_k))
-        for i in rng.permutation(pool)[:per_class]:
-            texts.append(split.texts[int(i)])
+    for k in range(task.num_classes):
+        for i in rng.permutation(np.flatnonzero(labels == k))[:per_class]:
+            texts.append(all_texts[int(i)])
             out.append(k)
     return texts, out
 
