@@ -145,6 +145,9 @@ def test_bad_requests_get_a_clear_4xx(world):
     assert _code(c.post("/v1/classify", json={"prompt_id": ids["target"], "texts": []})) == (400, "bad_request")
     assert _code(c.post("/v1/classify", json={"prompt_id": ids["target"], "texts": [1]})) == (400, "bad_request")
     assert _code(c.post("/v1/jobs", json={"prompt_id": ids["upload"], "alpha": 2})) == (400, "bad_request")
+    # An accuracy measured on the user's private data is not accepted (it would leave the user outside the ledger).
+    assert _code(c.post("/v1/jobs", json={"prompt_id": ids["upload"], "target_zero_shot": 0.7,
+                                          "source_accuracy": 0.6})) == (400, "bad_request")
     assert _code(c.post("/v1/classify", json={"prompt_id": ids["target"], "texts": ["a"] * 9})) == (
         413, "too_many_texts")
     assert _code(c.post("/v1/classify", json={"prompt_id": ids["target"], "texts": ["a" * 30000]})) == (

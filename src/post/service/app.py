@@ -41,11 +41,10 @@ class _Strict(BaseModel):
 
 class JobRequest(_Strict):
     prompt_id: str = Field(max_length=64, description="An uploaded (student) prompt of yours.")
-    alpha: float | None = Field(None, ge=0, le=1, description="Weight of the change term; none = heuristic.")
-    target_zero_shot: float | None = Field(None, ge=0, le=1, description="Your measured zero-shot accuracy of "
-                                           "the target (for the heuristic α).")
-    source_accuracy: float | None = Field(None, ge=0, le=1, description="Your prompt's accuracy on the student "
-                                          "(for the heuristic α).")
+    # No accuracy measured on the user's private data is taken: the heuristic α is measured by the provider on
+    # public labelled data (post transfer --alpha-public), so nothing outside the ledger leaves the user.
+    alpha: float | None = Field(None, ge=0, le=1, description="Weight of the change term; none = the heuristic "
+                                "(Eq. 6), measured by the provider on public labelled data.")
 
 
 class ClassifyRequest(_Strict):

@@ -49,8 +49,6 @@ def add_command(psub: Any, name: str) -> None:
         p.add_argument("file", type=str, help="The prompt.safetensors post tune wrote.")
         p.add_argument("--transfer", type=bool, default=False, help="Also start a transfer job for it.")
         p.add_argument("--alpha", type=float | None, default=None, help="α for the transfer (default: heuristic).")
-        p.add_argument("--target_zero_shot", type=float | None, default=None,
-                       help="Your measured zero-shot accuracy of the target (for the heuristic α).")
         psub.add_subcommand("upload", p, help="Upload a prompt file to a provider's service (and start a transfer).")
     elif name == "transfer-status":
         p = _client_parser("Show your transfer jobs, or one job (optionally waiting for it to end).")
@@ -116,7 +114,7 @@ def _user(command: str, ns: Any) -> None:
         lines = [f"uploaded prompt {prompt['id']} (ε = {prompt['epsilon']}, {prompt['n_tokens']} tokens, classes "
                  f"{', '.join(prompt['classes'])})"]
         if ns.transfer:
-            job = client.start_job(prompt["id"], alpha=ns.alpha, target_zero_shot=ns.target_zero_shot)
+            job = client.start_job(prompt["id"], alpha=ns.alpha)
             out["job"] = job
             lines.append(f"transfer job {job['id']} {job['status']}; follow it with post user transfer-status "
                          f"{job['id']}")

@@ -58,13 +58,10 @@ class Client:
         return self.call("POST", "/v1/prompts", content=p.read_bytes(),
                          headers={"Content-Type": "application/octet-stream"})
 
-    def start_job(self, prompt_id: str, *, alpha: float | None = None,
-                  target_zero_shot: float | None = None) -> dict[str, Any]:
+    def start_job(self, prompt_id: str, *, alpha: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt_id": prompt_id}
         if alpha is not None:
             body["alpha"] = alpha
-        if target_zero_shot is not None:
-            body["target_zero_shot"] = target_zero_shot
         return self.call("POST", "/v1/jobs", json=body)
 
     def job(self, job_id: str) -> dict[str, Any]:

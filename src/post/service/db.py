@@ -81,7 +81,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     prompt_id: Mapped[str] = mapped_column(ForeignKey("prompts.id"))
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
-    options: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the user's alpha / target_zero_shot
+    options: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the user's alpha, if given
     steps: Mapped[int] = mapped_column(Integer)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
