@@ -360,3 +360,18 @@ def test_no_private_text_reaches_the_target_outside_test_queries_and_the_target_
             assert ids(private_inputs) <= test_ids, step  # only test sentences, as the user's queries
         else:
             assert not private_inputs, (step, private_inputs[:2])
+
+
+def test_privacy_curve_modes_run_dp_at_each_epsilon(tmp_path):
+    path = tiny_config(tmp_path, modes=["non-private", "dp", "dp-eps1", "dp-eps0.5"], attack=None,
+                       undistilled=False, reconstruct=None)
+    steps = {s.name: s for s in check_steps(load_pipeline_config(path, ["dp.epsilon=8"]))}
+    eps = {name: steps[name].build(_Placeholders()).epsilon
+           for name in ("tune-source-dp", "tune-source-dp-eps1", "tune-source-dp-eps0.5", "tune-target-dp-eps1")}
+    assert eps == {"tune-source-dp": 8, "tune-source-dp-eps1": 1, "tune-source-dp-eps0.5": 0.5,
+                   "tune-target-dp-eps1": 1}
+    assert steps["tune-source"].build(_Placeholders()).dp is False
+    assert {"transfer-dp-eps1", "eval-post-dp-eps0.5", "eval-source-dp-eps1"} <= set(steps)
+    for bad in (["dp-eps0"], ["dp-epsx"], ["dp", "dp"], ["dp-eps-1"]):
+        with pytest.raises(ConfigError, match="modes"):
+            load_pipeline_config(path, [f"modes={bad}"])

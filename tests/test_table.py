@@ -158,3 +158,39 @@ def test_report_says_baseline_failed_instead_of_yes(tmp_path):
     goal = next(line for line in (tmp_path / "b" / "report.md").read_text().splitlines()
                 if line.startswith("| mr | non-private"))
     assert "baseline failed" not in goal and goal.endswith("| 94% | yes |")
+
+
+def test_each_dp_epsilon_gets_its_own_table_tests_and_curve(tmp_path):
+    """A privacy–utility curve: cells at ε = 8 and ε = 1 must not overwrite each other, and POST is tested
+    only against cells of its own ε."""
+    from post.report import privacy_curve
+
+    post8, post1, src8, src1 = [True] * 32 + [False] * 8, [True] * 28 + [False] * 12, [True] * 20 + [False] * 20, \
+        [False] * 40
+    _run(tmp_path, "zero-shot", _eval(0.5), [i % 2 == 0 for i in range(N)])
+    _run(tmp_path, "eval-post-dp", _eval(0.8, _prompt("post", model=TARGET, eps=7.9995)), post8)
+    _run(tmp_path, "eval-post-dp-eps1", _eval(0.7, _prompt("post", model=TARGET, eps=0.99996)), post1)
+    _run(tmp_path, "eval-source-dp", _eval(0.5, _prompt("tuned", eps=7.9995), model="student"), src8)
+    _run(tmp_path, "eval-source-dp-eps1", _eval(0.0, _prompt("tuned", eps=0.99996), model="student"), src1)
+    _run(tmp_path, "eval-post", _eval(0.85, _prompt("post", model=TARGET)), [True] * 34 + [False] * 6)
+    _run(tmp_path, "eval-source", _eval(0.6, _prompt("tuned"), model="student"), [True] * 24 + [False] * 16)
+    cells = [c for d in sorted(tmp_path.iterdir()) if (c := classify(d, TARGET)) is not None]
+    md, text = build_table(cells)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    post = {r["setting"]: r for r in rows if r["method"] == "POST"}
+    assert set(post) == {"non-private", "DP ε = 8", "DP ε = 1"}
+    assert post["DP ε = 1"]["accuracy"] == "0.7000" and post["DP ε = 8"]["accuracy"] == "0.8000"
+    # ε = 1's POST against ε = 1's PT on Φs (b = 28, c = 0), not ε = 8's
+    assert float(post["DP ε = 1"]["p_value_vs_pt_source"]) == pytest.approx(
+        mcnemar_exact(post1, src1)["p_value"], rel=1e-5)
+    assert float(post["DP ε = 8"]["p_value_vs_pt_source"]) == pytest.approx(
+        mcnemar_exact(post8, src8)["p_value"], rel=1e-5)
+    assert md.index("**Non-private**") < md.index("(ε = 8.00") < md.index("(ε = 1.00")
+    assert sum(r["method"] == "zero-shot Φt" for r in rows) == 3  # zero-shot heads each table
+    goal_rows = goals(rows)
+    assert [g["setting"] for g in goal_rows] == ["non-private", "DP ε = 8", "DP ε = 1"]
+    curve, png = privacy_curve(rows)
+    assert png and "| ε | PT on Φs | POST |" in curve
+    assert any(line.startswith("| 1 | 0.0 [") and "| 70.0 [" in line for line in curve)
+    assert curve[-2].startswith("| ∞ (non-private) | 60.0 [")
+    assert privacy_curve([r for r in rows if r["setting"] != "DP ε = 1"]) == ([], None)  # one DP ε: no curve

@@ -25,6 +25,9 @@ tune-public, reconstruct  user        nearest-token reading of every prompt vs a
 table, report             both        the results table and the HTML/Markdown report
 ========================  ==========  =====================================================
 
+``[-dp]`` stands for the privacy mode's suffix: none (non-private), ``-dp`` (the dp section's ε),
+or ``-dp-eps<E>`` for each extra ε of a privacy–utility curve (``modes: [..., dp-eps1]``).
+
 Each step's *key* is a hash of its resolved config and its inputs' keys, kept in
 ``pipeline.json``. A step whose result exists under the same key is skipped; a step whose key
 changed (its own options, or anything upstream) is re-run from scratch and the pipeline says
@@ -37,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -58,7 +62,25 @@ log = logging.getLogger(__name__)
 STATE_FILE = "pipeline.json"
 SECTIONS = ("distill", "tune", "tune_target", "dp", "transfer", "zst", "evaluate", "attack", "reconstruct")
 OPTIONAL_SECTIONS = ("attack", "reconstruct")  # null skips the step
-MODES = ("non-private", "dp")
+MODES = ("non-private", "dp")  # and dp-eps<E>: DP at ε = E instead of the dp section's ε (privacy–utility curves)
+_DP_AT = re.compile(r"dp-eps(\d+(?:\.\d+)?)")
+
+
+def mode_suffix(mode: str) -> str:
+    """The step-name suffix of a privacy mode: "" (non-private), "-dp", "-dp-eps1", ..."""
+    return "" if mode == "non-private" else f"-{mode}"
+
+
+def mode_epsilon(mode: str) -> float | None:
+    """The ε a ``dp-eps<E>`` mode asks for (None for non-private and for dp, which takes the dp section's)."""
+    m = _DP_AT.fullmatch(mode)
+    return float(m.group(1)) if m else None
+
+
+def _valid_mode(mode: object) -> bool:
+    if not isinstance(mode, str):
+        return False
+    return mode in MODES or (mode_epsilon(mode) or 0) > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +92,9 @@ class PipelineConfig(TaskOptions, ModelOptions):
         target: The provider's large model Φt (teacher of the distillation).
         public: Public text for the transfer (never the private task).
         student: Use this student directory instead of distilling one.
-        modes: Which privacy settings to run: non-private, dp, or both.
+        modes: Which privacy settings to run: non-private, dp (at the dp section's ε), and any number of
+            dp-eps<E> (DP at ε = E, e.g. dp-eps1, dp-eps0.5: a privacy–utility curve; step names get
+            the mode as suffix, e.g. tune-source-dp-eps1).
         undistilled: Also run the same layers without distillation as a source (isolates what
             distillation buys).
         baselines: Baselines to run besides POST: zero-shot, target-tuning, source-tuning,
@@ -115,8 +139,9 @@ class PipelineConfig(TaskOptions, ModelOptions):
         TaskOptions.__post_init__(self)
         ModelOptions.__post_init__(self)
         require(bool(self.target), "target", "must name the provider's model.")
-        require(bool(self.modes) and all(m in MODES for m in self.modes), "modes",
-                f"must list some of {', '.join(MODES)}, got {self.modes}.")
+        require(bool(self.modes) and all(_valid_mode(m) for m in self.modes), "modes",
+                f"must list some of {', '.join(MODES)} or dp-eps<E> (E > 0, e.g. dp-eps1), got {self.modes}.")
+        require(len(set(self.modes)) == len(self.modes), "modes", f"lists a mode twice: {self.modes}.")
         require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
                 f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
         known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst", "proxy")
@@ -301,8 +326,10 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
 
     tune_opts = _section(cfg, "tune")
     for mode in cfg.modes:
-        sfx = "-dp" if mode == "dp" else ""
-        dp_opts = {"dp": True, **_section(cfg, "dp")} if mode == "dp" else {"dp": False}
+        sfx = mode_suffix(mode)
+        dp_opts = {"dp": False} if mode == "non-private" else {"dp": True, **_section(cfg, "dp")}
+        if (eps := mode_epsilon(mode)) is not None:
+            dp_opts["epsilon"] = eps
 
         def tune_step(name: str, party: str, model_of: Callable[[dict[str, dict[str, Any]]], str], deps: list[str],
                       what: str, extra: Mapping[str, Any], dp_opts: dict[str, Any] = dp_opts) -> Step:
@@ -384,7 +411,7 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
     reference_words = opts.pop("reference_label_words", cfg.label_words)
     tune_opts = _section(cfg, "tune")
 
-    first_ps = "tune-source" + ("-dp" if cfg.modes[0] == "dp" else "")
+    first_ps = "tune-source" + mode_suffix(cfg.modes[0])
 
     def tune_public_build(r: dict[str, dict[str, Any]]) -> Any:
         # As many examples as ps was tuned on, so the control takes as many steps.
@@ -396,7 +423,7 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
 
     tune_public = Step("tune-public", "user", "tune", tune_public_build, tune.tune, [*src_deps, first_ps],
                        "control prompt tuned like ps on public labelled data")
-    prompts = [f"{stage}{'-dp' if mode == 'dp' else ''}" for mode in cfg.modes for stage in ("tune-source", "transfer")]
+    prompts = [f"{stage}{mode_suffix(mode)}" for mode in cfg.modes for stage in ("tune-source", "transfer")]
 
     def build(r: dict[str, dict[str, Any]]) -> Any:
         return _make(reconstruct.ReconstructConfig, "reconstruct", {

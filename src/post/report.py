@@ -14,6 +14,7 @@ import csv
 import html
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ def _cells(out: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(p.open(encoding="utf-8"))) if p.is_file() else []
 
 
+def _setting(cell: dict[str, str]) -> str:
+    """A table row's privacy setting ("non-private", "DP ε = 8", ...); tables without the column: non-private / DP."""
+    return cell.get("setting") or ("DP" if cell.get("dp") == "True" else "non-private")
+
+
 def _num(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
@@ -47,14 +53,13 @@ def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
     ``PT on Φt failed``: True when the PT-on-Φt baseline's interval contains chance (1 / classes),
     so "POST reaches 90% of it" would be a statement about a failed baseline.
     """
-    by = {(c["task"], c["method"], c["dp"] == "True"): c for c in cells}
+    by = {(c["task"], c["method"], _setting(c)): c for c in cells}
     rows = []
-    for task, method, dp in sorted(by):
-        if method != "POST":
-            continue
+    for task, method, dp in [k for c in cells if (k := (c["task"], c["method"], _setting(c)))[1] == "POST"]:
         cell = by[(task, method, dp)]
         post = float(cell["accuracy"])
-        row: dict[str, Any] = {"task": task, "dp": dp, "post": post, "n": _num(cell.get("n")),
+        row: dict[str, Any] = {"task": task, "dp": dp != "non-private", "setting": dp, "post": post,
+                               "n": _num(cell.get("n")),
                                "ci_low": _num(cell.get("ci_low")), "ci_high": _num(cell.get("ci_high"))}
         for name, ref_method, key in (("beats PT on Φs", "PT on Φs", "pt_source"),
                                       ("beats zero-shot Φt", "zero-shot Φt", "zero_shot_target")):
@@ -100,25 +105,28 @@ def _plt() -> Any:
 
 
 def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
-    """Grouped bars: one group per method, non-private and DP side by side (first task)."""
+    """Grouped bars: one group per method, non-private and DP side by side (first task; with several DP
+    settings, the one with the most methods, the largest ε on a tie)."""
     if not cells:
         return None
     from post.table import METHODS
 
     task = sorted({c["task"] for c in cells})[0]
+    mine = [c for c in cells if c["task"] == task]
+    dp_settings = [s for s in dict.fromkeys(_setting(c) for c in mine) if s != "non-private"]
+    dp = max(dp_settings, key=lambda s: sum(_setting(c) == s for c in mine)) if dp_settings else "DP"
     plt = _plt()
-    methods = [m for m in METHODS if any(c["method"] == m and c["task"] == task for c in cells)]
+    methods = [m for m in METHODS if any(c["method"] == m for c in mine)]
     fig, ax = plt.subplots(figsize=(7.5, 3.4), dpi=110)
     width = 0.38
-    for j, (dp, color, label) in enumerate(((False, "#4C72B0", "non-private"), (True, "#DD8452", "DP"))):
-        found = [next((c for c in cells if c["task"] == task and c["method"] == m and (c["dp"] == "True") == dp),
-                      None) for m in methods]
+    for j, (setting, color) in enumerate((("non-private", "#4C72B0"), (dp, "#DD8452"))):
+        found = [next((c for c in mine if c["method"] == m and _setting(c) == setting), None) for m in methods]
         vals = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
         # Wilson 95% intervals as error bars where the table has them
         err = [[v - 100 * (_num(c.get("ci_low")) or v / 100) if c else 0.0 for c, v in zip(found, vals)],
                [100 * (_num(c.get("ci_high")) or v / 100) - v if c else 0.0 for c, v in zip(found, vals)]]
         xs = [i + (j - 0.5) * width for i in range(len(methods))]
-        bars = ax.bar(xs, vals, width, color=color, label=label, yerr=err, capsize=2, error_kw={"lw": 0.8})
+        bars = ax.bar(xs, vals, width, color=color, label=setting, yerr=err, capsize=2, error_kw={"lw": 0.8})
         for b, v in zip(bars, vals):
             if v == v:
                 ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
@@ -129,6 +137,67 @@ def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return _png(fig)
+
+
+CURVE_METHODS = ("PT on Φs", "POST", "PT on Φt", "proxy tuning", "direct transfer", "ZST")
+
+
+def privacy_curve(cells: list[dict[str, str]]) -> tuple[list[str], str | None]:
+    """The privacy–utility curve of a pipeline that ran several DP settings (modes: dp-eps<E>).
+
+    Returns Markdown lines (a table per task: one row per ε, ∞ = non-private, a column per method,
+    accuracy % with its Wilson 95% interval) and a PNG (base64) of the first task's curves, zero-shot
+    Φt as a dashed line. Empty when no task has two or more DP settings.
+    """
+    md: list[str] = []
+    png = None
+    for task in sorted({c["task"] for c in cells}):
+        mine = [c for c in cells if c["task"] == task]
+        eps = {float(c["setting"].rpartition("=")[2]) for c in mine if c.get("setting", "").startswith("DP ε =")}
+        if len(eps) < 2:
+            continue
+        xs: list[float] = sorted(eps) + ([math.inf] if any(_setting(c) == "non-private" for c in mine) else [])
+        methods = [m for m in CURVE_METHODS if sum(c["method"] == m for c in mine) >= 2]
+
+        def cell(m: str, x: float, mine: list[dict[str, str]] = mine) -> dict[str, str] | None:
+            name = "non-private" if x == math.inf else f"DP ε = {x:g}"
+            return next((c for c in mine if c["method"] == m and _setting(c) == name), None)
+
+        def show(c: dict[str, str] | None) -> str:
+            if c is None:
+                return "–"
+            lo, hi = _num(c.get("ci_low")), _num(c.get("ci_high"))
+            ci = f" [{100 * lo:.1f}–{100 * hi:.1f}]" if lo is not None and hi is not None else ""
+            return f"{100 * float(c['accuracy']):.1f}{ci}"
+
+        zs = next((c for c in mine if c["method"] == "zero-shot Φt"), None)
+        n = next((c.get("n") for c in mine if c["method"] == "POST" and c.get("n")), None)
+        md += [f"{task}: test accuracy % [Wilson 95% interval]" + (f", n = {n} test sentences" if n else "")
+               + (f"; zero-shot Φt {show(zs)}" if zs else ""), "",
+               "| ε | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        md += [f"| {'∞ (non-private)' if x == math.inf else f'{x:g}'} | "
+               + " | ".join(show(cell(m, x)) for m in methods) + " |" for x in xs]
+        md.append("")
+        if png is None:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=110)
+            pos = list(range(len(xs)))
+            for m in methods:
+                found = [cell(m, x) for x in xs]
+                ys = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
+                err = [[y - 100 * (_num(c.get("ci_low")) or y / 100) if c else 0.0 for c, y in zip(found, ys)],
+                       [100 * (_num(c.get("ci_high")) or y / 100) - y if c else 0.0 for c, y in zip(found, ys)]]
+                ax.errorbar(pos, ys, yerr=err, marker="o", capsize=3, lw=1.2, label=m)
+            if zs is not None:
+                ax.axhline(100 * float(zs["accuracy"]), color="grey", ls="--", lw=1, label="zero-shot Φt")
+            ax.set_xticks(pos, ["∞" if x == math.inf else f"{x:g}" for x in xs])
+            ax.set_xlabel("ε (δ as in the ledgers)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"{task}: privacy–utility curve")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            png = _png(fig)
+    return md, png
 
 
 def loss_curves(out: Path, steps: list[str]) -> str | None:
@@ -258,13 +327,18 @@ def write_report(out: str | Path) -> Path:
                "interval of chance (1 / classes), so no ratio to it means anything.", "",
                "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
                "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {g['task']} | {'DP' if g['dp'] else 'non-private'} | {_post_cell(g)} | "
+        md += [f"| {g['task']} | {g['setting']} | {_post_cell(g)} | "
                f"{_yes(g['beats PT on Φs'], g['p_value_vs_pt_source'])} | "
                f"{_yes(g['beats zero-shot Φt'], g['p_value_vs_zero_shot_target'])} | "
                f"{_yes(g['of PT on Φt'], failed=g['PT on Φt failed'])} | "
                f"{_yes(g['≥ 90% of PT on Φt'], failed=g['PT on Φt failed'])} |"
                for g in goal_rows]
         md.append("")
+    curve_md, curve_png = privacy_curve(cells)
+    if curve_md:
+        md += ["## Privacy–utility curve", "", "The same pipeline at each ε of `modes` (dp-eps<E>; ∞ = non-private): "
+               "every DP prompt's ledger is in its tune run directory; the transfer adds no privacy cost "
+               "(post-processing of the DP prompt with public data).", "", *curve_md]
     md += ["## Privacy", ""]
     if ledger:
         md += [f"DP-SGD on the prompt: ε = {_eps(ledger['epsilon'])} at δ = {ledger['delta']:.1e} "
@@ -314,7 +388,7 @@ def write_report(out: str | Path) -> Path:
     rocs = {name: _b64_file(Path(a["roc_png"])) for name, a in attacks.items()}
     rocs.update({f"{name} (transferred)": _b64_file(Path(a["roc_transferred_png"]))
                  for name, a in attacks.items() if a.get("roc_transferred_png")})
-    html_text = _html(md, bars, losses, {k: v for k, v in rocs.items() if v})
+    html_text = _html(md, bars, losses, {k: v for k, v in rocs.items() if v}, curve_png)
     path = out / REPORT_HTML
     path.write_text(html_text, encoding="utf-8")
     write_json(out / "report.json", {"goals": goal_rows, "cells": cells})
@@ -371,7 +445,8 @@ pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.8em}img{max-width
 .figs{display:flex;flex-wrap:wrap;align-items:flex-start}"""
 
 
-def _html(md: list[str], bars: str | None, losses: str | None, rocs: dict[str, str]) -> str:
+def _html(md: list[str], bars: str | None, losses: str | None, rocs: dict[str, str],
+          curve: str | None = None) -> str:
     """Render the Markdown lines (headings, paragraphs, pipe tables, one code block) with figures."""
     text = "\n".join(md)
     sections = re.split(r"^## ", text, flags=re.M)
@@ -393,6 +468,9 @@ def _html(md: list[str], bars: str | None, losses: str | None, rocs: dict[str, s
             parts.append(_md_tables_to_html(re.sub(r"`([^`]*)`", r"\1", body)))
         if heading == "Results" and bars:
             parts.append(f"<div class='figs'><img alt='accuracy per method' src='data:image/png;base64,{bars}'></div>")
+        if heading == "Privacy–utility curve" and curve:
+            parts.append(f"<div class='figs'><img alt='privacy-utility curve' src='data:image/png;base64,{curve}'>"
+                         "</div>")
         if heading == "Privacy" and rocs:
             parts.append("<div class='figs'>" + "".join(
                 f"<figure><img alt='ROC {html.escape(k)}' src='data:image/png;base64,{v}' width='380'>"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,31 @@ class Cell:
     predictions: dict[int, tuple[int, int]] | None = None
 
     @property
+    def setting(self) -> float | None:
+        """The privacy setting the cell belongs to: None (non-private), else its ε to one decimal (ledgers
+        spend a hair under the ε asked for: 7.9995 is the ε = 8 setting); ∞ for a DP cell without ε."""
+        return setting_of(self.dp, self.epsilon)
+
+    @property
     def interval(self) -> tuple[float, float] | None:
         """Wilson 95% interval of the accuracy (None without n)."""
         return accuracy_interval(self.accuracy, self.n) if self.n else None
+
+
+def setting_of(dp: bool, epsilon: float | None) -> float | None:
+    """None for non-private; otherwise ε rounded to one decimal (math.inf when unknown)."""
+    if not dp:
+        return None
+    return math.inf if epsilon is None else round(float(epsilon), 1)
+
+
+def settings_order(settings: set[float | None]) -> list[float | None]:
+    """Non-private first, then DP from the largest ε to the smallest."""
+    return ([None] if None in settings else []) + sorted((s for s in settings if s is not None), reverse=True)
+
+
+def setting_title(setting: float | None) -> str:
+    return "non-private" if setting is None else f"DP ε = {setting:g}"
 
 
 def _with_size(cell: Cell, metrics: dict[str, Any] | None, run: Path) -> Cell:
@@ -201,24 +224,24 @@ def _label(task: str) -> str:
     return Path(task).name if "/" in task and Path(task).suffix else task
 
 
-def p_values(grid: dict[tuple[str, str, bool], Cell]) -> dict[tuple[str, str, bool], dict[str, float]]:
-    """Exact McNemar p-values of each POST cell against every other method of its task and setting.
+def p_values(grid: dict[tuple[str, str, float | None], Cell]) -> dict[tuple[str, str, float | None], dict[str, float]]:
+    """Exact McNemar p-values of each POST cell against every other method of its task and privacy setting.
 
     Only pairs whose runs saved predictions on exactly the same test sentences get a value.
     """
-    out: dict[tuple[str, str, bool], dict[str, float]] = {}
-    for (task, method, dp), cell in grid.items():
+    out: dict[tuple[str, str, float | None], dict[str, float]] = {}
+    for (task, method, setting), cell in grid.items():
         if method not in TESTED or cell.predictions is None:
             continue
         row = {}
         for other in METHODS:
-            ref = grid.get((task, other, dp))
+            ref = grid.get((task, other, setting))
             if other == method or ref is None or ref.predictions is None:
                 continue
             test = paired_mcnemar(cell.predictions, ref.predictions)
             if test is not None:
                 row[other] = float(test["p_value"])
-        out[(task, method, dp)] = row
+        out[(task, method, setting)] = row
     return out
 
 
@@ -233,29 +256,31 @@ def show_cell(c: Cell | None) -> str:
 
 
 def build_table(cells: list[Cell]) -> tuple[str, str]:
-    """(Markdown, CSV) of the cells: a non-private and a DP table, one row per task, a column per method."""
+    """(Markdown, CSV) of the cells: one table per privacy setting (non-private, then each DP ε from the largest),
+    one row per task, a column per method."""
     tasks = sorted({c.task for c in cells})
-    grid: dict[tuple[str, str, bool], Cell] = {}
+    grid: dict[tuple[str, str, float | None], Cell] = {}
     for c in cells:
-        grid[(c.task, c.method, c.dp)] = c  # later runs of the same cell win
-        if c.method == "zero-shot Φt":  # no training, no privacy cost: the same figure heads both tables
-            grid[(c.task, c.method, True)] = c
+        grid[(c.task, c.method, c.setting)] = c  # later runs of the same cell win
+    settings = settings_order({k[2] for k in grid if k[1] != "zero-shot Φt"} or {None})
+    for c in cells:
+        if c.method == "zero-shot Φt":  # no training, no privacy cost: the same figure heads every table
+            for s in settings:
+                grid.setdefault((c.task, c.method, s), c)
     methods = [m for m in METHODS if m not in OPTIONAL or any(k[1] == m for k in grid)]
     tests = p_values(grid)
 
     md = []
-    for dp in (False, True):
-        if not any(k[2] == dp and k[1] != "zero-shot Φt" for k in grid):
-            continue
+    for setting in settings:
         eps = sorted({f"ε = {c.epsilon:.2f}, δ = {c.delta:.1e}" for k, c in grid.items()
-                      if k[2] == dp and c.epsilon is not None and c.delta is not None})
-        title = "Non-private" if not dp else "DP" + (f" ({'; '.join(eps)})" if eps else "")
+                      if k[2] == setting and c.epsilon is not None and c.delta is not None})
+        title = "Non-private" if setting is None else "DP" + (f" ({'; '.join(eps)})" if eps else "")
         md += [f"**{title}**: test accuracy % [Wilson 95% interval] n = test sentences (cost to produce the prompt)",
                "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        md += [f"| {_label(t)} | " + " | ".join(show_cell(grid.get((t, m, dp))) for m in methods) + " |"
+        md += [f"| {_label(t)} | " + " | ".join(show_cell(grid.get((t, m, setting))) for m in methods) + " |"
                for t in tasks]
-        for (t, m, d), row in sorted(tests.items()):
-            if d == dp and row:
+        for (t, m, d), row in sorted(tests.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            if d == setting and row:
                 md.append("")
                 md.append(f"{_label(t)}, {m} vs each method on the same test sentences, exact McNemar p: "
                           + ", ".join(f"{o} {format_p(p)}" for o, p in row.items()))
@@ -264,13 +289,15 @@ def build_table(cells: list[Cell]) -> tuple[str, str]:
     w = csv.writer(buf)
     p_cols = list(METHODS)  # POST, undistilled Φs is tested against POST too
     w.writerow(["task", "method", "dp", "accuracy", "n", "ci_low", "ci_high", "num_classes", "epsilon", "delta",
-                "seconds", "run", *(f"p_value_vs_{METHOD_KEYS[m]}" for m in p_cols)])
-    for (task, method, dp), c in sorted(grid.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]), kv[0][2])):
+                "seconds", "run", "setting", *(f"p_value_vs_{METHOD_KEYS[m]}" for m in p_cols)])
+    for (task, method, setting), c in sorted(grid.items(), key=lambda kv: (
+            kv[0][0], METHODS.index(kv[0][1]), settings.index(kv[0][2]) if kv[0][2] in settings else -1)):
         ci = c.interval
-        row = tests.get((task, method, dp), {})
-        w.writerow([task, method, dp, f"{c.accuracy:.4f}", c.n if c.n else "",
+        row = tests.get((task, method, setting), {})
+        w.writerow([task, method, setting is not None, f"{c.accuracy:.4f}", c.n if c.n else "",
                     f"{ci[0]:.4f}" if ci else "", f"{ci[1]:.4f}" if ci else "", c.num_classes or "", c.epsilon,
-                    c.delta, c.seconds, c.run, *(f"{row[m]:.6g}" if m in row else "" for m in p_cols)])
+                    c.delta, c.seconds, c.run, setting_title(setting),
+                    *(f"{row[m]:.6g}" if m in row else "" for m in p_cols)])
     return "\n".join(md), buf.getvalue()
 
 
