@@ -194,3 +194,32 @@ def test_each_dp_epsilon_gets_its_own_table_tests_and_curve(tmp_path):
     assert any(line.startswith("| 1 | 0.0 [") and "| 70.0 [" in line for line in curve)
     assert curve[-2].startswith("| ∞ (non-private) | 60.0 [")
     assert privacy_curve([r for r in rows if r["setting"] != "DP ε = 1"]) == ([], None)  # one DP ε: no curve
+
+
+def test_cost_counts_training_only_and_splits_user_from_provider(tmp_path):
+    """Every method's cost counts the same things (training runs, never evaluation): ps's tuning is the
+    user's; the transfer (α, caching, training) and the PT-on-Φt baseline's tuning are the provider's."""
+    ps = _run(tmp_path, "tune-source", {"stage": "tune", "model": "student", "task": "mr", "dp": False,
+                                        "train_seconds": 60.0})
+    tr = _run(tmp_path, "transfer", {"stage": "transfer", "train_seconds": 90.0, "cache_seconds": 12.0,
+                                     "alpha_seconds": 18.0, "seconds": 500.0})
+    (tr / "config.yaml").write_text(f"prompt: {ps / 'prompt.safetensors'}\n")
+    pt = _run(tmp_path, "tune-target", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False,
+                                        "train_seconds": 300.0})
+    zs = _run(tmp_path, "zero-shot", _eval(0.5))  # its evaluation took 3 s: not a cost of producing anything
+    post = _run(tmp_path, "eval-post", _eval(0.75, {**_prompt("post", model=TARGET),
+                                                    "path": str(tr / "prompt.safetensors")}))
+    src = _run(tmp_path, "eval-source", _eval(0.6, {**_prompt("tuned"), "path": str(ps / "prompt.safetensors")},
+                                              model="student"))
+    ptc = _run(tmp_path, "eval-target", _eval(0.8, {**_prompt("tuned", model=TARGET),
+                                                    "path": str(pt / "prompt.safetensors")}))
+    cells = {c.method: c for d in (zs, post, src, ptc) if (c := classify(d, TARGET)) is not None}
+    assert (cells["POST"].user_seconds, cells["POST"].provider_seconds) == (60.0, 120.0)
+    assert (cells["PT on Φs"].user_seconds, cells["PT on Φs"].provider_seconds) == (60.0, 0.0)
+    assert (cells["PT on Φt"].user_seconds, cells["PT on Φt"].provider_seconds) == (0.0, 300.0)
+    assert (cells["zero-shot Φt"].seconds, cells["zero-shot Φt"].provider_seconds) == (0.0, 0.0)
+    md, text = build_table(list(cells.values()), distill_seconds=1200.0)
+    assert "| mr | non-private | 0.0 + 0.0 | 0.0 + 5.0 | 1.0 + 0.0 | 1.0 + 2.0 |" in md
+    assert "Distillation (the provider's, one-time" in md and "20.0 min; amortised over 10 users 2.00 min" in md
+    row = next(r for r in csv.DictReader(io.StringIO(text)) if r["method"] == "POST")
+    assert (row["user_seconds"], row["provider_seconds"], row["seconds"]) == ("60.0", "120.0", "180.0")

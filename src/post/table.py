@@ -68,6 +68,8 @@ class Cell:
     run: str
     n: int | None = None
     num_classes: int | None = None
+    user_seconds: float | None = None
+    provider_seconds: float | None = None
     predictions: dict[int, tuple[int, int]] | None = None
 
     @property
@@ -124,8 +126,10 @@ def _result_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _prompt_cost(prompt_path: str | None) -> float | None:
-    """Seconds spent producing a prompt: its tuning run, plus the transfer run that produced it."""
+def _prompt_cost(prompt_path: str | None, target: str | None = None) -> tuple[float, float] | None:
+    """(user, provider) seconds of training spent producing a prompt: its tuning run (the provider's when it
+    tuned the target ``target``: the PT-on-Φt baseline), plus the transfer or ZST run that produced it
+    (the provider's). Evaluation is not counted, for any method."""
     if not prompt_path:
         return None
     run = Path(prompt_path).parent
@@ -134,10 +138,16 @@ def _prompt_cost(prompt_path: str | None) -> float | None:
     except PostError:
         return None
     if r.get("stage") == "tune":
-        return float(r["train_seconds"])
+        seconds = float(r["train_seconds"])
+        return (0.0, seconds) if target is not None and r.get("model") == target else (seconds, 0.0)
     if r.get("stage") in ("transfer", "zst"):
         source = json.loads(json.dumps(_config(run))).get("prompt")
-        return float(r.get("train_seconds", 0) + r.get("cache_seconds", 0)) + (_prompt_cost(source) or 0.0)
+        user, provider = _prompt_cost(source, target) or (0.0, 0.0)
+        # the provider's work on it: measuring α, caching the public outputs, training (a ZST run has
+        # only its total)
+        own = r.get("train_seconds", 0) + r.get("cache_seconds", 0) + r.get("alpha_seconds", 0) \
+            if "train_seconds" in r else r.get("seconds", 0)
+        return user, provider + float(own)
     return None
 
 
@@ -182,31 +192,42 @@ def classify(run: Path, target: str) -> Cell | None:
     return _with_size(cell, r.get("test") if r.get("stage") == "tune" else r, run)
 
 
+def _prompt_cell(r: dict[str, Any], method: str, run: Path, target: str) -> Cell:
+    """A cell scored with a prompt file: its privacy from the prompt's ledger, its cost from the runs behind it."""
+    p = r["prompt"]
+    cost = _prompt_cost(p.get("path"), target)
+    return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
+                None if cost is None else sum(cost), str(run), user_seconds=None if cost is None else cost[0],
+                provider_seconds=None if cost is None else cost[1])
+
+
 def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
     stage = r.get("stage")
     if stage == "tune" and r.get("test_accuracy") is not None:
         method = "PT on Φt" if r["model"] == target else (
             "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
+        seconds = r.get("train_seconds")
+        on_target = r["model"] == target
         return Cell(r["task"], method, bool(r["dp"]), r["test_accuracy"], r.get("epsilon"), r.get("delta"),
-                    r.get("train_seconds"), str(run))
+                    seconds, str(run), user_seconds=None if seconds is None else 0.0 if on_target else seconds,
+                    provider_seconds=None if seconds is None else seconds if on_target else 0.0)
     if stage != "evaluate" or r.get("split") != "test":
         return None
     p = r.get("prompt")
     if r.get("method") == "proxy":  # the target plus the prompt's change on the small model, at query time
         if r.get("model") != target or p is None:
             return None
-        return Cell(r["task"], "proxy tuning", p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"),
-                    p.get("delta"), _prompt_cost(p.get("path")), str(run))
+        return _prompt_cell(r, "proxy tuning", run, target)
     if p is not None and p.get("method") == "tuned" and _same_model(p["model"], r.get("model")):
         # A prompt scored on the model it was tuned on: a PT cell, costed by its tuning run.
         method = "PT on Φt" if r["model"] == target else (
             "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
-        return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
-                    _prompt_cost(p.get("path")), str(run))
+        return _prompt_cell(r, method, run, target)
     if r.get("model") != target:
         return None
-    if p is None:
-        return Cell(r["task"], "zero-shot Φt", False, r["accuracy"], None, None, r.get("seconds"), str(run))
+    if p is None:  # nothing trained: no cost to produce it (evaluation is not counted for any method)
+        return Cell(r["task"], "zero-shot Φt", False, r["accuracy"], None, None, 0.0, str(run), user_seconds=0.0,
+                    provider_seconds=0.0)
     direct = None if _same_model(p["model"], target) else "direct transfer"
     method = {"post": "POST", "zst": "ZST"}.get(p.get("method"), direct)
     # Prompt files name a local source only as local:NAME; the transfer run's config holds its directory.
@@ -215,8 +236,7 @@ def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
         method = "POST, undistilled Φs"
     if method is None:
         return None
-    return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
-                _prompt_cost(p.get("path")), str(run))
+    return _prompt_cell(r, method, run, target)
 
 
 def _label(task: str) -> str:
@@ -255,9 +275,42 @@ def show_cell(c: Cell | None) -> str:
     return text + (f" ({c.seconds / 60:.1f} min)" if c.seconds else "")
 
 
-def build_table(cells: list[Cell]) -> tuple[str, str]:
+def cost_lines(cells: list[Cell], distill_seconds: float | None) -> list[str]:
+    """Markdown: each method's training cost to produce its prompt, the user's and the provider's apart.
+
+    The same things are counted for every method: training runs only (tuning, transfer, ZST), never
+    evaluation; the PT-on-Φt baseline's tuning is the provider's (the data goes to it). Distillation is
+    the provider's one-time cost, shown once and amortised over the users it serves.
+    """
+    rows = [c for c in cells if c.user_seconds is not None and c.provider_seconds is not None]
+    if not rows:
+        return []
+    settings = settings_order({c.setting for c in rows})
+    methods = [m for m in METHODS if any(c.method == m for c in rows)]
+    tasks = sorted({c.task for c in rows})
+    grid = {(c.task, c.method, c.setting): c for c in rows}
+    out = ["**Cost** to produce each cell's prompt: training minutes on this machine, user + provider "
+           "(evaluation not counted for any method)", "",
+           "| task | setting | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for t in tasks:
+        for s in settings:
+            cells_here = [grid.get((t, m, s)) or (grid.get((t, m, None)) if m == "zero-shot Φt" else None)
+                          for m in methods]
+            if not any(c is not None and c.method != "zero-shot Φt" for c in cells_here):
+                continue
+            out.append(f"| {_label(t)} | {setting_title(s)} | " + " | ".join(
+                "–" if c is None else f"{c.user_seconds / 60:.1f} + {c.provider_seconds / 60:.1f}"
+                for c in cells_here) + " |")
+    if distill_seconds is not None:
+        out += ["", f"Distillation (the provider's, one-time, shared by every user of the student): "
+                f"{distill_seconds / 60:.1f} min; amortised over 10 users {distill_seconds / 600:.2f} min each, "
+                f"over 100 users {distill_seconds / 6000:.3f} min each."]
+    return [*out, ""]
+
+
+def build_table(cells: list[Cell], distill_seconds: float | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of the cells: one table per privacy setting (non-private, then each DP ε from the largest),
-    one row per task, a column per method."""
+    one row per task, a column per method; then what each cell's prompt cost (:func:`cost_lines`)."""
     tasks = sorted({c.task for c in cells})
     grid: dict[tuple[str, str, float | None], Cell] = {}
     for c in cells:
@@ -285,29 +338,34 @@ def build_table(cells: list[Cell]) -> tuple[str, str]:
                 md.append(f"{_label(t)}, {m} vs each method on the same test sentences, exact McNemar p: "
                           + ", ".join(f"{o} {format_p(p)}" for o, p in row.items()))
         md.append("")
+    md += cost_lines(cells, distill_seconds)
     buf = io.StringIO()
     w = csv.writer(buf)
     p_cols = list(METHODS)  # POST, undistilled Φs is tested against POST too
     w.writerow(["task", "method", "dp", "accuracy", "n", "ci_low", "ci_high", "num_classes", "epsilon", "delta",
-                "seconds", "run", "setting", *(f"p_value_vs_{METHOD_KEYS[m]}" for m in p_cols)])
+                "seconds", "run", "setting", "user_seconds", "provider_seconds",
+                *(f"p_value_vs_{METHOD_KEYS[m]}" for m in p_cols)])
     for (task, method, setting), c in sorted(grid.items(), key=lambda kv: (
             kv[0][0], METHODS.index(kv[0][1]), settings.index(kv[0][2]) if kv[0][2] in settings else -1)):
         ci = c.interval
         row = tests.get((task, method, setting), {})
         w.writerow([task, method, setting is not None, f"{c.accuracy:.4f}", c.n if c.n else "",
                     f"{ci[0]:.4f}" if ci else "", f"{ci[1]:.4f}" if ci else "", c.num_classes or "", c.epsilon,
-                    c.delta, c.seconds, c.run, setting_title(setting),
+                    c.delta, c.seconds, c.run, setting_title(setting), c.user_seconds, c.provider_seconds,
                     *(f"{row[m]:.6g}" if m in row else "" for m in p_cols)])
     return "\n".join(md), buf.getvalue()
 
 
 def table(cfg: TableConfig, run_dir: str | Path) -> dict[str, Any]:
     run = RunDir(run_dir, stage="table", config=cfg)
-    cells = [c for d in _result_dirs(cfg.runs) if (c := classify(d, cfg.target)) is not None]
+    dirs = _result_dirs(cfg.runs)
+    cells = [c for d in dirs if (c := classify(d, cfg.target)) is not None]
+    distills = [float(r["train_seconds"]) for d in dirs
+                if (r := read_result(d)).get("stage") == "distill" and r.get("train_seconds") is not None]
     if not cells:
         raise PostError("none of the runs is a table cell (finished tune runs, or test-split evaluate runs on "
                         f"the target {cfg.target}).")
-    md, csv_text = build_table(cells)
+    md, csv_text = build_table(cells, sum(distills) if distills else None)
     (run.path / "table.md").write_text(md, encoding="utf-8")
     (run.path / "table.csv").write_text(csv_text, encoding="utf-8")
     return run.finish({"cells": len(cells), "markdown": str(run.path / "table.md"), "csv": str(run.path / "table.csv"),

@@ -272,7 +272,9 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     target = load_configured_model(cfg, cfg.target_model)
     if cfg.mode == "vocab":
         _check_same_tokenizer(source, target)
+    t_alpha = time.perf_counter()
     alpha, alpha_info = resolve_alpha(cfg, ps, task, source, target)
+    alpha_info["alpha_seconds"] = round(time.perf_counter() - t_alpha, 3)
     public = load_texts(cfg.public, cache_dir=cfg.cache_dir)
     texts = [public[i] for i in subset(len(public), cfg.public_limit, cfg.seed)]
     if len(texts) < cfg.batch_size:
