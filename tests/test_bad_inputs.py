@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -149,448 +150,209 @@ def _distill(w: World, *extra: str, corpus: Path | None = None) -> list[str]:
             *extra]
 
 
-# Each builder gets the shared world and a scratch folder, and returns the command (without --out).
-Builder = Callable[[World, Path], list[str]]
+def _transfer(w: World, prompt: Path | str, *extra: str, target: str = "tiny-llama") -> list[str]:
+    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(prompt), "--target-model", target,
+            "--public", str(w.corpus), *extra, "--device", "cpu"]
 
 
-def missing_file(w, d):
-    return _tune(w, task=d / "no-such-file.csv")
+def _put(path: Path, content: str | bytes) -> Path:
+    """Write a file (text or bytes) and return its path."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
 
 
-def empty_file(w, d):
-    (d / "empty.csv").write_bytes(b"")
-    return _tune(w, task=d / "empty.csv")
+def _csv(path: Path, rows: list[tuple[str, ...]], fields: tuple[str, ...] = ("text", "label")) -> Path:
+    """A CSV with header ``fields`` from rows given as tuples."""
+    return _write_rows(path, [dict(zip(fields, row, strict=True)) for row in rows], list(fields))
 
 
-def header_only(w, d):
-    (d / "header.csv").write_text("text,label\n")
-    return _tune(w, task=d / "header.csv")
+def _splice(raw: bytes, at: int, patch: bytes) -> bytes:
+    """``raw`` with the bytes from ``at`` overwritten by ``patch``."""
+    return raw[:at] + patch + raw[at + len(patch):]
 
 
-def truncated_jsonl(w, d):
-    (d / "cut.jsonl").write_text('{"text": "good", "label": "positive"}\n{"text": "ba')
-    return _tune(w, task=d / "cut.jsonl")
-
-
-def truncated_parquet(w, d):
+def _truncated_parquet(d: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["good", "bad"] * 20, "label": ["positive", "negative"] * 20}), d / "t.parquet")
-    raw = (d / "t.parquet").read_bytes()
-    (d / "t.parquet").write_bytes(raw[: len(raw) // 2])
-    return _tune(w, task=d / "t.parquet")
+    return _put(d / "t.parquet", (d / "t.parquet").read_bytes()[: (d / "t.parquet").stat().st_size // 2])
 
 
-def not_json(w, d):
-    (d / "rows.json").write_text('{"text": "good"')
-    return _tune(w, task=d / "rows.json")
-
-
-def unsupported_type(w, d):
-    (d / "data.xlsx").write_bytes(b"PK\x03\x04")
-    return _tune(w, task=d / "data.xlsx")
-
-
-def wrong_text_column(w, d):
-    return _tune(w, "--text-column", "review")
-
-
-def wrong_label_column(w, d):
-    return _tune(w, "--label-column", "stars")
-
-
-def no_label_words(w, d):
-    return [a for a in _tune(w) if a not in ("--label-words", LW)]
-
-
-def label_without_words(w, d):
-    return [*_tune(w), "--label-words", "negative=bad;neutral=meh"]
-
-
-def class_without_words(w, d):
-    return [*_tune(w), "--label-words", "negative=;positive=good"]
-
-
-def one_class(w, d):
-    return [*_tune(w), "--label-words", "positive=good"]
-
-
-def label_words_without_equals(w, d):
-    return [*_tune(w), "--label-words", "negative bad; positive good"]
-
-
-def label_word_not_in_vocabulary(w, d):
-    return [*_tune(w, model=str(w.word_level)), "--label-words", "negative=bad;positive=zebra"]
-
-
-def label_words_share_a_token(w, d):
-    return [*_tune(w), "--label-words", "negative=bad;positive=bad"]
-
-
-def unlabelled_row(w, d):
-    return _tune(w, task=_write_rows(d / "u.csv", [{"text": "good", "label": "positive"},
-                                                   {"text": "bad", "label": ""}] * 5, ["text", "label"]))
-
-
-def too_few_rows(w, d):
-    return _tune(w, task=_write_rows(d / "two.csv", [{"text": "good", "label": "positive"},
-                                                     {"text": "bad", "label": "negative"}], ["text", "label"]))
-
-
-def bad_split_value(w, d):
-    rows = [{"text": "good", "label": "positive", "split": "train"}, {"text": "bad", "label": "negative",
-                                                                      "split": "holdout"}] * 5
-    return _tune(w, task=_write_rows(d / "s.csv", rows, ["text", "label", "split"]))
-
-
-def non_utf8(w, d):
-    (d / "latin.csv").write_bytes("text,label\ncaf\xe9 good,positive\nbad,negative\n".encode("latin-1") * 10)
-    return _tune(w, task=d / "latin.csv")
-
-
-def unknown_encoding(w, d):
-    return _tune(w, "--encoding", "klingon-8")
-
-
-def long_text_and_long_template(w, d):
-    rows = [{"text": "good " * 20_000, "label": "positive"}, {"text": "bad " * 20_000, "label": "negative"}] * 5
-    return _tune(w, "--max-length", "8", "--template", "{text} All in all, after some thought, it was {mask}.",
-                 task=_write_rows(d / "long.csv", rows, ["text", "label"]))
-
-
-def template_without_text(w, d):
-    return _tune(w, "--template", "It was {mask}.")
-
-
-def template_without_mask(w, d):
-    return _tune(w, "--template", "{text} It was")
-
-
-def template_mask_first(w, d):
-    return _tune(w, "--template", "{mask}: {text}")
-
-
-def template_text_twice(w, d):
-    return _tune(w, "--template", "{text} {text} It was {mask}.")
-
-
-def prompt_missing(w, d):
-    return _evaluate(w, d / "no-prompt.safetensors")
-
-
-def prompt_for_other_weights(w, d):
-    return _evaluate(w, w.prompt, model=str(w.other_weights))
-
-
-def prompt_for_other_width(w, d):
-    return _evaluate(w, w.prompt, model=str(w.narrow))
-
-
-def prompt_for_other_vocabulary(w, d):
-    return _evaluate(w, w.prompt, model=str(w.wide_vocab))
-
-
-def prompt_for_other_tokenizer(w, d):
-    return _evaluate(w, w.prompt, model=str(w.word_level))
-
-
-def prompt_truncated(w, d):
-    raw = w.prompt.read_bytes()
-    (d / "cut.safetensors").write_bytes(raw[: len(raw) - 40])
-    return _evaluate(w, d / "cut.safetensors")
-
-
-def prompt_random_bytes(w, d):
-    (d / "noise.safetensors").write_bytes(random.Random(1).randbytes(300))
-    return _evaluate(w, d / "noise.safetensors")
-
-
-def prompt_header_corrupted(w, d):
-    raw = bytearray(w.prompt.read_bytes())
-    raw[8:40] = b"\xff" * 32  # inside the JSON header
-    (d / "header.safetensors").write_bytes(bytes(raw))
-    return _evaluate(w, d / "header.safetensors")
-
-
-def prompt_metadata_edited(w, d):
+def _edited_prompt(w: World, path: Path, *, metadata: bool) -> Path:
+    """The good prompt re-saved with its metadata or its tensor changed and the old checksum kept."""
     tensor, meta = _prompt_parts(w)
-    meta["task"]["init_text"] = "edited"  # checksum left as it was
-    save_file({"prompt": tensor}, str(d / "edited.safetensors"), metadata={"post": json.dumps(meta)})
-    return _evaluate(w, d / "edited.safetensors")
+    if metadata:
+        meta["task"]["init_text"] = "edited"
+    else:
+        tensor = tensor + 0.01
+    save_file({"prompt": tensor}, str(path), metadata={"post": json.dumps(meta)})
+    return path
 
 
-def prompt_tensor_edited(w, d):
-    tensor, meta = _prompt_parts(w)
-    save_file({"prompt": tensor + 0.01}, str(d / "retuned.safetensors"), metadata={"post": json.dumps(meta)})
-    return _evaluate(w, d / "retuned.safetensors")
+def _plain_safetensors(path: Path) -> Path:
+    save_file({"weight": torch.zeros(2, 64)}, str(path))
+    return path
 
 
-def safetensors_not_a_prompt(w, d):
-    save_file({"weight": torch.zeros(2, 64)}, str(d / "plain.safetensors"))
-    return _evaluate(w, d / "plain.safetensors")
+# Each builder gets the shared world and a scratch folder, and returns the command (without --out).
+Builder = Callable[[World, Path], list[str]]
 
 
-def prompt_for_other_classes(w, d):
-    rows = [{"text": t, "label": c} for t, c in [("good", "pos"), ("bad", "neg"), ("fine", "mid")] * 6]
-    three = _write_rows(d / "three.csv", rows, ["text", "label"])
-    return ["evaluate", "--model", "tiny-llama", "--task", str(three), "--label-words",
-            "neg=bad;mid=neutral;pos=good", "--prompt", str(w.prompt), "--device", "cpu"]
+class Case(NamedTuple):
+    """One bad input: its id, a regex its one-line error must match, and the command that hits it."""
 
+    name: str
+    match: str
+    build: Builder
 
-def transfer_with_corrupt_prompt(w, d):
-    raw = w.prompt.read_bytes()
-    (d / "cut.safetensors").write_bytes(raw[: len(raw) // 3])
-    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(d / "cut.safetensors"), "--target-model",
-            "tiny-llama", "--public", str(w.corpus), "--steps", "2", "--alpha", "0.5", "--device", "cpu"]
 
-
-def transfer_without_alpha_inputs(w, d):
-    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(w.prompt), "--target-model", "tiny-llama",
-            "--public", str(w.corpus), "--steps", "2", "--alpha-public", "none", "--device", "cpu"]
-
-
-def transfer_with_unlabelled_alpha_data(w, d):
-    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(w.prompt), "--target-model", "tiny-llama",
-            "--public", str(w.corpus), "--steps", "2", "--alpha-public", str(w.corpus), "--device", "cpu"]
-
-
-def model_weights_truncated(w, d):
-    return _tune(w, model=str(w.truncated_weights))
-
-
-def model_weights_pickled(w, d):
-    return _tune(w, model=str(w.pickled))
-
-
-def model_dir_missing(w, d):
-    return _tune(w, model="./no-such-model-dir")
-
-
-def unknown_model_alias(w, d):
-    return _tune(w, model="smollm9-135m")
-
-
-def hub_id_offline(w, d):
-    return _tune(w, model="post-tests/no-such-model-anywhere")
-
-
-def epsilon_zero(w, d):
-    return _tune(w, "--dp", "true", "--epsilon", "0")
-
-
-def epsilon_negative(w, d):
-    return _tune(w, "--dp", "true", "--epsilon", "-3")
-
-
-def delta_one(w, d):
-    return _tune(w, "--dp", "true", "--delta", "1")
-
-
-def delta_not_below_one_over_n(w, d):
-    return _tune(w, "--dp", "true", "--delta", "0.1")
-
-
-def clip_zero(w, d):
-    return _tune(w, "--dp", "true", "--max-grad-norm", "0")
-
-
-def clip_negative(w, d):
-    return _tune(w, "--dp", "true", "--max-grad-norm", "-1")
-
-
-def sampling_rate_above_one(w, d):
-    return _tune(w, "--dp", "true", "--batch-size", "1000")
-
-
-def accountant_finds_no_noise(w, d):
-    return _tune(w, "--dp", "true", "--epsilon", "0.0001", "--delta", "1e-12", "--accountant", "rdp")
-
-
-def negative_noise(w, d):
-    return _tune(w, "--dp", "true", "--noise-multiplier", "-1")
-
-
-def broken_yaml(w, d):
-    (d / "c.yaml").write_text("n_tokens: [1, 2\nlr: 0.1\n")
-    return [*_tune(w), "--config", str(d / "c.yaml")]
-
-
-def unknown_yaml_key(w, d):
-    (d / "c.yaml").write_text("n_tokens: 2\nlearning_rate_typo: 0.1\n")
-    return [*_tune(w), "--config", str(d / "c.yaml")]
-
-
-def bad_dtype(w, d):
-    return _tune(w, "--dtype", "float64")
-
-
-def bad_device(w, d):
-    return _tune(w, "--device", "tpu")
-
-
-def malformed_device(w, d):
-    return _tune(w, "--device", "cuda:x")
-
-
-def absent_gpu(w, d):
-    return [a if a != "cpu" else "cuda:7" for a in _tune(w)]  # no machine here has eight GPUs
-
-
-def max_length_too_small(w, d):
-    return _tune(w, "--max-length", "4")
-
-
-def bad_train_indices(w, d):
-    (d / "idx.json").write_text("[0, 1, 99999]")
-    return _tune(w, "--train-indices", str(d / "idx.json"))
-
-
-def run_dir_of_other_settings(w, d):
-    return _tune(w, "--lr", "0.5")  # the run directory holds another run's settings (written below)
-
-
-def unwritable_out(w, d):
-    return _tune(w)  # --out is placed under a regular file below
-
-
-def disk_full_at_checkpoint(w, d):
-    return _tune(w, "--checkpoint-every", "1")
-
-
-def disk_full_at_metrics(w, d):
-    return _tune(w)
-
-
-def nan_loss(w, d):
-    return _tune(w, "--lr", "1e30", "--epochs", "3", "--checkpoint-every", "1", model="tiny-gpt2")
-
-
-def update_overflows(w, d):
-    return _tune(w, "--lr", "1e38", "--checkpoint-every", "1")
-
-
-def distill_diverges(w, d):
-    return ["distill", "--teacher", "tiny-gpt2", "--keep-layers", "0", "--corpus", str(w.corpus), "--block-size",
-            "16", "--batch-size", "4", "--max-steps", "4", "--held-out", "2", "--lr", "1e30", "--warmup", "0",
-            "--checkpoint-every", "1", "--device", "cpu"]
-
-
-def transfer_diverges(w, d):
-    return ["transfer", "--source-model", "tiny-llama", "--prompt", str(w.prompt), "--target-model", "tiny-gpt2",
-            "--public", str(w.corpus), "--steps", "4", "--batch-size", "4", "--alpha", "0.5", "--lr", "1e30",
-            "--checkpoint-every", "1", "--device", "cpu"]
-
-
-def distill_empty_corpus(w, d):
-    (d / "empty.txt").write_text("\n\n")
-    return _distill(w, corpus=d / "empty.txt")
-
-
-def distill_corpus_too_short(w, d):
-    (d / "short.txt").write_text("good film\n")
-    return _distill(w, corpus=d / "short.txt")
-
-
-def distill_layer_out_of_range(w, d):
-    return [a if a != "0" else "7" for a in _distill(w)]
-
-
-def attack_odd_shadows(w, d):
-    return ["attack", "lira", "--model", "tiny-llama", "--task", str(w.data), "--label-words", LW, "--shadows", "3",
-            "--device", "cpu"]
-
-
-CASES: list[tuple[Builder, str]] = [
+CASES: list[Case] = [
     # data files
-    (missing_file, "no such file"),
-    (empty_file, "is empty"),
-    (header_only, "no data rows"),
-    (truncated_jsonl, "line 2 is not valid JSON"),
-    (truncated_parquet, "not a readable parquet file"),
-    (not_json, "not valid JSON"),
-    (unsupported_type, "unsupported file type"),
-    (wrong_text_column, "no column 'review'"),
-    (wrong_label_column, "no column 'stars'"),
-    (no_label_words, "have no label words; give them with --label-words"),
-    (label_without_words, "'positive' have no label words"),
-    (class_without_words, "has no label words"),
-    (one_class, "at least 2 classes"),
-    (label_words_without_equals, "has no '='"),
-    (label_word_not_in_vocabulary, "not in the tokenizer's vocabulary"),
-    (label_words_share_a_token, "start with the same token"),
-    (unlabelled_row, "has no label"),
-    (too_few_rows, "too few rows"),
-    (bad_split_value, "has split 'holdout'"),
-    (non_utf8, "is not valid utf-8.*--encoding latin-1"),
-    (unknown_encoding, "unknown --encoding"),
-    (long_text_and_long_template, "the template alone takes"),
+    Case("missing_file", "no such file", lambda w, d: _tune(w, task=d / "no-such-file.csv")),
+    Case("empty_file", "is empty", lambda w, d: _tune(w, task=_put(d / "empty.csv", b""))),
+    Case("header_only", "no data rows", lambda w, d: _tune(w, task=_put(d / "header.csv", "text,label\n"))),
+    Case("truncated_jsonl", "line 2 is not valid JSON",
+         lambda w, d: _tune(w, task=_put(d / "cut.jsonl", '{"text": "good", "label": "positive"}\n{"text": "ba'))),
+    Case("truncated_parquet", "not a readable parquet file", lambda w, d: _tune(w, task=_truncated_parquet(d))),
+    Case("not_json", "not valid JSON", lambda w, d: _tune(w, task=_put(d / "rows.json", '{"text": "good"'))),
+    Case("unsupported_type", "unsupported file type",
+         lambda w, d: _tune(w, task=_put(d / "data.xlsx", b"PK\x03\x04"))),
+    Case("wrong_text_column", "no column 'review'", lambda w, d: _tune(w, "--text-column", "review")),
+    Case("wrong_label_column", "no column 'stars'", lambda w, d: _tune(w, "--label-column", "stars")),
+    Case("no_label_words", "have no label words; give them with --label-words",
+         lambda w, d: [a for a in _tune(w) if a not in ("--label-words", LW)]),
+    Case("label_without_words", "'positive' have no label words",
+         lambda w, d: [*_tune(w), "--label-words", "negative=bad;neutral=meh"]),
+    Case("class_without_words", "has no label words",
+         lambda w, d: [*_tune(w), "--label-words", "negative=;positive=good"]),
+    Case("one_class", "at least 2 classes", lambda w, d: [*_tune(w), "--label-words", "positive=good"]),
+    Case("label_words_without_equals", "has no '='",
+         lambda w, d: [*_tune(w), "--label-words", "negative bad; positive good"]),
+    Case("label_word_not_in_vocabulary", "not in the tokenizer's vocabulary",
+         lambda w, d: [*_tune(w, model=str(w.word_level)), "--label-words", "negative=bad;positive=zebra"]),
+    Case("label_words_share_a_token", "start with the same token",
+         lambda w, d: [*_tune(w), "--label-words", "negative=bad;positive=bad"]),
+    Case("unlabelled_row", "has no label",
+         lambda w, d: _tune(w, task=_csv(d / "u.csv", [("good", "positive"), ("bad", "")] * 5))),
+    Case("too_few_rows", "too few rows",
+         lambda w, d: _tune(w, task=_csv(d / "two.csv", [("good", "positive"), ("bad", "negative")]))),
+    Case("bad_split_value", "has split 'holdout'",
+         lambda w, d: _tune(w, task=_csv(d / "s.csv",
+                                         [("good", "positive", "train"), ("bad", "negative", "holdout")] * 5,
+                                         ("text", "label", "split")))),
+    Case("non_utf8", "is not valid utf-8.*--encoding latin-1",
+         lambda w, d: _tune(w, task=_put(d / "latin.csv",
+                                         "text,label\ncaf\xe9 good,positive\nbad,negative\n".encode("latin-1") * 10))),
+    Case("unknown_encoding", "unknown --encoding", lambda w, d: _tune(w, "--encoding", "klingon-8")),
+    Case("long_text_and_long_template", "the template alone takes",
+         lambda w, d: _tune(w, "--max-length", "8",
+                            "--template", "{text} All in all, after some thought, it was {mask}.",
+                            task=_csv(d / "long.csv", [("good " * 20_000, "positive"),
+                                                         ("bad " * 20_000, "negative")] * 5))),
     # templates
-    (template_without_text, r"\{text\} exactly once"),
-    (template_without_mask, r"\{mask\} exactly once"),
-    (template_mask_first, r"\{text\} before \{mask\}"),
-    (template_text_twice, r"\{text\} exactly once"),
+    Case("template_without_text", r"\{text\} exactly once", lambda w, d: _tune(w, "--template", "It was {mask}.")),
+    Case("template_without_mask", r"\{mask\} exactly once", lambda w, d: _tune(w, "--template", "{text} It was")),
+    Case("template_mask_first", r"\{text\} before \{mask\}", lambda w, d: _tune(w, "--template", "{mask}: {text}")),
+    Case("template_text_twice", r"\{text\} exactly once",
+         lambda w, d: _tune(w, "--template", "{text} {text} It was {mask}.")),
     # prompt files
-    (prompt_missing, "no prompt file"),
-    (prompt_for_other_weights, "fingerprint"),
-    (prompt_for_other_width, "width 64.*width 32"),
-    (prompt_for_other_vocabulary, "512-token vocabulary.*600"),
-    (prompt_for_other_tokenizer, "another tokenizer"),
-    (prompt_truncated, "truncated or corrupt"),
-    (prompt_random_bytes, "truncated or corrupt"),
-    (prompt_header_corrupted, "truncated or corrupt"),
-    (prompt_metadata_edited, "fails its checksum"),
-    (prompt_tensor_edited, "fails its checksum"),
-    (safetensors_not_a_prompt, "not a POST prompt file"),
-    (prompt_for_other_classes, "tuned for classes"),
-    (transfer_with_corrupt_prompt, "truncated or corrupt"),
-    (transfer_without_alpha_inputs, "heuristic α needs"),
-    (transfer_with_unlabelled_alpha_data, "alpha"),
+    Case("prompt_missing", "no prompt file", lambda w, d: _evaluate(w, d / "no-prompt.safetensors")),
+    Case("prompt_for_other_weights", "fingerprint", lambda w, d: _evaluate(w, w.prompt, model=str(w.other_weights))),
+    Case("prompt_for_other_width", "width 64.*width 32", lambda w, d: _evaluate(w, w.prompt, model=str(w.narrow))),
+    Case("prompt_for_other_vocabulary", "512-token vocabulary.*600",
+         lambda w, d: _evaluate(w, w.prompt, model=str(w.wide_vocab))),
+    Case("prompt_for_other_tokenizer", "another tokenizer",
+         lambda w, d: _evaluate(w, w.prompt, model=str(w.word_level))),
+    Case("prompt_truncated", "truncated or corrupt",
+         lambda w, d: _evaluate(w, _put(d / "cut.safetensors", w.prompt.read_bytes()[:-40]))),
+    Case("prompt_random_bytes", "truncated or corrupt",
+         lambda w, d: _evaluate(w, _put(d / "noise.safetensors", random.Random(1).randbytes(300)))),
+    Case("prompt_header_corrupted", "truncated or corrupt",  # bytes inside the JSON header
+         lambda w, d: _evaluate(w, _put(d / "header.safetensors", _splice(w.prompt.read_bytes(), 8, b"\xff" * 32)))),
+    Case("prompt_metadata_edited", "fails its checksum",
+         lambda w, d: _evaluate(w, _edited_prompt(w, d / "edited.safetensors", metadata=True))),
+    Case("prompt_tensor_edited", "fails its checksum",
+         lambda w, d: _evaluate(w, _edited_prompt(w, d / "retuned.safetensors", metadata=False))),
+    Case("safetensors_not_a_prompt", "not a POST prompt file",
+         lambda w, d: _evaluate(w, _plain_safetensors(d / "plain.safetensors"))),
+    Case("prompt_for_other_classes", "tuned for classes",
+         lambda w, d: ["evaluate", "--model", "tiny-llama",
+                       "--task", str(_csv(d / "three.csv", [("good", "pos"), ("bad", "neg"), ("fine", "mid")] * 6)),
+                       "--label-words", "neg=bad;mid=neutral;pos=good", "--prompt", str(w.prompt), "--device", "cpu"]),
+    Case("transfer_with_corrupt_prompt", "truncated or corrupt",
+         lambda w, d: _transfer(w, _put(d / "cut.safetensors", w.prompt.read_bytes()[: w.prompt.stat().st_size // 3]),
+                                "--steps", "2", "--alpha", "0.5")),
+    Case("transfer_without_alpha_inputs", "heuristic α needs",
+         lambda w, d: _transfer(w, w.prompt, "--steps", "2", "--alpha-public", "none")),
+    Case("transfer_with_unlabelled_alpha_data", "alpha",
+         lambda w, d: _transfer(w, w.prompt, "--steps", "2", "--alpha-public", str(w.corpus))),
     # models
-    (model_weights_truncated, "could not load"),
-    (model_weights_pickled, "could not load"),
-    (model_dir_missing, "no model directory"),
-    (unknown_model_alias, "unknown model 'smollm9-135m'"),
-    (hub_id_offline, "hub access is off"),
+    Case("model_weights_truncated", "could not load", lambda w, d: _tune(w, model=str(w.truncated_weights))),
+    Case("model_weights_pickled", "could not load", lambda w, d: _tune(w, model=str(w.pickled))),
+    Case("model_dir_missing", "no model directory", lambda w, d: _tune(w, model="./no-such-model-dir")),
+    Case("unknown_model_alias", "unknown model 'smollm9-135m'", lambda w, d: _tune(w, model="smollm9-135m")),
+    Case("hub_id_offline", "hub access is off", lambda w, d: _tune(w, model="post-tests/no-such-model-anywhere")),
     # privacy settings
-    (epsilon_zero, "--epsilon"),
-    (epsilon_negative, "--epsilon"),
-    (delta_one, "--delta"),
-    (delta_not_below_one_over_n, "not below 1/N"),
-    (clip_zero, "--max-grad-norm"),
-    (clip_negative, "--max-grad-norm"),
-    (sampling_rate_above_one, "sampling rate"),
-    (accountant_finds_no_noise, "found no noise level"),
-    (negative_noise, "--noise-multiplier"),
+    Case("epsilon_zero", "--epsilon", lambda w, d: _tune(w, "--dp", "true", "--epsilon", "0")),
+    Case("epsilon_negative", "--epsilon", lambda w, d: _tune(w, "--dp", "true", "--epsilon", "-3")),
+    Case("delta_one", "--delta", lambda w, d: _tune(w, "--dp", "true", "--delta", "1")),
+    Case("delta_not_below_one_over_n", "not below 1/N", lambda w, d: _tune(w, "--dp", "true", "--delta", "0.1")),
+    Case("clip_zero", "--max-grad-norm", lambda w, d: _tune(w, "--dp", "true", "--max-grad-norm", "0")),
+    Case("clip_negative", "--max-grad-norm", lambda w, d: _tune(w, "--dp", "true", "--max-grad-norm", "-1")),
+    Case("sampling_rate_above_one", "sampling rate", lambda w, d: _tune(w, "--dp", "true", "--batch-size", "1000")),
+    Case("accountant_finds_no_noise", "found no noise level",
+         lambda w, d: _tune(w, "--dp", "true", "--epsilon", "0.0001", "--delta", "1e-12", "--accountant", "rdp")),
+    Case("negative_noise", "--noise-multiplier", lambda w, d: _tune(w, "--dp", "true", "--noise-multiplier", "-1")),
     # options and config files
-    (broken_yaml, "config"),
-    (unknown_yaml_key, "learning_rate_typo"),
-    (bad_dtype, "dtype"),
-    (bad_device, "--device"),
-    (malformed_device, "--device"),
-    (absent_gpu, "no cuda:7"),
-    (max_length_too_small, "--max-length"),
-    (bad_train_indices, "--train-indices"),
-    (run_dir_of_other_settings, "other settings"),
-    # output
-    (unwritable_out, "cannot write to the output directory"),
-    (disk_full_at_checkpoint, "No space left on device"),
-    (disk_full_at_metrics, "No space left on device"),
+    Case("broken_yaml", "config",
+         lambda w, d: [*_tune(w), "--config", str(_put(d / "c.yaml", "n_tokens: [1, 2\nlr: 0.1\n"))]),
+    Case("unknown_yaml_key", "learning_rate_typo",
+         lambda w, d: [*_tune(w), "--config", str(_put(d / "c.yaml", "n_tokens: 2\nlearning_rate_typo: 0.1\n"))]),
+    Case("bad_dtype", "dtype", lambda w, d: _tune(w, "--dtype", "float64")),
+    Case("bad_device", "--device", lambda w, d: _tune(w, "--device", "tpu")),
+    Case("malformed_device", "--device", lambda w, d: _tune(w, "--device", "cuda:x")),
+    Case("absent_gpu", "no cuda:7",  # no machine here has eight GPUs
+         lambda w, d: [a if a != "cpu" else "cuda:7" for a in _tune(w)]),
+    Case("max_length_too_small", "--max-length", lambda w, d: _tune(w, "--max-length", "4")),
+    Case("bad_train_indices", "--train-indices",
+         lambda w, d: _tune(w, "--train-indices", str(_put(d / "idx.json", "[0, 1, 99999]")))),
+    # the run directory holds another run's settings (written by _prepare_out)
+    Case("run_dir_of_other_settings", "other settings", lambda w, d: _tune(w, "--lr", "0.5")),
+    # output (each fault is set up by _prepare_out)
+    Case("unwritable_out", "cannot write to the output directory", lambda w, d: _tune(w)),
+    Case("disk_full_at_checkpoint", "No space left on device", lambda w, d: _tune(w, "--checkpoint-every", "1")),
+    Case("disk_full_at_metrics", "No space left on device", lambda w, d: _tune(w)),
     # training
-    (nan_loss, "the loss became nan.*last good checkpoint"),
-    (update_overflows, "overflowed.*last good checkpoint"),
-    (distill_diverges, "distillation loss became.*last good checkpoint"),
-    (transfer_diverges, "transfer loss became nan.*last good checkpoint"),
-    (distill_empty_corpus, "no non-empty texts"),
-    (distill_corpus_too_short, "fewer than two blocks"),
-    (distill_layer_out_of_range, "--keep-layers"),
-    (attack_odd_shadows, "--shadows"),
+    Case("nan_loss", "the loss became nan.*last good checkpoint",
+         lambda w, d: _tune(w, "--lr", "1e30", "--epochs", "3", "--checkpoint-every", "1", model="tiny-gpt2")),
+    Case("update_overflows", "overflowed.*last good checkpoint",
+         lambda w, d: _tune(w, "--lr", "1e38", "--checkpoint-every", "1")),
+    Case("distill_diverges", "distillation loss became.*last good checkpoint",
+         lambda w, d: ["distill", "--teacher", "tiny-gpt2", "--keep-layers", "0", "--corpus", str(w.corpus),
+                       "--block-size", "16", "--batch-size", "4", "--max-steps", "4", "--held-out", "2", "--lr", "1e30",
+                       "--warmup", "0", "--checkpoint-every", "1", "--device", "cpu"]),
+    Case("transfer_diverges", "transfer loss became nan.*last good checkpoint",
+         lambda w, d: _transfer(w, w.prompt, "--steps", "4", "--batch-size", "4", "--alpha", "0.5", "--lr", "1e30",
+                                "--checkpoint-every", "1", target="tiny-gpt2")),
+    Case("distill_empty_corpus", "no non-empty texts", lambda w, d: _distill(w, corpus=_put(d / "empty.txt", "\n\n"))),
+    Case("distill_corpus_too_short", "fewer than two blocks",
+         lambda w, d: _distill(w, corpus=_put(d / "short.txt", "good film\n"))),
+    Case("distill_layer_out_of_range", "--keep-layers",
+         lambda w, d: [a if a != "0" else "7" for a in _distill(w)]),
+    Case("attack_odd_shadows", "--shadows",
+         lambda w, d: ["attack", "lira", "--model", "tiny-llama", "--task", str(w.data), "--label-words", LW,
+                       "--shadows", "3", "--device", "cpu"]),
 ]
+BY_NAME = {c.name: c for c in CASES}
 
 
 def test_the_matrix_is_large_enough():
     assert len(CASES) >= 25
-    assert len({b.__name__ for b, _ in CASES}) == len(CASES)
+    assert len(BY_NAME) == len(CASES)
 
 
 def _prepare_out(name: str, d: Path, w: World, monkeypatch) -> Path:
@@ -621,10 +383,10 @@ def _prepare_out(name: str, d: Path, w: World, monkeypatch) -> Path:
     return out
 
 
-@pytest.mark.parametrize("build, match", CASES, ids=[b.__name__ for b, _ in CASES])
-def test_bad_input_is_one_line_and_exit_status_2(world, build, match, tmp_path, capsys, monkeypatch):
-    argv = build(world, tmp_path)
-    out = _prepare_out(build.__name__, tmp_path, world, monkeypatch)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_and_exit_status_2(world, case, tmp_path, capsys, monkeypatch):
+    argv = case.build(world, tmp_path)
+    out = _prepare_out(case.name, tmp_path, world, monkeypatch)
     capsys.readouterr()
     code = main([*argv, "--out", str(out)])
     err = capsys.readouterr().err
@@ -632,13 +394,13 @@ def test_bad_input_is_one_line_and_exit_status_2(world, build, match, tmp_path, 
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("post: error: "), err
-    assert re.search(match, lines[0]), lines[0]
+    assert re.search(case.match, lines[0]), lines[0]
     # Nothing a later run would take as a result: no result, no prompt, no half-written file.
     if out.exists():
         assert not (out / "result.json").exists()
         assert not (out / "prompt.safetensors").exists()
         assert not [p for p in out.rglob("*.part")], list(out.rglob("*"))
-    if build.__name__ in ("nan_loss", "distill_diverges", "transfer_diverges"):  # the last good checkpoint stays
+    if case.name in ("nan_loss", "distill_diverges", "transfer_diverges"):  # the last good checkpoint stays
         from safetensors.torch import load_file
 
         assert json.loads((out / "checkpoint.json").read_text())["step"] >= 1
@@ -647,7 +409,7 @@ def test_bad_input_is_one_line_and_exit_status_2(world, build, match, tmp_path, 
 
 def test_debug_shows_the_traceback(world, tmp_path):
     with pytest.raises(Exception, match="no such file"):
-        main([*missing_file(world, tmp_path), "--out", str(tmp_path / "run"), "--debug"])
+        main([*BY_NAME["missing_file"].build(world, tmp_path), "--out", str(tmp_path / "run"), "--debug"])
 
 
 def test_very_long_and_non_ascii_texts_are_fine(world, tmp_path, capsys):
