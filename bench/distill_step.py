@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from post.corpus import load_texts
+from post.data import load_texts
 from post.distill import DistillConfig, distill_losses, pack_blocks
 from post.models import load_model
 from post.student import build_student

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 import torch
 
-from post.corpus import load_texts
+from post.data import load_texts
 from post.models import load_model
 from post.prompt import init_prompt, save_prompt
 from post.service.auth import add_tenant

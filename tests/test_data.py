@@ -15,8 +15,8 @@ import pytest
 
 from post import cache, corpus, data
 from post.cache import sha256_file
-from post.corpus import BUILTIN_FILES, clean_wikitext, fetch_dataset, load_texts
-from post.data import Split, list_datasets, load_labelled, stratified_split
+from post.corpus import BUILTIN_FILES, clean_wikitext, fetch_dataset
+from post.data import Split, list_datasets, load_labelled, load_texts, stratified_split
 from post.errors import ConfigError, PostError
 
 # --------------------------------------------------------------------------- synthetic sources

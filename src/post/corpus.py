@@ -1,18 +1,16 @@
 """Text sources: built-in registry files, user text files, the hub, and unlabelled corpora.
 
-:func:`load_texts` returns plain texts for distillation and for public transfer data:
+This module holds the plumbing under :func:`post.data.load_texts` and :func:`post.data.load_labelled`:
 
-* ``wiki``: a Wikipedia XML dump sample (gensim test data), markup stripped, one text per
-  paragraph of at least :data:`MIN_WORDS` words; the cleaned text is cached as a file.
-* ``news``: the Lee background corpus (300 news texts, gensim test data).
-* ``offline``: wiki then news, the default distillation corpus.
-* a labelled set's name (``mr``, ``airline``, ``sst2``, ...): its train texts.
-* a file: ``.txt`` (one document per non-empty line) or ``.csv``/``.tsv``/``.jsonl``/``.json``/
-  ``.parquet`` with a text column.
-* ``hf:NAME[:CONFIG][:SPLIT]``: a hub dataset's text column (online only).
+* pinned registry files (:func:`fetch_dataset`, :func:`source_ok`, :func:`dataset_dir`);
+* reading files (:func:`decode_file`, :func:`read_table`, :func:`check_file`, :func:`require_columns`);
+* the hub (:func:`hub_load`, :func:`hub_columns`, :func:`hub_texts` for ``hf:NAME[:CONFIG][:SPLIT]``);
+* the unlabelled corpora: ``wiki`` (:func:`wiki_paragraphs`, a Wikipedia XML dump sample, markup
+  stripped by :func:`clean_wikitext`, one text per paragraph of at least :data:`MIN_WORDS` words,
+  cached as a file) and ``news`` (:func:`news_texts`, the Lee background corpus).
 
-The lower layers here (fetching pinned registry files, reading tables, reaching the hub) are
-shared with :mod:`post.data`.
+It never imports :mod:`post.data` (which builds on it): :func:`~post.data.load_texts`, which also
+reads a labelled set's train texts, lives there.
 """
 
 from __future__ import annotations
@@ -292,7 +290,8 @@ def hub_columns(split: Any, columns: Sequence[str], where: str) -> dict[str, lis
     return {c: [r.get(c) for r in rows] for c in columns}
 
 
-def _hub_texts(spec: str, text_column: str, loader: HubLoader | None) -> list[str]:
+def hub_texts(spec: str, text_column: str, loader: HubLoader | None) -> list[str]:
+    """The text column of a hub split named ``hf:NAME[:CONFIG][:SPLIT]`` (split ``train`` by default)."""
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
         raise ConfigError(f"hub text source {spec!r} must look like hf:NAME[:CONFIG][:SPLIT].")
@@ -423,45 +422,3 @@ def news_texts(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The 300 Lee background news texts, one per line of the source."""
     path = fetch_dataset("news", cache_dir=cache_dir)
     return [t for t in map(normalise_text, decode_file(path, "utf-8").splitlines()) if t]
-
-
-# --------------------------------------------------------------------------- entry point
-
-def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
-               encoding: str = "utf-8", hub_loader: HubLoader | None = None, text_column: str = "text") -> list[str]:
-    """Unlabelled texts by name (``offline``, ``wiki``, ``news``, a labelled set, ``hf:...``) or file.
-
-    ``limit`` keeps the first texts; empty texts are dropped and whitespace is normalised.
-    """
-    from post import data  # data builds on this module, so import it late
-
-    if limit is not None and limit < 0:
-        raise ConfigError(f"limit must be >= 0 (got {limit}).")
-    key = str(name).strip()
-    low = key.lower()
-    if low == "offline":
-        texts = wiki_paragraphs(cache_dir) + news_texts(cache_dir)
-    elif low == "wiki":
-        texts = wiki_paragraphs(cache_dir)
-    elif low == "news":
-        texts = news_texts(cache_dir)
-    elif low.startswith("hf:"):
-        texts = _hub_texts(key, text_column, hub_loader)
-    elif data.is_dataset_name(low):
-        texts = list(data.load_labelled(key, cache_dir=cache_dir, hub_loader=hub_loader).split("train").texts)
-    else:
-        path = Path(key).expanduser()
-        if not path.suffix and not path.exists():
-            raise PostError(f"unknown text source {key!r}; choose offline, wiki, news, a labelled dataset name, "
-                            "hf:NAME[:CONFIG][:SPLIT], or a .txt/.csv/.tsv/.jsonl/.json/.parquet file.")
-        if path.suffix.lower() == ".txt":
-            check_file(path, (".txt",))
-            texts = decode_file(path, encoding).splitlines()
-        else:
-            cols = read_table(path, encoding)
-            require_columns(path, list(cols), [text_column])
-            texts = cols[text_column]
-    texts = [t for t in map(normalise_text, texts) if t]
-    if not texts:
-        raise PostError(f"text source {key!r} has no non-empty texts.")
-    return texts if limit is None else texts[:limit]

@@ -924,7 +924,7 @@ def transfer_run_cost(run: Path) -> tuple[StageCost, StageCost]:
     """The steps (``train_seconds``) and the constant caching (``cache_seconds``) of a ``post transfer`` run."""
     import torch
 
-    from post.corpus import load_texts
+    from post.data import load_texts
     from post.prompt import read_prompt
     from post.resolve import subset
     from post.scoring import Encoder

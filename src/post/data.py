@@ -12,8 +12,19 @@ they are the same on every machine.
 * User files (.csv/.tsv/.jsonl/.json/.parquet) are read by column name; their label words are
   given by the user.
 
-Fetching pinned files, reading tables, reaching the hub and the unlabelled corpora (``wiki``,
-``news``, text files, ``hf:``) live in :mod:`post.corpus`; :func:`load_texts` is re-exported here.
+:func:`load_texts` returns plain (unlabelled) texts for distillation and for public transfer data:
+
+* ``wiki``: a Wikipedia XML dump sample (gensim test data), markup stripped, one text per
+  paragraph of at least :data:`post.corpus.MIN_WORDS` words; the cleaned text is cached as a file.
+* ``news``: the Lee background corpus (300 news texts, gensim test data).
+* ``offline``: wiki then news, the default distillation corpus.
+* a labelled set's name (``mr``, ``airline``, ``sst2``, ...): its train texts.
+* a file: ``.txt`` (one document per non-empty line) or ``.csv``/``.tsv``/``.jsonl``/``.json``/
+  ``.parquet`` with a text column.
+* ``hf:NAME[:CONFIG][:SPLIT]``: a hub dataset's text column (online only).
+
+Fetching pinned files, reading tables, reaching the hub and the wiki and news corpora live in
+:mod:`post.corpus`, which this module builds on (and which never imports this one).
 """
 
 from __future__ import annotations
@@ -37,16 +48,19 @@ from post.cache import atomic_dir, sha256_file
 from post.corpus import (
     BUILTIN_FILES,
     HubLoader,
+    check_file,
     dataset_dir,
     decode_file,
     fetch_dataset,
     hub_columns,
     hub_load,
-    load_texts,
+    hub_texts,
+    news_texts,
     normalise_text,
     read_table,
     require_columns,
     source_ok,
+    wiki_paragraphs,
 )
 from post.errors import ConfigError, PostError
 from post.tasks import (
@@ -571,6 +585,44 @@ def load_labelled(name: str, *, text_column: str = "text", label_column: str = "
     task, splits, dropped = _load_file(path, text_column, label_column, template, label_words, init_text,
                                        split_seed, encoding)
     return LabelledDataset(key, task, splits, f"file:{path.resolve()}", dropped)
+
+
+def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
+               encoding: str = "utf-8", hub_loader: HubLoader | None = None, text_column: str = "text") -> list[str]:
+    """Unlabelled texts by name (``offline``, ``wiki``, ``news``, a labelled set, ``hf:...``) or file.
+
+    ``limit`` keeps the first texts; empty texts are dropped and whitespace is normalised.
+    """
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0 (got {limit}).")
+    key = str(name).strip()
+    low = key.lower()
+    if low == "offline":
+        texts = wiki_paragraphs(cache_dir) + news_texts(cache_dir)
+    elif low == "wiki":
+        texts = wiki_paragraphs(cache_dir)
+    elif low == "news":
+        texts = news_texts(cache_dir)
+    elif low.startswith("hf:"):
+        texts = hub_texts(key, text_column, hub_loader)
+    elif is_dataset_name(low):
+        texts = list(load_labelled(key, cache_dir=cache_dir, hub_loader=hub_loader).split("train").texts)
+    else:
+        path = Path(key).expanduser()
+        if not path.suffix and not path.exists():
+            raise PostError(f"unknown text source {key!r}; choose offline, wiki, news, a labelled dataset name, "
+                            "hf:NAME[:CONFIG][:SPLIT], or a .txt/.csv/.tsv/.jsonl/.json/.parquet file.")
+        if path.suffix.lower() == ".txt":
+            check_file(path, (".txt",))
+            texts = decode_file(path, encoding).splitlines()
+        else:
+            cols = read_table(path, encoding)
+            require_columns(path, list(cols), [text_column])
+            texts = cols[text_column]
+    texts = [t for t in map(normalise_text, texts) if t]
+    if not texts:
+        raise PostError(f"text source {key!r} has no non-empty texts.")
+    return texts if limit is None else texts[:limit]
 
 
 def default_task(name: str) -> Task | None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from post import progress
 from post.checkpoint import load_checkpoint, save_checkpoint
 from post.config import ModelOptions, require
-from post.corpus import load_texts
+from post.data import load_texts
 from post.errors import PostError
 from post.models import LoadedModel, save_model
 from post.parallel import open_distributed_run

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from post.config import ModelOptions, TaskOptions, check_split, require
-from post.corpus import load_texts
+from post.data import load_texts
 from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import check_compatible, read_prompt
