@@ -1,6 +1,8 @@
 """The service's commands, added to ``post provider`` and ``post user`` by :mod:`post.cli`.
 
-- ``post provider serve ...``: start the service (:class:`~post.service.config.ServiceConfig` flags).
+- ``post provider serve ...``: start the service (:class:`~post.service.config.ServiceConfig` flags);
+  ``--backend vllm --vllm-url URL [--vllm-model NAME] [--vllm-logprobs K]`` scores through a vLLM server
+  (:mod:`post.service.vllm`) instead of this process's forward.
 - ``post provider tenants add NAME`` (prints the new key once) and ``post provider tenants list``.
 - ``post user upload FILE [--transfer true]``, ``post user transfer-status [JOB] [--wait SECONDS]``,
   ``post user classify --prompt-id ID TEXT...`` (all with ``--server URL --key KEY``).

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from post.config import ModelOptions, require
 
@@ -45,6 +46,15 @@ class ServiceConfig(ModelOptions):
         job_lease: Seconds a running job's lease lasts without renewal (a dead server's jobs are taken over
             after this).
         max_attempts: Times a job is started before it is marked failed.
+        backend: What scores classify/completions requests: transformers (the target's forward in this process,
+            mixed-prompt batches) or vllm (a ``vllm serve MODEL --enable-prompt-embeds`` server; this process
+            still loads the target for its tokenizer and input embeddings). Transfer jobs always run here.
+        vllm_url: The vLLM server's http(s) base URL, without /v1 (e.g. http://127.0.0.1:8001); needed with
+            --backend vllm. Its API key, if it has one, goes in $POST_VLLM_API_KEY.
+        vllm_model: The model name vLLM serves the target under (default: --model as given).
+        vllm_logprobs: K, the top logprobs asked of vLLM per text; a label token outside the top K is scored with
+            the K-th value (an upper bound). vLLM refuses K over its --max-logprobs (default 20).
+        vllm_timeout: Seconds to wait for one vLLM answer before the request fails (503 backend_unavailable).
     """
 
     model: str
@@ -75,6 +85,11 @@ class ServiceConfig(ModelOptions):
     job_workers: int = 1
     job_lease: float = 30.0
     max_attempts: int = 3
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: str | None = None
+    vllm_model: str | None = None
+    vllm_logprobs: int = 20
+    vllm_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
@@ -93,6 +108,32 @@ class ServiceConfig(ModelOptions):
         require(0 <= self.max_wait_ms <= 1000, "max_wait_ms", f"must be in [0, 1000], got {self.max_wait_ms}.")
         require(self.rate_limit >= 0, "rate_limit", f"must be non-negative, got {self.rate_limit}.")
         require(self.job_lease > 0, "job_lease", f"must be positive, got {self.job_lease}.")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        require(self.backend in ("transformers", "vllm"), "backend",
+                f"must be transformers or vllm, got {self.backend!r}.")
+        require(self.vllm_logprobs >= 1, "vllm_logprobs", f"must be at least 1, got {self.vllm_logprobs}.")
+        require(self.vllm_timeout > 0 and math.isfinite(self.vllm_timeout), "vllm_timeout",
+                f"must be a positive number of seconds, got {self.vllm_timeout}.")
+        if self.backend != "vllm":
+            require(self.vllm_url is None, "vllm_url", "is only used with --backend vllm; add that or drop it.")
+            return
+        require(bool(self.vllm_url), "vllm_url", "is required with --backend vllm: the vLLM server's base URL, "
+                "e.g. http://127.0.0.1:8001.")
+        require(self.vllm_model is None or bool(self.vllm_model.strip()), "vllm_model", "must not be empty.")
+        url = urlsplit(str(self.vllm_url))
+        try:
+            port_ok = url.port is None or url.port > 0
+        except ValueError:
+            port_ok = False
+        require(url.scheme in ("http", "https") and bool(url.hostname) and port_ok and not url.query
+                and not url.fragment, "vllm_url", f"must be an http(s) base URL such as http://127.0.0.1:8001, "
+                f"got {self.vllm_url!r}.")
+        require(url.username is None and url.password is None, "vllm_url",
+                "must not carry credentials (they would be logged); put vLLM's API key in $POST_VLLM_API_KEY.")
+        require(not url.path.rstrip("/").endswith("/v1"), "vllm_url",
+                "give the base URL without /v1 (the service adds /v1/completions).")
 
     @property
     def db_url(self) -> str:

@@ -1,4 +1,8 @@
-"""What one server process holds: the database, both models' identities, the target, batcher and jobs."""
+"""What one server process holds: the database, both models' identities, the target, batcher and jobs.
+
+The batcher's scorer is :class:`~post.service.engine.MixedScorer` (this process's forward) or, with
+``--backend vllm``, :class:`~post.service.vllm.VllmScorer` (the same rows scored by a vLLM server).
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class Service:
         del student
         self.target = load_configured_model(cfg, cfg.model)
         self.target_identity = ModelIdentity.of(self.target)
-        self.scorer = MixedScorer(self.target, cfg.max_length)
+        self.scorer = self._scorer(cfg)
         self.cache = PromptCache(self.scorer, self.target_identity, cfg.prompt_cache)
         self.batcher = Batcher(self.scorer, max_batch=cfg.max_batch, max_wait=cfg.max_wait_ms / 1000,
                                max_queue=cfg.max_queue)
@@ -44,6 +48,15 @@ class Service:
         self.runner = JobRunner(cfg, self.sessions)
         if run_jobs:
             self.runner.start()
+
+    def _scorer(self, cfg: ServiceConfig) -> MixedScorer:
+        """The forward for classify/completions: this process's target, or a vLLM server (--backend vllm)."""
+        if cfg.backend != "vllm":
+            return MixedScorer(self.target, cfg.max_length)
+        from post.service.vllm import VllmScorer
+
+        return VllmScorer(self.target, cfg.max_length, url=str(cfg.vllm_url), model_name=cfg.vllm_model or cfg.model,
+                          logprobs=cfg.vllm_logprobs, timeout=cfg.vllm_timeout, workers=cfg.max_batch)
 
     def score(self, prompt: ServedPrompt, texts: Sequence[str]) -> list[np.ndarray]:
         """Class scores of ``texts`` under ``prompt``, through the shared batcher."""
@@ -57,3 +70,5 @@ class Service:
     def close(self) -> None:
         self.runner.close()
         self.batcher.close()
+        if (close := getattr(self.scorer, "close", None)) is not None:
+            close()
