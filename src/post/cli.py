@@ -240,6 +240,7 @@ def _run_stage(cmd: StageCommand, ns: Any) -> None:
 
 def _run_pipeline(command: str, ns: Any) -> None:
     from post.pipeline import load_pipeline_config, run_pipeline
+    from post.progress import duration
 
     if command == "demo":
         cfg = load_pipeline_config("demo-quick" if ns.quick else "demo", [], ns.out)
@@ -250,7 +251,7 @@ def _run_pipeline(command: str, ns: Any) -> None:
     result = run_pipeline(cfg, only=only)
     print(result["table"])
     print(f"report: {result['report']}")
-    print(f"pipeline finished in {(time.perf_counter() - t0) / 60:.1f} min; all run directories under {result['out']}")
+    print(f"pipeline finished in {duration(time.perf_counter() - t0)}; all run directories under {result['out']}")
 
 
 def _fetch(ns: Any) -> None:

@@ -45,9 +45,14 @@ class _Silent:
         pass
 
 
-def duration(seconds: float) -> str:
-    """``75`` -> ``1m15s``, ``9`` -> ``9s``."""
-    m, s = divmod(int(round(seconds)), 60)
+def duration(seconds: float | None) -> str:
+    """The one human-readable duration: ``9`` -> ``9s``, ``75`` -> ``1m15s``, ``3900`` -> ``1h05m``; None -> ``–``."""
+    if seconds is None:
+        return "–"
+    m, s = divmod(int(round(float(seconds))), 60)
+    if m >= 60:
+        h, m = divmod(m, 60)
+        return f"{h}h{m:02d}m"
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 

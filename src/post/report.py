@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from post.errors import PostError
+from post.progress import duration
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
 from post.stats import at_chance, format_p
 
@@ -258,13 +259,6 @@ def _md_tables_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def _fmt_s(seconds: Any) -> str:
-    if seconds is None:
-        return "–"
-    s = float(seconds)
-    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
-
-
 def _yes(v: Any, p: float | None = None, failed: bool | None = False) -> str:
     """A goal's cell: "yes"/"no"/a ratio, with its McNemar p; "baseline failed" when the reference is at chance."""
     if failed:
@@ -317,8 +311,8 @@ def write_report(out: str | Path) -> Path:
     compute = sum(float(v or 0) for v in seconds.values())
     md: list[str] = [f"# POST report: {_short(summary.get('task'))} → {_short(summary.get('target'))}", "",
                      f"Private task `{summary.get('task')}`, target Φt `{summary.get('target')}`, public text "
-                     f"`{summary.get('public')}`; all steps together took {_fmt_s(compute)} (this last "
-                     f"invocation {_fmt_s(summary.get('seconds'))}; finished steps are not run again).", "",
+                     f"`{summary.get('public')}`; all steps together took {duration(compute)} (this last "
+                     f"invocation {duration(summary.get('seconds'))}; finished steps are not run again).", "",
                      "## Results", "", table_md, ""]
     md += _transfer_lines(out)
     if goal_rows:
@@ -372,13 +366,13 @@ def write_report(out: str | Path) -> Path:
         md += ["## Distillation", "",
                f"Layers {distill['keep_layers']} of {summary.get('target')}: {distill['student_params'] / 1e6:.1f}M "
                f"of {distill['teacher_params'] / 1e6:.1f}M parameters, {distill['steps']} steps, "
-               f"{distill['tokens_seen']:,} tokens, {_fmt_s(distill['train_seconds'])}.", "",
+               f"{distill['tokens_seen']:,} tokens, {duration(distill['train_seconds'])}.", "",
                "| model | held-out perplexity | KL to teacher (nats/token) |", "|---|---|---|",
                f"| teacher | {t['perplexity']:.1f} | 0 |",
                f"| kept layers, undistilled | {u['perplexity']:.1f} | {u['kl_to_teacher']:.3f} |",
                f"| kept layers, distilled | {d['perplexity']:.1f} | {d['kl_to_teacher']:.3f} |", ""]
     md += ["## Cost of each stage", "", "| step | party | what | time |", "|---|---|---|---|"]
-    md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {_fmt_s(seconds[name])} |"
+    md += [f"| {name} | {s.get('party')} | {s.get('what', '')} | {duration(seconds[name])} |"
            for name, s in steps.items()]
     md += ["", *_predicted_costs(out)]
     md += ["", "## Config", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
