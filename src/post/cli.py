@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,26 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+from jsonargparse import ActionYesNo, ArgumentParser
 
 from post import __version__
+from post.cliparse import Parser, config_parser
 from post.errors import PostError
 from post.rundir import default_out
 
 log = logging.getLogger("post")
-
-_SNAKE_FLAG = re.compile(r"--([a-z0-9]+(?:_[a-z0-9]+)+)")
-
-
-class _Parser(ArgumentParser):
-    """jsonargparse parser whose help spells flags with dashes (both spellings are accepted)."""
-
-    def format_help(self) -> str:
-        return _SNAKE_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().format_help())
-
-    def format_usage(self) -> str:
-        return _SNAKE_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().format_usage())
-
 
 # Commands whose options take several values, each given by repeating the flag (``--prompt a --prompt b``).
 _REPEATED_FLAGS = {"reconstruct": ("prompt", "reference")}
@@ -116,16 +103,8 @@ def _attack_commands() -> list[StageCommand]:
                          reconstruct.summarize)]
 
 
-def _config_parser(config: type, description: str) -> ArgumentParser:
-    """Flags (or ``--config`` YAML) for every field of a config dataclass."""
-    p = _Parser(description=(config.__doc__ or description).split("\n\n")[0], exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML file with options (flags override it).")
-    p.add_class_arguments(config, nested_key=None, as_group=False, instantiate=False)
-    return p
-
-
 def _stage_parser(cmd: StageCommand) -> ArgumentParser:
-    p = _config_parser(cmd.config, cmd.help)
+    p = config_parser(cmd.config, cmd.help)
     p.add_argument("--out", type=Path | None, default=None,
                    help=f"Run directory to write (default: runs/{cmd.name}-<time>).")
     return p
@@ -133,7 +112,7 @@ def _stage_parser(cmd: StageCommand) -> ArgumentParser:
 
 def _add_attack(sub: Any, help: str) -> None:
     """``attack lira``; jsonargparse wants a parser added to its parent before its own subcommands."""
-    attack = _Parser(description="Privacy audits of prompts.", exit_on_error=False)
+    attack = Parser(description="Privacy audits of prompts.", exit_on_error=False)
     sub.add_subcommand("attack", attack, help=help)
     attack_sub = attack.add_subcommands(dest="attack_command", required=True)
     for cmd in _attack_commands():
@@ -149,7 +128,7 @@ SERVICE_COMMANDS = ("serve", "tenants", "upload", "transfer-status", "classify")
 
 
 def _pipeline_parsers(sub: Any) -> None:
-    run = _Parser(description="Run the whole pipeline from a YAML config (or a built-in one: post run demo).",
+    run = Parser(description="Run the whole pipeline from a YAML config (or a built-in one: post run demo).",
                   exit_on_error=False)
     run.add_argument("config", type=str, help="YAML file, or a built-in config name (demo, demo-quick, cross-vocab, "
                      "paper-*).")
@@ -159,12 +138,12 @@ def _pipeline_parsers(sub: Any) -> None:
     run.add_argument("--only", type=str | None, default=None, help="Comma-separated steps to (re-)run; others must "
                      "have finished.")
     sub.add_subcommand("run", run, help="Run the whole pipeline (distil, tune, transfer, baselines, attack, report).")
-    demo = _Parser(description="The built-in demo: smollm2-135m, its distilled student, private mr, public "
+    demo = Parser(description="The built-in demo: smollm2-135m, its distilled student, private mr, public "
                    "airline, ε=8, end to end with a report.", exit_on_error=False)
     demo.add_argument("--out", type=Path | None, default=None, help="Output directory (default: runs/demo).")
     demo.add_argument("--quick", action=ActionYesNo, default=False, help="A few-minute smoke run of the same pipeline.")
     sub.add_subcommand("demo", demo, help="Run the built-in demo end to end and print its table.")
-    report = _Parser(description="Write report.html and report.md for a pipeline directory.", exit_on_error=False)
+    report = Parser(description="Write report.html and report.md for a pipeline directory.", exit_on_error=False)
     report.add_argument("dir", type=Path, help="A pipeline output directory (post run's --out).")
     sub.add_subcommand("report", report, help="Rewrite the HTML/Markdown report of a pipeline directory.")
 
@@ -174,7 +153,7 @@ def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
     stages = {c.name: c for c in _stage_commands()}
     what = ("touch private data, never the target's weights" if party == "user"
             else "never take private data: public text and files from the user only")
-    p = _Parser(description=f"The {party}'s commands ({what}).", exit_on_error=False)
+    p = Parser(description=f"The {party}'s commands ({what}).", exit_on_error=False)
     sub.add_subcommand(party, p, help=help)
     psub = p.add_subcommands(dest=f"{party}_command", required=True)
     for name in names:
@@ -189,7 +168,7 @@ def _add_party(sub: Any, party: str, names: tuple[str, ...], help: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = _Parser(prog="post", description="POST: private soft-prompt transfer for LLMs.", exit_on_error=False)
+    parser = Parser(prog="post", description="POST: private soft-prompt transfer for LLMs.", exit_on_error=False)
     parser.add_argument("--version", action="version", version=f"post {__version__}")
     sub = parser.add_subcommands(dest="command", required=True)
     for cmd in _stage_commands():
@@ -199,7 +178,7 @@ def build_parser() -> ArgumentParser:
                "upload, transfer-status, classify against a provider's service.")
     _add_party(sub, "provider", PROVIDER_COMMANDS,
                "The provider's side: distill, student, transfer, zst, serve, tenants (no private data).")
-    fetch = _Parser(description="Download, verify and cache built-in models and datasets.", exit_on_error=False)
+    fetch = Parser(description="Download, verify and cache built-in models and datasets.", exit_on_error=False)
     fetch.add_argument("names", nargs="+", help="Built-in model or dataset names (see post models / post datasets).")
     fetch.add_argument("--cache_dir", type=Path | None, default=None, help="Cache directory.")
     fetch.add_argument("--verify", type=bool, default=False,
@@ -207,13 +186,13 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("fetch", fetch, help="Download, verify and cache built-in models and datasets.")
     from post.cost import CostConfig
 
-    sub.add_subcommand("cost", _config_parser(CostConfig, "Estimate FLOPs and time of each POST stage."),
+    sub.add_subcommand("cost", config_parser(CostConfig, "Estimate FLOPs and time of each POST stage."),
                        help="Estimate FLOPs and time of each stage: the user's and provider's cost vs tuning on Φt.")
     _add_attack(sub, "Privacy audits: post attack lira (membership inference on prompts), post attack "
                 "reconstruct (nearest-token reading of prompts).")
-    sub.add_subcommand("models", _Parser(description="List built-in models.", exit_on_error=False),
+    sub.add_subcommand("models", Parser(description="List built-in models.", exit_on_error=False),
                        help="List built-in models.")
-    sub.add_subcommand("datasets", _Parser(description="List built-in datasets.", exit_on_error=False),
+    sub.add_subcommand("datasets", Parser(description="List built-in datasets.", exit_on_error=False),
                        help="List built-in datasets.")
     return parser
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from post.cliparse import Parser, config_parser
 from post.errors import PostError
 
 PROVIDER = ("serve", "tenants")
@@ -21,9 +22,7 @@ USER = ("upload", "transfer-status", "classify")
 
 
 def _client_parser(description: str) -> Any:
-    from post.cli import _Parser
-
-    p = _Parser(description=description, exit_on_error=False)
+    p = Parser(description=description, exit_on_error=False)
     p.add_argument("--server", type=str, default="http://127.0.0.1:8000", help="The service's base URL.")
     p.add_argument("--key", type=str | None, default=None, help="Your API key (default: $POST_API_KEY).")
     p.add_argument("--json", type=bool, default=False, help="Print the server's JSON answer.")
@@ -32,20 +31,19 @@ def _client_parser(description: str) -> Any:
 
 def add_command(psub: Any, name: str) -> None:
     """Add the service command ``name`` under ``post provider`` or ``post user``."""
-    from post.cli import _config_parser, _Parser
     from post.service.config import ServiceConfig, TenantsConfig
 
     if name == "serve":
-        psub.add_subcommand("serve", _config_parser(ServiceConfig, "Serve the target model to many users."),
+        psub.add_subcommand("serve", config_parser(ServiceConfig, "Serve the target model to many users."),
                             help="Serve the target to many users' prompts: uploads, transfer jobs, queries (/v1).")
     elif name == "tenants":
-        tenants = _Parser(description="Manage tenants and API keys.", exit_on_error=False)
+        tenants = Parser(description="Manage tenants and API keys.", exit_on_error=False)
         psub.add_subcommand("tenants", tenants, help="Add or list the service's tenants (API keys).")
         tsub = tenants.add_subcommands(dest="tenants_command", required=True)
-        add = _config_parser(TenantsConfig, "Add a tenant and print its API key once.")
+        add = config_parser(TenantsConfig, "Add a tenant and print its API key once.")
         add.add_argument("name", type=str, help="Tenant name (letters, digits, '.', '_', '-').")
         tsub.add_subcommand("add", add, help="Add a tenant and print its API key (shown this once).")
-        tsub.add_subcommand("list", _config_parser(TenantsConfig, "List tenants."), help="List tenants.")
+        tsub.add_subcommand("list", config_parser(TenantsConfig, "List tenants."), help="List tenants.")
     elif name == "upload":
         p = _client_parser("Upload a prompt file tuned on the provider's student; optionally start its transfer.")
         p.add_argument("file", type=str, help="The prompt.safetensors post tune wrote.")
