@@ -7,7 +7,9 @@ Measured side by side in one process, interleaved, on the same batches:
   target, both on the same MR sentences (target ≤ 1.2: the cached Φs(ps;x), Φs(x), Φt(x) make the step
   one target pass), and the step on the public tweets it really takes (longer, so dearer);
 - the whole user+provider cost, tuning on Φs for --epochs plus --transfer-steps transfer steps
-  (and the one-off constant caching), ÷ tuning on Φt for the same epochs.
+  (and the one-off constant caching), ÷ tuning on Φt for the same epochs;
+- with --compare-unsorted, the one-off caching of Φs(ps;x), Φs(x), Φt(x) as ``Scorer.constants`` does it
+  (length-bucketed batches of --constants-batch) ÷ the same batches in input order, and the tokens each runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from post.data import load_labelled
 from post.models import load_model
 from post.prompt import init_prompt
-from post.scoring import Encoder
+from post.scoring import Encoder, length_buckets
 from post.student import build_student
 from post.tasks import Verbalizer
 from post.transfer import Scorer, post_loss
@@ -38,6 +40,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--transfer-steps", type=int, default=300)
     ap.add_argument("--public", type=int, default=256, help="public texts whose constants are cached")
+    ap.add_argument("--constants-batch", type=int, default=8,
+                    help="batch of the constant caching (post transfer uses its --batch-size, default 8)")
+    ap.add_argument("--compare-unsorted", action="store_true",
+                    help="also time the caching with input-order batches (before length bucketing)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -60,16 +66,26 @@ def main() -> None:
     prompt = init_prompt(target, args.n_tokens, init_text=data.task.init_text)
     tgt = Scorer(target, data.task, public, mode="vocab", max_length=128)
     src = Scorer(source, data.task, public, mode="vocab", max_length=128)
+    cb = args.constants_batch
+    with torch.no_grad():  # warm-up
+        src(np.arange(2), prompt), tgt(np.arange(2), None)
     t0 = clock()
-    consts = [src.constants(prompt, 32), src.constants(None, 32), tgt.constants(None, 32)]
+    consts = [src.constants(prompt, cb), src.constants(None, cb), tgt.constants(None, cb)]
     t_cache = clock() - t0
+    t_unsorted = None
+    if args.compare_unsorted:
+        t0 = clock()
+        unsorted = [_input_order(src, prompt, cb), _input_order(src, None, cb), _input_order(tgt, None, cb)]
+        t_unsorted = clock() - t0
+        worst = max(float((a - b).abs().max()) for a, b in zip(consts, unsorted, strict=True))
+        scale = max(float(c.abs().max()) for c in consts)
     pt = prompt.clone().requires_grad_(True)
     # The same step on the very texts the tuning step takes (the first --steps batches of MR training
     # sentences): the public tweets are longer, so only this pair isolates the transfer step's overhead.
     same_texts = list(train.texts[: args.steps * args.tune_batch])
     tgt_same = Scorer(target, data.task, same_texts, mode="vocab", max_length=128)
     src_same = Scorer(source, data.task, same_texts, mode="vocab", max_length=128)
-    consts_same = [src_same.constants(prompt, 32), src_same.constants(None, 32), tgt_same.constants(None, 32)]
+    consts_same = [src_same.constants(prompt, cb), src_same.constants(None, cb), tgt_same.constants(None, cb)]
 
     def transfer_step(idx: np.ndarray, scorer: Scorer = tgt, c: list[torch.Tensor] = consts) -> None:
         out = post_loss(scorer(idx, pt), c[2][idx], c[0][idx], c[1][idx], alpha=0.5, temperature=2.0)
@@ -101,7 +117,17 @@ def main() -> None:
           f"{args.steps} interleaved steps, {torch.get_num_threads()} threads")
     for k, v in times.items():
         print(f"  {k:<28}{v:8.3f} s/step")
-    print(f"  caching constants for {args.public} public texts: {t_cache:.1f} s (once)")
+    print(f"  caching constants for {args.public} public texts (batch {cb}): {t_cache:.1f} s (once)")
+    if t_unsorted is not None:
+        lengths = {"source": [len(x) for x in src.seqs], "target": [len(x) for x in tgt.seqs]}
+        real = 2 * sum(lengths["source"]) + args.n_tokens * args.public + sum(lengths["target"])
+        padded = {how: 2 * _padded(lengths["source"], cb, how) + args.n_tokens * args.public
+                  + _padded(lengths["target"], cb, how) for how in ("bucketed", "input order")}
+        print(f"  same, batches in input order: {t_unsorted:.1f} s; bucketed ÷ input order "
+              f"{t_cache / t_unsorted:.3f} (largest score difference {worst:.1e}, scores up to {scale:.1f})")
+        print(f"  tokens run by the caching: real {real}, bucketed {padded['bucketed']} "
+              f"({padded['bucketed'] / real:.2f}x), input order {padded['input order']} "
+              f"({padded['input order'] / real:.2f}x)")
     ratio = times[same] / times[small]
     print(f"transfer step / tuning step on the target, same texts: {ratio:.3f}  (target <= 1.2)")
     print(f"transfer step on public tweets / tuning step on MR sentences: {times[move] / times[small]:.3f} "
@@ -113,6 +139,20 @@ def main() -> None:
     print(f"tune on Φs ({args.epochs} epochs) {user / 60:.1f} min + transfer ({args.transfer_steps} steps) "
           f"{provider / 60:.1f} min = {(user + provider) / 60:.1f} min vs tune on Φt {direct / 60:.1f} min: "
           f"{(user + provider) / direct:.3f} of the cost ({direct / (user + provider):.1f}x cheaper)")
+
+
+def _input_order(scorer: Scorer, prompt: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The constants as computed before length bucketing: consecutive batches in input order."""
+    n = len(scorer.seqs)
+    with torch.no_grad():
+        return torch.cat([scorer(np.arange(i, min(i + batch, n)), prompt).cpu() for i in range(0, n, batch)])
+
+
+def _padded(lengths: list[int], batch: int, how: str) -> int:
+    """Tokens run (without a prompt) when ``lengths`` are batched bucketed or in input order."""
+    groups = length_buckets(lengths, batch) if how == "bucketed" else [
+        np.arange(i, min(i + batch, len(lengths))) for i in range(0, len(lengths), batch)]
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
 if __name__ == "__main__":

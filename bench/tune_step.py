@@ -1,6 +1,7 @@
 """Benchmark: a prompt-tuning step vs the raw model's forward+backward, and the cost model's prediction.
 
     python bench/tune_step.py [--model smollm2-135m] [--n-tokens 10] [--batch-size 16] [--steps 3]
+        [--micro-batch-size 8 --compare-unsorted]
 
 Measured side by side in one process, interleaved, on the same batches of MR training sentences:
 - tuning step: :meth:`post.tune.PromptTrainer.mean_gradient` (prompt prepended, class scores at the
@@ -10,6 +11,11 @@ Measured side by side in one process, interleaved, on the same batches of MR tra
   prompt: what tuning costs done naively.
 Prints raw time ÷ tuning-step time (target ≥ 0.9: the step adds nothing to the model's own passes), and
 the step time the cost model predicts from a calibration on this machine.
+
+With --micro-batch-size below --batch-size the step accumulates micro-batches, sorted by token length
+(``PromptTrainer._chunks``); --compare-unsorted also times the same step with the micro-batches in input
+order (as before the sort) and counts the tokens each runs, on the timed batches and over one epoch of
+tuning's random batches at this --max-length.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from post.cost import Tokens, arch_from_config, calibrate, prompt_step_flops
@@ -35,6 +42,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward (default: the batch)")
+    ap.add_argument("--compare-unsorted", action="store_true",
+                    help="also time the step with input-order micro-batches (before the length sort)")
+    ap.add_argument("--no-cost-model", action="store_true", help="skip the calibration of the cost model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: time this process's CPU seconds (a machine shared with other jobs)")
@@ -46,7 +57,10 @@ def main() -> None:
     enc = Encoder(data.task, loaded.tokenizer, loaded.kind, args.max_length)
     verb = Verbalizer.build(data.task, loaded.tokenizer)
     train = data.split("train")
-    trainer = PromptTrainer(loaded, enc, verb, train.texts, train.labels, micro_batch_size=args.batch_size)
+    micro = args.micro_batch_size or args.batch_size
+    trainer = PromptTrainer(loaded, enc, verb, train.texts, train.labels, micro_batch_size=micro)
+    unsorted = PromptTrainer(loaded, enc, verb, train.texts, train.labels, micro_batch_size=micro)
+    unsorted._chunks = lambda idx: _input_order(len(idx), micro)  # type: ignore[method-assign]
     prompt = init_prompt(loaded, args.n_tokens, init_text=data.task.init_text)
     model = loaded.model
     batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.steps + 1)]
@@ -63,7 +77,7 @@ def main() -> None:
 
     step(batches[0])  # warm-up
     raw(batches[0])
-    t_step = t_raw = 0.0
+    t_step = t_raw = t_unsorted = 0.0
     tokens = Tokens()
     for idx in batches[1:]:
         t0 = clock()
@@ -72,19 +86,53 @@ def main() -> None:
         t0 = clock()
         raw(idx)
         t_raw += clock() - t0
-        tokens = tokens + Tokens.uniform(len(idx), max(len(trainer.seqs[i]) for i in idx) + args.n_tokens)
-    width = int(tokens.tokens / tokens.seqs) - args.n_tokens
-    rates = calibrate(args.model, "0", n_tokens=args.n_tokens, text_tokens=width, batch=args.batch_size, steps=2,
-                      threads=args.threads, clock=args.clock)
-    arch = arch_from_config(model.config.to_dict(), args.model)
-    predicted = rates.seconds(prompt_step_flops(arch, tokens, head_cols=len(verb.token_ids))) / args.steps
+        if args.compare_unsorted:
+            t0 = clock()
+            unsorted.mean_gradient(prompt, idx)
+            t_unsorted += clock() - t0
+        for pos in trainer._chunks(idx):
+            tokens = tokens + Tokens.uniform(len(pos), max(len(trainer.seqs[i]) for i in idx[pos]) + args.n_tokens)
     n = args.steps
-    print(f"model {args.model}, {args.n_tokens}-token prompt, batch {args.batch_size}, {n} interleaved steps, "
-          f"{torch.get_num_threads()} thread(s), {args.clock} clock")
+    print(f"model {args.model}, {args.n_tokens}-token prompt, batch {args.batch_size} in micro-batches of {micro}, "
+          f"{n} interleaved steps, {torch.get_num_threads()} thread(s), {args.clock} clock")
     print(f"  prompt-tuning step          {t_step / n:8.3f} s/step")
-    print(f"  raw forward+backward        {t_raw / n:8.3f} s/step  (full logits at every position)")
-    print(f"  cost model (calibrated)     {predicted:8.3f} s/step  ({predicted / (t_step / n) - 1:+.0%})")
+    print(f"  raw forward+backward        {t_raw / n:8.3f} s/step  (full logits at every position, whole batch)")
+    if not args.no_cost_model:
+        width = int(tokens.tokens / tokens.seqs) - args.n_tokens
+        rates = calibrate(args.model, "0", n_tokens=args.n_tokens, text_tokens=width, batch=args.batch_size,
+                          steps=2, threads=args.threads, clock=args.clock)
+        arch = arch_from_config(model.config.to_dict(), args.model)
+        predicted = rates.seconds(prompt_step_flops(arch, tokens, head_cols=len(verb.token_ids))) / args.steps
+        print(f"  cost model (calibrated)     {predicted:8.3f} s/step  ({predicted / (t_step / n) - 1:+.0%})")
     print(f"raw time / tuning-step time: {t_raw / t_step:.3f}  (target >= 0.9)")
+    if args.compare_unsorted:
+        print(f"  same step, micro-batches in input order {t_unsorted / n:8.3f} s/step; "
+              f"sorted ÷ input order {t_step / t_unsorted:.3f}")
+        _print_tokens("timed batches", trainer, batches[1:], args.n_tokens, micro)
+        epoch = [torch.from_numpy(b) for b in np.array_split(np.random.default_rng([0, 0]).permutation(len(train)),
+                                                                 range(args.batch_size, len(train), args.batch_size))]
+        _print_tokens(f"one epoch of random batches of {args.batch_size}", trainer, epoch, args.n_tokens, micro)
+
+
+def _input_order(n: int, micro: int) -> list[torch.Tensor]:
+    """Positions of a batch of ``n`` split into micro-batches in input order (before the length sort)."""
+    return [torch.arange(i, min(i + micro, n)) for i in range(0, n, micro)]
+
+
+def _print_tokens(what: str, trainer: PromptTrainer, batches: list[torch.Tensor], n_tokens: int, micro: int) -> None:
+    """Real tokens vs tokens run (padded, prompt included) with input-order and length-sorted micro-batches."""
+    seqs = trainer.seqs
+
+    def run(split) -> int:
+        return sum(len(p) * (max(len(seqs[int(i)]) for i in idx[p]) + n_tokens) for idx in batches for p in split(idx))
+
+    real = sum(len(seqs[int(i)]) + n_tokens for idx in batches for i in idx)
+    whole = run(lambda idx: [torch.arange(len(idx))])
+    before, after = run(lambda idx: _input_order(len(idx), micro)), run(trainer._chunks)
+    per = sum(len(b) for b in batches)
+    print(f"  tokens, {what}: real {real} ({real / per:.1f}/example), whole batch in one forward {whole} "
+          f"({whole / real:.2f}x), input-order micro-batches {before} ({before / real:.2f}x), sorted {after} "
+          f"({after / real:.2f}x): {1 - after / before:.0%} fewer")
 
 
 if __name__ == "__main__":

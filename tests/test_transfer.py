@@ -2,14 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import write_sentiment_csv
 from post.errors import ConfigError
-from post.models import save_model, tiny_model
+from post.models import load_model, save_model, tiny_model
 from post.student import build_student
-from post.transfer import TransferConfig, heuristic_alpha, post_loss, transfer
+from post.tasks import Task
+from post.transfer import Scorer, TransferConfig, heuristic_alpha, post_loss, transfer
 from post.tune import TuneConfig, tune
 
 LABEL_WORDS = "negative=bad;positive=good"
@@ -41,6 +43,40 @@ def test_heuristic_alpha_matches_the_paper():
     assert heuristic_alpha(target_zero_shot=0.9, source_accuracy=0.8, num_classes=2) == 1.0
     assert heuristic_alpha(target_zero_shot=0.3, source_accuracy=0.8, num_classes=2) == 0.0
     assert heuristic_alpha(target_zero_shot=0.6, source_accuracy=0.5, num_classes=2) == 1.0
+
+
+# Very different lengths in a shuffled order: input-order batches of 3 would mix long and short texts.
+RAGGED = ["bad", "the flight was late , the crew was rude and the seat was broken , never again with them", "good",
+          "ok", "an amazing crew and a great flight , on time and smooth all the way", "awful delay at the gate",
+          "fine", "the food was cold and the staff ignored us for the whole trip", "great"]
+
+
+@pytest.mark.parametrize(("name", "mode"), [("tiny-llama", "vocab"), ("tiny-roberta", "label-words")])
+def test_constants_are_length_bucketed_and_in_input_order(name, mode):
+    loaded = load_model(name)
+    scorer = Scorer(loaded, Task(), RAGGED, mode=mode, max_length=64)
+    widths = []  # (batch size, padded width) of every batch the constants ran
+    collate = scorer.encoder.collate
+
+    def spy(seqs, answers):
+        widths.append((len(seqs), max(len(s) for s in seqs)))
+        return collate(seqs, answers)
+
+    scorer.encoder.collate = spy
+    torch.manual_seed(0)
+    prompt = torch.randn(3, loaded.model.config.hidden_size) * 0.1
+    for p in (prompt, None):
+        widths.clear()
+        got = scorer.constants(p, 3)
+        padded = sum(b * w for b, w in widths)
+        # One text at a time: no padding at all, and row i is text i.
+        with torch.no_grad():
+            alone = torch.cat([scorer(np.array([i]), p) for i in range(len(RAGGED))])
+        assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5, rtol=1e-5)
+        lengths = sorted((len(s) for s in scorer.seqs), reverse=True)
+        assert padded == sum(max(lengths[i:i + 3]) * len(lengths[i:i + 3]) for i in range(0, len(lengths), 3))
+        in_order = [len(s) for s in scorer.seqs]
+        assert padded < sum(max(in_order[i:i + 3]) * len(in_order[i:i + 3]) for i in range(0, len(in_order), 3))
 
 
 @pytest.fixture(scope="module")

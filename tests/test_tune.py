@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,3 +303,51 @@ def test_direct_transfer_needs_the_explicit_flag(nonprivate, data_csv, tmp_path)
         evaluate(EvaluateConfig(**kw), tmp_path / "refused")
     r = evaluate(EvaluateConfig(**kw, allow_other_model=True), tmp_path / "direct")
     assert r["prompt"]["model"] == "tiny-llama" and 0 <= r["accuracy"] <= 1
+
+
+def test_micro_batches_are_length_sorted_with_the_same_gradients():
+    """A logical batch is sorted by token length before it is split into micro-batches: each pads less, and the
+    mean gradient, the per-example clipped sum (with its norms, in batch order) and the DP gradient are those of
+    input-order micro-batches up to float summation order."""
+    from post.dp import step_generator
+    from post.prompt import init_prompt
+    from post.scoring import Encoder
+    from post.tasks import Task, Verbalizer
+
+    loaded = tiny_model("llama")
+    words = ["bad", "good", "awful", "great"]
+    texts = [" ".join(words[(i + j) % 4] for j in range(1 + (7 * i) % 23)) for i in range(24)]
+    labels = [i % 2 for i in range(24)]
+    task = Task(label_words={"negative": (" bad",), "positive": (" good",)}, init_text="good or bad")
+    enc, verb = Encoder(task, loaded.tokenizer, "causal", 64), Verbalizer.build(task, loaded.tokenizer)
+    prompt = init_prompt(loaded, 4, init_text=task.init_text)
+    idx = torch.from_numpy(np.random.default_rng(3).permutation(24)[:17])
+    trainer = PromptTrainer(loaded, enc, verb, texts, labels, micro_batch_size=4)
+    plain = PromptTrainer(loaded, enc, verb, texts, labels, micro_batch_size=4)
+    plain._chunks = lambda ix: [torch.arange(i, min(i + 4, len(ix))) for i in range(0, len(ix), 4)]  # input order
+
+    chunks = trainer._chunks(idx)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(len(idx))) and max(len(c) for c in chunks) == 4
+    lengths = [[len(trainer.seqs[int(i)]) for i in idx[c]] for c in chunks]
+    assert all(min(a) >= max(b) for a, b in zip(lengths, lengths[1:], strict=False))  # longest first
+
+    def padded(t):
+        return sum(len(c) * max(len(t.seqs[int(i)]) for i in idx[c]) for c in t._chunks(idx))
+
+    assert padded(trainer) < padded(plain)
+    g, loss = trainer.mean_gradient(prompt, idx)
+    g0, loss0 = plain.mean_gradient(prompt, idx)
+    torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6)
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    c = 1.8
+    summed, loss, norms = trainer.clipped_sum(prompt, idx, c)
+    summed0, loss0, norms0 = plain.clipped_sum(prompt, idx, c)
+    assert (norms0 > c).any() and (norms0 < c).any()  # some are clipped, some not
+    torch.testing.assert_close(summed, summed0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms, norms0, rtol=1e-5, atol=1e-6)
+    ledger = PrivacyLedger(noise_multiplier=0.7, max_grad_norm=c, sample_rate=0.5, steps=0, planned_steps=1,
+                           delta=1e-5, accountant="rdp", dataset_size=24, target_epsilon=None, epsilon=0.0,
+                           randomness="seeded")
+    dp = trainer.dp_gradient(prompt, idx, ledger=ledger, expected_batch=12.0, noise=step_generator(5, 0, 1))[0]
+    dp0 = plain.dp_gradient(prompt, idx, ledger=ledger, expected_batch=12.0, noise=step_generator(5, 0, 1))[0]
+    torch.testing.assert_close(dp, dp0, rtol=1e-5, atol=1e-6)
