@@ -351,3 +351,26 @@ def test_micro_batches_are_length_sorted_with_the_same_gradients():
     dp = trainer.dp_gradient(prompt, idx, ledger=ledger, expected_batch=12.0, noise=step_generator(5, 0, 1))[0]
     dp0 = plain.dp_gradient(prompt, idx, ledger=ledger, expected_batch=12.0, noise=step_generator(5, 0, 1))[0]
     torch.testing.assert_close(dp, dp0, rtol=1e-5, atol=1e-6)
+
+
+def test_patience_stops_at_a_plateau_and_a_resume_keeps_the_stop(data_csv, tmp_path):
+    from post.config import ConfigError
+    from post.tune import plateaued
+
+    acc = lambda *v: [{"val_accuracy": a} for a in v]  # noqa: E731
+    assert not plateaued(acc(0.5, 0.6, 0.7), 1) and plateaued(acc(0.5, 0.7, 0.7), 1)
+    assert not plateaued(acc(0.5, 0.7, 0.6, 0.8), 2) and plateaued(acc(0.5, 0.8, 0.6, 0.8), 2)
+    assert not plateaued(acc(0.5, 0.5), None) and not plateaued(acc(0.5), 1)
+    # an lr too small to move the prompt: validation 1 equals validation 0, a plateau with patience 1
+    frozen = config(data_csv, lr=1e-12, epochs=1, max_steps=6, eval_every=1, patience=1, test=False)
+    result = tune(frozen, tmp_path / "a")
+    assert (result["steps"], result["planned_steps"], result["stopped_early"]) == (1, 6, True)
+    assert len(result["validation_curve"]) == 2
+    full = tune(config(data_csv, lr=1e-12, epochs=1, max_steps=6, eval_every=1, test=False), tmp_path / "b")
+    assert (full["steps"], full["stopped_early"]) == (6, False)
+    # killed after the stop's checkpoint but before its result: the resume does not train on
+    (tmp_path / "a" / "result.json").unlink()
+    again = tune(frozen, tmp_path / "a")
+    assert (again["steps"], again["stopped_early"]) == (1, True)
+    with pytest.raises(ConfigError, match="patience"):
+        config(data_csv, dp=True, patience=2)

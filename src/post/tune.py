@@ -86,6 +86,9 @@ class TuneConfig(TaskOptions, ModelOptions):
             membership-inference shadow's half of the pool).
         eval_limit: Validate on a seeded random subset of this many validation examples.
         eval_every: Validate every this many steps (default: once per epoch).
+        patience: Stop early once this many validations in a row have not beaten the best one
+            before them (a plateau; the run's ``steps`` and ``stopped_early`` say where). Not with
+            --dp: the step count the ledger publishes would then depend on private validation data.
         test: Score the final prompt on the test split.
         dp: Train with DP-SGD.
         epsilon: Target ε (with --dp).
@@ -117,6 +120,7 @@ class TuneConfig(TaskOptions, ModelOptions):
     train_indices: Path | None = None
     eval_limit: int | None = None
     eval_every: int | None = None
+    patience: int | None = None
     test: bool = True
     dp: bool = False
     epsilon: float = 8.0
@@ -146,6 +150,10 @@ class TuneConfig(TaskOptions, ModelOptions):
                 "can't be combined with --train-limit.")
         require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be at least 1.")
         require(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be at least 1.")
+        require(self.patience is None or self.patience >= 1, "patience", "must be at least 1.")
+        require(self.patience is None or not self.dp, "patience",
+                "can't be combined with --dp: stopping on private validation accuracy makes the step count the "
+                "ledger publishes a function of private data; give --max-steps instead.")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
         require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}.")
         if self.dp:
@@ -373,6 +381,14 @@ def _check_finished(run: RunDir, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def plateaued(history: list[dict[str, Any]], patience: int | None) -> bool:
+    """Whether the last ``patience`` validations all failed to beat the best one before them."""
+    if patience is None or len(history) <= patience:
+        return False
+    best_before = max(p["val_accuracy"] for p in history[:-patience])
+    return all(p["val_accuracy"] <= best_before for p in history[-patience:])
+
+
 def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     """Tune a prompt; write prompt file, ledger, metrics and result into ``run_dir``."""
     run = RunDir(run_dir, stage="tune", config=cfg)
@@ -458,7 +474,9 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     bar = progress.steps(plan.total_steps, initial=start, desc="tune")
     n = plan.n_train
     reserve(start)
-    for step in range(start, plan.total_steps):
+    done = start
+    stopped_early = plateaued(history, cfg.patience)  # a resumed run that had already stopped
+    for step in range(start, plan.total_steps if not stopped_early else start):
         if plan.ledger is not None and randomness is not None:
             idx = randomness.sample(n, plan.ledger.sample_rate, step)
             grad, loss = trainer.dp_gradient(prompt, idx, ledger=plan.ledger, expected_batch=cfg.batch_size,
@@ -488,9 +506,15 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         done = step + 1
         if done % eval_every == 0 or done == plan.total_steps:
             history.append(validate(done))
-        if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
+            stopped_early = plateaued(history, cfg.patience) and done < plan.total_steps
+        if done % cfg.checkpoint_every == 0 or done == plan.total_steps or stopped_early:
             checkpoint(done)
             reserve(done)
+        if stopped_early:
+            log.info("validation accuracy has not beaten %.4f for %d validations: stopping at step %d of %d",
+                     max(p["val_accuracy"] for p in history[: -cfg.patience]), cfg.patience, done,
+                     plan.total_steps)
+            break
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
 
@@ -498,7 +522,8 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     if ledger is not None:
         write_json(run.path / LEDGER_FILE, ledger.to_dict())
     result: dict[str, Any] = {
-        "model": cfg.model, "task": cfg.task, "n_tokens": cfg.n_tokens, "dp": cfg.dp, "steps": plan.total_steps,
+        "model": cfg.model, "task": cfg.task, "n_tokens": cfg.n_tokens, "dp": cfg.dp, "steps": done,
+        "planned_steps": plan.total_steps, "stopped_early": stopped_early,
         "n_train": plan.n_train, "train_seconds": round(train_seconds, 3), "validation_curve": history,
         "val_accuracy": history[-1]["val_accuracy"], "privacy": ledger.to_dict() if ledger else None,
         "epsilon": ledger.epsilon if ledger else None, "delta": ledger.delta if ledger else None,
