@@ -130,8 +130,8 @@ SERVICE_COMMANDS = ("serve", "tenants", "upload", "transfer-status", "classify")
 def _pipeline_parsers(sub: Any) -> None:
     run = Parser(description="Run the whole pipeline from a YAML config (or a built-in one: post run demo).",
                   exit_on_error=False)
-    run.add_argument("config", type=str, help="YAML file, or a built-in config name (demo, demo-quick, cross-vocab, "
-                     "paper-*).")
+    run.add_argument("config", type=str, help="YAML file, or a built-in config name (demo, demo-quick, cpu-full, "
+                     "cross-vocab, privacy-curve, paper-*).")
     run.add_argument("overrides", nargs="*", type=str, default=[],
                      help="key=value or section.key=value, e.g. tune.n_tokens=16 transfer.steps=300.")
     run.add_argument("--out", type=Path | None, default=None, help="Output directory (overrides the config's out).")

@@ -157,7 +157,8 @@ class PipelineConfig(TaskOptions, ModelOptions):
 
 
 def builtin_configs() -> dict[str, Path]:
-    """Shipped configs by name (``demo``, ``demo-quick``, ``cross-vocab``, ``paper-*``)."""
+    """Shipped configs by name (``demo``, ``demo-quick``, ``cpu-full``, ``cross-vocab``, ``privacy-curve``,
+    ``paper-*``)."""
     root = resources.files("post") / "configs"
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
