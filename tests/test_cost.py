@@ -221,3 +221,123 @@ def test_compare_run_dirs_reads_saved_rates_and_never_calibrates_when_told(tmp_p
     stage = cost.tune_run_cost(tmp_path / "tune-source")
     want = sum(p.flops.forward / 2e9 + p.flops.backward / 1e9 for p in stage.parts)  # the saved rates, not fake's
     assert not calls and rows[0]["predicted_seconds"] == pytest.approx(want)
+
+
+# Lengths of five texts in input order; a logical batch of 4 in micro-batches of 2, or cached in batches of 4.
+LENGTHS = [10, 3, 7, 2, 9]
+
+
+def test_padding_by_hand_follows_the_sorted_micro_batches_and_buckets():
+    seqs = [[0] * n for n in LENGTHS]
+    # Tuning: batch [0, 1, 2, 3] needs two micro-batches, so it is sorted longest first: (10, 7) and (3, 2), padded
+    # to 10 and 3 (input order would pad (10, 3) and (7, 2) to 10 and 7). Batch [4] fits one: kept as it is.
+    groups = cost._micro_batches(seqs, [0, 1, 2, 3], 2) + cost._micro_batches(seqs, [4], 2)
+    assert groups == [[0, 2], [1, 3], [4]]
+    assert cost._padded(seqs, groups, 0) == Tokens(5, 2 * 10 + 2 * 3 + 9, 2 * 100 + 2 * 9 + 81)
+    assert cost._padded(seqs, groups, 1) == Tokens(5, 2 * 11 + 2 * 4 + 10, 2 * 121 + 2 * 16 + 100)  # + prompt
+    assert cost._micro_batches(seqs, [3, 1], 2) == [[3, 1]]  # one micro-batch: input order
+    assert cost._micro_batches(seqs, [], 2) == []
+    # Constants (and validation): all texts by length, longest first: (10, 9, 7, 3) and (2): 4·10 + 2 = 42
+    # tokens instead of input order's (10, 3, 7, 2) and (9): 4·10 + 9 = 49.
+    assert cost._buckets(seqs, 4) == [[0, 4, 2, 1], [3]]
+    assert cost._padded(seqs, cost._buckets(seqs, 4), 0) == Tokens(5, 42, 4 * 100 + 4)
+    assert cost._buckets(seqs, 2) == [[0, 4], [2, 1], [3]]
+
+
+def test_micro_batches_and_buckets_are_the_ones_the_code_runs():
+    from types import SimpleNamespace
+
+    from post.transfer import Scorer
+    from post.tune import PromptTrainer
+
+    class Recorder:  # stands in for a Scorer's model: records the batches constants() runs
+        def __init__(self, seqs):
+            self.seqs, self.batches = seqs, []
+
+        def __call__(self, idx, prompt):
+            self.batches.append(list(map(int, idx)))
+            return torch.zeros(len(idx), 2)
+
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 30, (1,), generator=rng))
+        seqs = [[0] * int(k) for k in torch.randint(1, 12, (n,), generator=rng)]  # many ties: order must match
+        idx = torch.randperm(n, generator=rng)[: int(torch.randint(1, n + 1, (1,), generator=rng))]
+        micro = 1 + trial % 7
+        chunks = PromptTrainer._chunks(SimpleNamespace(seqs=seqs, micro=micro), idx)
+        assert cost._micro_batches(seqs, idx.tolist(), micro) == [idx[pos].tolist() for pos in chunks]
+        scorer = Recorder(seqs)
+        Scorer.constants(scorer, None, micro)
+        assert cost._buckets(seqs, micro) == scorer.batches
+
+
+def test_transfer_run_cost_counts_the_tokens_the_transfer_ran(tmp_path, monkeypatch):
+    from helpers import write_sentiment_csv
+    from post import transfer, tune
+
+    data = write_sentiment_csv(tmp_path / "s.csv", n=20)
+    ps = tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=2,
+                                   max_steps=1, batch_size=4, eval_limit=2, test=False), tmp_path / "ps")
+    public = tmp_path / "public.txt"  # ragged and shuffled: input-order batches of 3 mix long and short texts
+    public.write_text("\n".join(["bad", "the flight was late and the crew was rude , never again with them", "good",
+                                  "ok", "an amazing crew and a great flight , on time all the way", "awful delay",
+                                  "fine", "the food was cold and the staff ignored us for the whole trip", "great"]))
+    seen = {"source": [], "target": []}
+    real = transfer.Scorer.__call__
+
+    def spy(self, idx, prompt):
+        extra = 0 if prompt is None else prompt.shape[-2]
+        role = "source" if self is scorers[0] else "target"
+        seen[role].append(Tokens.uniform(len(idx), max(len(self.seqs[int(i)]) for i in idx) + extra))
+        return real(self, idx, prompt)
+
+    scorers = []
+    real_init = transfer.Scorer.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        scorers.append(self)
+
+    monkeypatch.setattr(transfer.Scorer, "__call__", spy)
+    monkeypatch.setattr(transfer.Scorer, "__init__", init)
+    steps = 4
+    transfer.transfer(transfer.TransferConfig(source_model="tiny-llama", target_model="tiny-llama",
+                                              prompt=ps["prompt"], public=str(public), steps=steps, batch_size=3,
+                                              mode="label-words", alpha=0.0, device="cpu"), tmp_path / "transfer")
+    step_part, const = cost.transfer_run_cost(tmp_path / "transfer")
+    arch = resolve_arch("tiny-llama")
+    cols = 6  # LABEL_WORDS: three label words per class
+    src = sum(seen["source"], Tokens())  # Φs(ps;x) and Φs(x) over every text
+    tgt_consts = sum(seen["target"][: len(seen["target"]) - steps], Tokens())  # Φt(x), then one call per step
+    tgt_steps = sum(seen["target"][len(seen["target"]) - steps :], Tokens())
+    assert const.parts[0].flops == forward_flops(arch, src, head_cols=cols)
+    assert const.parts[1].flops == forward_flops(arch, tgt_consts, head_cols=cols)
+    assert step_part.parts[0].flops == prompt_step_flops(arch, tgt_steps, head_cols=cols)
+    # The constants ran in length buckets: fewer tokens than input-order batches would have padded to.
+    seqs = scorers[1].seqs
+    in_order = cost._padded(seqs, [list(range(i, min(i + 3, len(seqs)))) for i in range(0, len(seqs), 3)], 0)
+    assert tgt_consts.tokens < in_order.tokens
+
+
+def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatch):
+    from helpers import write_sentiment_csv
+    from post import tune
+
+    data = write_sentiment_csv(tmp_path / "s.csv", n=60)
+    seen = []
+    real = tune.PromptTrainer._losses
+
+    def spy(self, idx, prompt):
+        seen.append((len(idx), max(len(self.seqs[int(i)]) for i in idx) + prompt.shape[-2]))
+        return real(self, idx, prompt)
+
+    monkeypatch.setattr(tune.PromptTrainer, "_losses", spy)
+    out = tmp_path / "run-tune"
+    result = tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=3,
+                                       max_steps=6, batch_size=8, lr=1e-12, eval_every=1, patience=1, eval_limit=5,
+                                       test=False), out)
+    assert (result["steps"], result["planned_steps"]) == (1, 6)
+    stage = cost.tune_run_cost(out)
+    train = sum((Tokens.uniform(b, w) for b, w in seen), Tokens())
+    assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)
+    assert stage.note.startswith("1 steps, 1 validation")

@@ -48,8 +48,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from post.config import require
 from post.errors import PostError
 
@@ -862,21 +860,33 @@ def _padded(seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], extr
     return out
 
 
-def _chunks(idx: Sequence[int], size: int) -> list[list[int]]:
+def _buckets(seqs: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Indices of the length-sorted batches of ``size`` that scoring (``Encoder.batches``) and the transfer's
+    cached constants (``Scorer.constants``) run: :func:`post.scoring.length_buckets`, longest first."""
+    from post.scoring import length_buckets
+
+    return [b.tolist() for b in length_buckets([len(s) for s in seqs], size)]
+
+
+def _micro_batches(seqs: Sequence[Sequence[int]], idx: Sequence[int], micro: int) -> list[list[int]]:
+    """Indices (into ``seqs``) of the micro-batches :meth:`post.tune.PromptTrainer._chunks` splits the logical
+    batch ``idx`` into: one in input order if it fits in ``micro``, else sorted by token length
+    (:func:`post.scoring.length_buckets`, longest first) and cut every ``micro``."""
+    from post.scoring import length_buckets
+
     idx = [int(i) for i in idx]
-    return [idx[i : i + size] for i in range(0, len(idx), size)]
-
-
-def _sorted_batches(seqs: Sequence[Sequence[int]], size: int) -> list[list[int]]:
-    order = np.argsort([-len(s) for s in seqs], kind="stable")
-    return _chunks(order.tolist(), size)
+    if len(idx) <= micro:
+        return [idx] if idx else []
+    return [[idx[p] for p in pos] for pos in length_buckets([len(seqs[i]) for i in idx], micro)]
 
 
 def tune_run_cost(run: Path) -> StageCost:
     """The batches a finished ``post tune`` run took (and its in-loop validations) as a stage cost.
 
-    Non-private runs: the exact batches (same seed, order and micro-batches). DP runs draw their Poisson
-    samples from a secret seed, so a stand-in sample of the same rate is drawn: the same expected cost.
+    Non-private runs: the exact batches (same seed and order) and micro-batches (a batch larger than
+    ``micro_batch_size`` sorted by length first, as ``PromptTrainer._chunks`` does); validation in
+    length-sorted batches, as ``predict_scores``. DP runs draw their Poisson samples from a secret seed, so a
+    stand-in sample of the same rate is drawn: the same expected cost.
     """
     import torch
 
@@ -891,29 +901,37 @@ def tune_run_cost(run: Path) -> StageCost:
     tr_idx = training_indices(cfg, len(train))
     texts = [train.texts[i] for i in tr_idx]
     plan = make_plan(replace(cfg, noise_multiplier=cfg.noise_multiplier or 1.0), len(texts))
+    # a run stopped early (--patience) took fewer steps than planned: its result says how many
+    steps = int(_run_result(run).get("steps") or plan.total_steps)
     tok = _tokenizer(cfg.model, cfg.cache_dir)
     arch = _arch_of(cfg.model, cfg.cache_dir)
     enc = Encoder(data.task, tok, _kind(cfg.model, cfg.cache_dir), cfg.max_length)
     seqs, _ = enc.encode(texts)
     groups: list[list[int]] = []
-    for step in range(plan.total_steps):
+    for step in range(steps):
         if cfg.dp:
             idx = poisson_sample(plan.n_train, cfg.batch_size / plan.n_train, step_generator(cfg.seed, step, 0))
         else:
             epoch, pos = divmod(step, plan.steps_per_epoch)
             idx = _epoch_order(cfg.seed, epoch, plan.n_train)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        groups += _chunks(torch.as_tensor(idx).tolist(), cfg.micro_batch_size)
+        groups += _micro_batches(seqs, torch.as_tensor(idx).tolist(), cfg.micro_batch_size)
     val = data.split("validation")
     val_seqs, _ = enc.encode([val.texts[i] for i in subset(len(val), cfg.eval_limit, cfg.seed)])
     every = cfg.eval_every or plan.steps_per_epoch
-    n_evals = sum(1 for d in range(1, plan.total_steps + 1) if d % every == 0 or d == plan.total_steps)
+    n_evals = sum(1 for d in range(1, steps + 1) if d % every == 0 or d == plan.total_steps)
     from post.tasks import Verbalizer
 
     cols = len(Verbalizer.build(data.task, tok).token_ids)
     train_tok = _padded(seqs, groups, cfg.n_tokens)
-    eval_tok = _padded(val_seqs, _sorted_batches(val_seqs, cfg.micro_batch_size), cfg.n_tokens).scale(n_evals)
+    eval_tok = _padded(val_seqs, _buckets(val_seqs, cfg.micro_batch_size), cfg.n_tokens).scale(n_evals)
     return StageCost(run.name, "user", tune_parts(arch, _role(run), train_tok, eval_tok, cols, False),
-                     f"{plan.total_steps} steps, {n_evals} validation(s)", dp=cfg.dp)
+                     f"{steps} steps, {n_evals} validation(s)", dp=cfg.dp)
+
+
+def _run_result(run: Path) -> dict[str, Any]:
+    from post.rundir import RESULT_FILE, read_result
+
+    return read_result(run) if (run / RESULT_FILE).is_file() else {}
 
 
 def _role(run: Path) -> Literal["target", "source"]:
@@ -921,7 +939,11 @@ def _role(run: Path) -> Literal["target", "source"]:
 
 
 def transfer_run_cost(run: Path) -> tuple[StageCost, StageCost]:
-    """The steps (``train_seconds``) and the constant caching (``cache_seconds``) of a ``post transfer`` run."""
+    """The steps (``train_seconds``) and the constant caching (``cache_seconds``) of a ``post transfer`` run.
+
+    Steps: each step's seeded random batch, as the run drew it. Constants: every public text once, in the
+    length-sorted batches ``Scorer.constants`` runs (:func:`post.scoring.length_buckets`), per model.
+    """
     import torch
 
     from post.data import load_texts
@@ -948,11 +970,11 @@ def transfer_run_cost(run: Path) -> tuple[StageCost, StageCost]:
     cols_s = source.vocab if cfg.mode == "vocab" else len(Verbalizer.build(task, src_tok).token_ids)
     steps = StageCost(f"{run.name} (steps)", "provider", [Part(prompt_step_flops(
         target, _padded(t_seqs, groups, n_tokens), head_cols=cols_t), "target")], f"{cfg.steps} steps")
-    const_groups = _chunks(range(len(texts)), cfg.batch_size)
+    s_groups, t_groups = _buckets(s_seqs, cfg.batch_size), _buckets(t_seqs, cfg.batch_size)  # Scorer.constants
     consts = StageCost(f"{run.name} (constants)", "provider", [
-        Part(forward_flops(source, _padded(s_seqs, const_groups, n_tokens), head_cols=cols_s)
-             + forward_flops(source, _padded(s_seqs, const_groups, 0), head_cols=cols_s), "source"),
-        Part(forward_flops(target, _padded(t_seqs, const_groups, 0), head_cols=cols_t), "target")],
+        Part(forward_flops(source, _padded(s_seqs, s_groups, n_tokens), head_cols=cols_s)
+             + forward_flops(source, _padded(s_seqs, s_groups, 0), head_cols=cols_s), "source"),
+        Part(forward_flops(target, _padded(t_seqs, t_groups, 0), head_cols=cols_t), "target")],
         f"{len(texts)} public texts")
     return steps, consts
 
