@@ -223,3 +223,12 @@ def test_cost_counts_training_only_and_splits_user_from_provider(tmp_path):
     assert "Distillation (the provider's, one-time" in md and "20.0 min; amortised over 10 users 2.00 min" in md
     row = next(r for r in csv.DictReader(io.StringIO(text)) if r["method"] == "POST")
     assert (row["user_seconds"], row["provider_seconds"], row["seconds"]) == ("60.0", "120.0", "180.0")
+
+
+def test_cli_table_takes_runs_as_a_repeated_flag(runs, tmp_path):
+    from post.cli import main
+
+    root, ok = runs
+    assert main(["table", "--runs", str(root / "eval-post"), "--runs", str(root / "zero-shot"), "--target", TARGET,
+                 "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "result.json").read_text())["cells"] == 2

@@ -30,7 +30,7 @@ from post.rundir import default_out
 log = logging.getLogger("post")
 
 # Commands whose options take several values, each given by repeating the flag (``--prompt a --prompt b``).
-_REPEATED_FLAGS = {"reconstruct": ("prompt", "reference")}
+_REPEATED_FLAGS = {"reconstruct": ("prompt", "reference"), "table": ("runs",)}
 
 
 def _normalize_flags(argv: Sequence[str]) -> list[str]:
