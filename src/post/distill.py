@@ -213,10 +213,6 @@ def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tens
     return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
 
 
-def _diverged(what: str, run_path: Path) -> PostError:
-    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and start a new --out.")
-
-
 def _lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up then linear decay to zero."""
     w = max(1, int(total * warmup))
@@ -279,47 +275,43 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
         log.info("distilling %s into layers %s on %d blocks of %d tokens, %d steps, %d process(es)",
                  cfg.teacher, keep, len(train), cfg.block_size, cfg.max_steps, acc.num_processes)
 
-    bar = progress.steps(cfg.max_steps, initial=start, desc="distill", enabled=main_process)
-    t0 = time.perf_counter()
-    per_epoch = len(train) // cfg.batch_size
-    for step in range(start, cfg.max_steps):
-        epoch, pos = divmod(step, per_epoch)
-        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
-        global_idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        local_idx = global_idx[acc.process_index :: acc.num_processes]
-        ids = train[local_idx].to(acc.device)
-        inputs, picked = None, None
-        if kind == "masked":
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            inputs, picked = mask_tokens(train[global_idx], teacher.tokenizer, cfg.mlm_probability, g)
-            inputs = inputs[acc.process_index :: acc.num_processes].to(acc.device)
-            picked = picked[acc.process_index :: acc.num_processes].to(acc.device)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
-        terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs)
-        if not torch.isfinite(terms["loss"]):
-            bar.close()
-            raise _diverged(f"the distillation loss became {float(terms['loss'].detach())} at step {step}", run_path)
-        acc.backward(terms["loss"])
-        acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        try:
-            opt.step()
-        except RuntimeError:  # an update too large for the weights' dtype (e.g. a huge --lr)
-            bar.close()
-            raise _diverged(f"the update of step {step} overflowed", run_path) from None
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        if main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            run.log(step=done, lr=opt.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()})
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            acc.wait_for_everyone()
-            if main_process:
-                unwrapped = acc.unwrap_model(ddp_model)
-                save_checkpoint(run_path, tensors=unwrapped.state_dict(), params=dict(unwrapped.named_parameters()),
-                                optimizer=opt, meta={"step": done, "elapsed": elapsed + time.perf_counter() - t0,
-                                                     "undistilled": before, "teacher": teacher_q})
-    bar.close()
+    with progress.steps(cfg.max_steps, initial=start, desc="distill", enabled=main_process) as bar:
+        t0 = time.perf_counter()
+        per_epoch = len(train) // cfg.batch_size
+        for step in range(start, cfg.max_steps):
+            epoch, pos = divmod(step, per_epoch)
+            perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
+            global_idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            local_idx = global_idx[acc.process_index :: acc.num_processes]
+            ids = train[local_idx].to(acc.device)
+            inputs, picked = None, None
+            if kind == "masked":
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                inputs, picked = mask_tokens(train[global_idx], teacher.tokenizer, cfg.mlm_probability, g)
+                inputs = inputs[acc.process_index :: acc.num_processes].to(acc.device)
+                picked = picked[acc.process_index :: acc.num_processes].to(acc.device)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
+            terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs)
+            progress.check_finite("distillation loss", terms["loss"].detach(), step=step, run_path=run_path)
+            acc.backward(terms["loss"])
+            acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            try:
+                opt.step()
+            except RuntimeError:  # an update too large for the weights' dtype (e.g. a huge --lr)
+                raise progress.diverged(f"the update of step {step} overflowed", run_path) from None
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            done = step + 1
+            if main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                run.log(step=done, lr=opt.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()})
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                acc.wait_for_everyone()
+                if main_process:
+                    unwrapped = acc.unwrap_model(ddp_model)
+                    save_checkpoint(run_path, tensors=unwrapped.state_dict(), params=dict(unwrapped.named_parameters()),
+                                    optimizer=opt, meta={"step": done, "elapsed": elapsed + time.perf_counter() - t0,
+                                                         "undistilled": before, "teacher": teacher_q})
     train_seconds = elapsed + time.perf_counter() - t0
     acc.wait_for_everyone()
     model = acc.unwrap_model(ddp_model)

@@ -2,20 +2,42 @@
 
 A tqdm bar written to a file (``nohup``, CI, ``post run ... > log``) is a wall of carriage
 returns; turned off it says nothing for ten minutes. Off a terminal, :func:`steps` therefore logs
-one line every tenth of the run with the rate and the time left.
+one line every tenth of the run with the rate and the time left. Every progress object is a
+context manager that closes itself, however the loop ends.
+
+The training loops (tune, distill, transfer) share the rest of their shell here too: one
+finiteness check (:func:`check_finite`) and one error for a run that diverged (:func:`diverged`),
+which names the checkpoint kept and what to do.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+from post.errors import PostError
 
 log = logging.getLogger(__name__)
 
 
-class _Lines:
+class _Closing:
+    """``with``: close on the way out, whatever ends the loop."""
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class _Lines(_Closing):
     """tqdm's ``update``/``close`` for a non-terminal: a log line every ``every`` steps."""
 
     def __init__(self, total: int, initial: int, desc: str, parts: int = 10) -> None:
@@ -33,15 +55,10 @@ class _Lines:
         log.info("%s: step %d/%d, %.2f s/step, %s left", self.desc, self.n, self.total, rate,
                  duration(rate * (self.total - self.n)))
 
-    def close(self) -> None:
-        pass
 
 
-class _Silent:
+class _Silent(_Closing):
     def update(self, k: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
@@ -56,8 +73,29 @@ def duration(seconds: float | None) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def diverged(what: str, run_path: str | Path) -> PostError:
+    """The error of a training run that stopped being finite: what happened, where the last good checkpoint is."""
+    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and run again with a new "
+                     "--out.")
+
+
+def check_finite(what: str, value: Any, *, step: int, run_path: str | Path, also: Any = None) -> None:
+    """Raise :func:`diverged` unless ``value`` (a number or tensor) and ``also`` (a tensor) are finite.
+
+    The message reads "the <what> became <value> at step <step>" (a tensor shows as "non-finite").
+    """
+    import torch
+
+    def finite(v: Any) -> bool:
+        return v is None or (bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v))
+
+    if not finite(value) or not finite(also):
+        shown = "non-finite" if isinstance(value, torch.Tensor) and value.numel() > 1 else float(value)
+        raise diverged(f"the {what} became {shown} at step {step}", run_path)
+
+
 def steps(total: int, *, initial: int = 0, desc: str, enabled: bool = True) -> Any:
-    """A progress object with ``update(k)`` and ``close()`` for a loop of ``total`` steps."""
+    """A progress object with ``update(k)`` and ``close()`` for a loop of ``total`` steps; use it in ``with``."""
     if not enabled:  # e.g. every process but the main one under accelerate
         return _Silent()
     if sys.stderr.isatty():

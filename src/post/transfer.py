@@ -266,11 +266,6 @@ def resolve_alpha(cfg: TransferConfig, ps: PromptFile, task: Task, source: Loade
     return alpha, {"alpha_source": how, "target_zero_shot": zs, "source_accuracy": c}
 
 
-def _diverged(what: str, run_path: Path) -> PostError:
-    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and run again with a new "
-                     "--out.")
-
-
 def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train pt on the target so that Φt(pt) behaves like Φs(ps); write the target prompt file."""
     acc, run, done = open_distributed_run(cfg, run_dir, "transfer")
@@ -315,42 +310,37 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
     watch = _Watch(cfg, target, task) if cfg.watch_task else None
     if watch is not None and start == 0:
         curve.append(watch.point(0, pt, run))
-    bar = progress.steps(cfg.steps, initial=start, desc="transfer", enabled=main_process)
-    t1 = time.perf_counter()
-    n = len(texts)
-    for step in range(start, cfg.steps):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        global_idx = torch.randperm(n, generator=g)[: cfg.batch_size]
-        idx = global_idx[acc.process_index :: acc.num_processes]
-        t_prompted = tgt(idx, pt)
-        terms = post_loss(t_prompted, t_plain[idx].to(t_prompted.device), s_prompted[idx].to(t_prompted.device),
-                          s_plain[idx].to(t_prompted.device), alpha=alpha, temperature=cfg.temperature)
-        (grad,) = torch.autograd.grad(terms["loss"], pt)
-        if acc.num_processes > 1:
-            grad = acc.reduce(grad, reduction="mean")
-        if not torch.isfinite(grad).all():
-            bar.close()
-            raise _diverged(f"the transfer loss became {float(terms['loss'].detach())} at step {step}", run_path)
-        pt.grad = grad
-        try:
-            opt.step()
-        except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
-            bar.close()
-            raise _diverged(f"the update of step {step} overflowed", run_path) from None
-        if not torch.isfinite(pt).all():  # never checkpoint a prompt that is no longer finite
-            bar.close()
-            raise _diverged(f"the prompt became non-finite at step {step}", run_path)
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        if main_process:
-            run.log(step=done, **{k: float(v.detach()) for k, v in terms.items()})
-        if watch is not None and (done % cfg.watch_every == 0 or done == cfg.steps):
-            curve.append(watch.point(done, pt, run))
-        if main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(run_path, tensors={"prompt": pt}, params={"prompt": pt}, optimizer=opt,
-                            meta={"step": done, "curve": curve, "elapsed": elapsed + time.perf_counter() - t1})
-    bar.close()
+    with progress.steps(cfg.steps, initial=start, desc="transfer", enabled=main_process) as bar:
+        t1 = time.perf_counter()
+        n = len(texts)
+        for step in range(start, cfg.steps):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            global_idx = torch.randperm(n, generator=g)[: cfg.batch_size]
+            idx = global_idx[acc.process_index :: acc.num_processes]
+            t_prompted = tgt(idx, pt)
+            terms = post_loss(t_prompted, t_plain[idx].to(t_prompted.device), s_prompted[idx].to(t_prompted.device),
+                              s_plain[idx].to(t_prompted.device), alpha=alpha, temperature=cfg.temperature)
+            (grad,) = torch.autograd.grad(terms["loss"], pt)
+            if acc.num_processes > 1:
+                grad = acc.reduce(grad, reduction="mean")
+            progress.check_finite("transfer loss", terms["loss"].detach(), also=grad, step=step, run_path=run_path)
+            pt.grad = grad
+            try:
+                opt.step()
+            except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
+                raise progress.diverged(f"the update of step {step} overflowed", run_path) from None
+            # never checkpoint a prompt that is no longer finite
+            progress.check_finite("prompt", pt.detach(), step=step, run_path=run_path)
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            done = step + 1
+            if main_process:
+                run.log(step=done, **{k: float(v.detach()) for k, v in terms.items()})
+            if watch is not None and (done % cfg.watch_every == 0 or done == cfg.steps):
+                curve.append(watch.point(done, pt, run))
+            if main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_checkpoint(run_path, tensors={"prompt": pt}, params={"prompt": pt}, optimizer=opt,
+                                meta={"step": done, "curve": curve, "elapsed": elapsed + time.perf_counter() - t1})
     acc.wait_for_everyone()
     if main_process:
         train_seconds = elapsed + time.perf_counter() - t1

@@ -343,11 +343,6 @@ def _make_optimizer(cfg: TuneConfig, prompt: torch.Tensor) -> torch.optim.Optimi
     return torch.optim.Adam([prompt], lr=cfg.lr)
 
 
-def _diverged(what: str, run_path: Path) -> PostError:
-    return PostError(f"{what}; the last good checkpoint is kept in {run_path}. Lower --lr and run again with a "
-                     "new --out.")
-
-
 def saved_ledger(run_path: Path, *, plan: PrivacyLedger | None = None, at_least: int = 0) -> PrivacyLedger:
     """A DP run's ``privacy.json``, recomputed; refused when missing, edited, or behind the run's progress.
 
@@ -471,51 +466,46 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         # Before any step is accounted: the secret seed is on disk (privately) before the first step uses it,
         # and a DP run whose ledger exists always has a checkpoint to resume from.
         checkpoint(0)
-    bar = progress.steps(plan.total_steps, initial=start, desc="tune")
-    n = plan.n_train
-    reserve(start)
-    done = start
-    stopped_early = plateaued(history, cfg.patience)  # a resumed run that had already stopped
-    for step in range(start, plan.total_steps if not stopped_early else start):
-        if plan.ledger is not None and randomness is not None:
-            idx = randomness.sample(n, plan.ledger.sample_rate, step)
-            grad, loss = trainer.dp_gradient(prompt, idx, ledger=plan.ledger, expected_batch=cfg.batch_size,
-                                             noise=lambda summed, s=step: randomness.noise(summed, plan.ledger, s))
-        else:
-            epoch, pos = divmod(step, plan.steps_per_epoch)
-            idx = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-            grad, loss = trainer.mean_gradient(prompt, idx)
-        if not math.isfinite(loss) or not torch.isfinite(grad).all():
-            bar.close()
-            raise _diverged(f"the loss became {loss} at step {step}", run.path)
-        prompt.grad = grad
-        try:
-            opt.step()
-        except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
-            bar.close()
-            raise _diverged(f"the update of step {step} overflowed", run.path) from None
-        if not torch.isfinite(prompt).all():  # never checkpoint a prompt that is no longer finite
-            bar.close()
-            raise _diverged(f"the prompt became non-finite at step {step}", run.path)
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        # A DP run logs no per-step line: its loss, its sample size and even the time a step took (which grows
-        # with the sample) are functions of the private data outside the guarantee.
-        if plan.ledger is None:
-            run.log(step=step + 1, loss=loss, batch=len(idx))
-        done = step + 1
-        if done % eval_every == 0 or done == plan.total_steps:
-            history.append(validate(done))
-            stopped_early = plateaued(history, cfg.patience) and done < plan.total_steps
-        if done % cfg.checkpoint_every == 0 or done == plan.total_steps or stopped_early:
-            checkpoint(done)
-            reserve(done)
-        if stopped_early:
-            log.info("validation accuracy has not beaten %.4f for %d validations: stopping at step %d of %d",
-                     max(p["val_accuracy"] for p in history[: -cfg.patience]), cfg.patience, done,
-                     plan.total_steps)
-            break
-    bar.close()
+    with progress.steps(plan.total_steps, initial=start, desc="tune") as bar:
+        n = plan.n_train
+        reserve(start)
+        done = start
+        stopped_early = plateaued(history, cfg.patience)  # a resumed run that had already stopped
+        for step in range(start, plan.total_steps if not stopped_early else start):
+            if plan.ledger is not None and randomness is not None:
+                idx = randomness.sample(n, plan.ledger.sample_rate, step)
+                grad, loss = trainer.dp_gradient(prompt, idx, ledger=plan.ledger, expected_batch=cfg.batch_size,
+                                                 noise=lambda summed, s=step: randomness.noise(summed, plan.ledger, s))
+            else:
+                epoch, pos = divmod(step, plan.steps_per_epoch)
+                idx = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+                grad, loss = trainer.mean_gradient(prompt, idx)
+            progress.check_finite("loss", loss, also=grad, step=step, run_path=run.path)
+            prompt.grad = grad
+            try:
+                opt.step()
+            except RuntimeError:  # an update too large for the prompt's dtype (e.g. a huge --lr)
+                raise progress.diverged(f"the update of step {step} overflowed", run.path) from None
+            # never checkpoint a prompt that is no longer finite
+            progress.check_finite("prompt", prompt.detach(), step=step, run_path=run.path)
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            # A DP run logs no per-step line: its loss, its sample size and even the time a step took (which grows
+            # with the sample) are functions of the private data outside the guarantee.
+            if plan.ledger is None:
+                run.log(step=step + 1, loss=loss, batch=len(idx))
+            done = step + 1
+            if done % eval_every == 0 or done == plan.total_steps:
+                history.append(validate(done))
+                stopped_early = plateaued(history, cfg.patience) and done < plan.total_steps
+            if done % cfg.checkpoint_every == 0 or done == plan.total_steps or stopped_early:
+                checkpoint(done)
+                reserve(done)
+            if stopped_early:
+                log.info("validation accuracy has not beaten %.4f for %d validations: stopping at step %d of %d",
+                         max(p["val_accuracy"] for p in history[: -cfg.patience]), cfg.patience, done,
+                         plan.total_steps)
+                break
     train_seconds = elapsed_before + time.perf_counter() - t0
 
     ledger = plan.ledger.after(plan.total_steps) if plan.ledger is not None else None
