@@ -102,6 +102,7 @@ class FakeVllm:
         self.model = self.loaded.model.eval()
         self.fault: str | None = None
         self.delay = 0.0
+        self.long_bytes = 10**9  # fault "long": refuse requests whose encoded embeddings exceed this
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.inflight = self.max_inflight = 0
@@ -123,6 +124,8 @@ class FakeVllm:
                 time.sleep(self.delay)
                 if self.fault == "http500":
                     return error(500, "InternalServerError", "CUDA out of memory.")
+                if self.fault == "long" and len(base64.b64decode(body["prompt_embeds"])) > self.long_bytes:
+                    return error(400, "BadRequestError", "This model's maximum context length is exceeded.")
                 if self.fault == "garbage":
                     return PlainTextResponse("<html>502 Bad Gateway</html>")
                 if body.get("model") != self.name:
@@ -278,6 +281,16 @@ def test_label_values_reads_the_kth_value_not_the_smallest():
     assert values.tolist() == [-2.0, -2.0] and missing == 1
 
 
+def _scores_or_raise(scorer, rows):
+    """The scores, or the first row's error raised (each row of a failing backend carries its own)."""
+    out = scorer.scores(rows)
+    errors = [x for x in out if isinstance(x, BaseException)]
+    if errors:
+        assert len(errors) == len(out)  # these faults hit every row
+        raise errors[0]
+    return out
+
+
 @pytest.mark.parametrize("fault, message", [
     ("http500", "HTTP 500 (CUDA out of memory.)"), ("garbage", "malformed"), ("strings", "token_id"),
     ("no_logprobs", "malformed"), ("model", "HTTP 404 (The model `nope` does not exist.)"),
@@ -290,7 +303,7 @@ def test_a_misbehaving_backend_is_a_503_backend_unavailable(fake, fault, message
     fake.fault = fault
     try:
         with pytest.raises(ApiError) as e:
-            scorer.scores(_rows(MixedScorer(loaded, 64), loaded))
+            _scores_or_raise(scorer, _rows(MixedScorer(loaded, 64), loaded))
     finally:
         fake.fault = None
         scorer.close()
@@ -303,14 +316,14 @@ def test_a_down_or_slow_backend_is_a_503_backend_unavailable(fake):
     rows = _rows(MixedScorer(loaded, 64), loaded)
     down = _vllm_scorer(loaded, f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(ApiError, match="cannot be reached") as e:
-        down.scores(rows)
+        _scores_or_raise(down, rows)
     assert e.value.code == "backend_unavailable" and e.value.status == 503
     down.close()
     slow = _vllm_scorer(loaded, fake.url, timeout=0.3)
     fake.delay = 2.0
     try:
         with pytest.raises(ApiError, match="did not answer within 0.3 s") as e:
-            slow.scores(rows)
+            _scores_or_raise(slow, rows)
     finally:
         fake.delay = 0.0
         slow.close()
@@ -398,3 +411,29 @@ def test_the_service_with_backend_vllm_classifies_like_the_transformers_backend(
             assert "HTTP 500" in r.json()["error"]["message"] and r.headers.get("retry-after")
         finally:
             server.stop()
+
+
+def test_one_tenants_failing_row_fails_only_that_tenants_request(fake):
+    """Rows of several tenants share a batch; a row vLLM refuses (here: too long) must not fail, or leak its
+    error message to, the requests batched with it."""
+    from post.service.engine import Batcher
+
+    loaded = fake.loaded
+    scorer = _vllm_scorer(loaded, fake.url)
+    a = scorer.prepare("a", init_prompt(loaded, 3, init="random", seed=0), SENTIMENT)
+    b = scorer.prepare("b", init_prompt(loaded, 3, init="random", seed=1), SENTIMENT)
+    short, long = scorer.rows(a, ["good", "fine"]), scorer.rows(b, [" ".join(["word"] * 40)])
+    fake.long_bytes = len(base64.b64decode(scorer.builder.row_request(short[0])["prompt_embeds"])) * 2
+    fake.fault = "long"
+    batcher = Batcher(scorer, max_batch=8, max_wait=0.5, max_queue=8)
+    try:
+        ok, bad = batcher.submit(short), batcher.submit(long)
+        got = ok.result(timeout=60)
+        error = bad.exception(timeout=60)
+    finally:
+        fake.fault, fake.long_bytes = None, 10**9
+        batcher.close()
+        scorer.close()
+    assert batcher.stats.forwards == 1  # the three rows went out as one batch
+    assert len(got) == 2 and all(np.isfinite(x).all() for x in got)
+    assert isinstance(error, ApiError) and error.code == "backend_unavailable" and "maximum context" in str(error)

@@ -112,7 +112,8 @@ class MixedScorer:
 
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
-        """Per row, its (C_i,) class scores in its task's class order."""
+        """Per row, its (C_i,) class scores in its task's class order (one forward: it succeeds or raises for all;
+        a scorer that answers per row may put an exception in a failed row's place instead)."""
         inputs, answers = self.inputs(rows)
         body = backbone(self.model)
         if _takes_use_cache(body):
@@ -221,7 +222,8 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> None:
         flat = [(b, j) for b, req in enumerate(batch) for j in range(len(req.rows))]
         flat.sort(key=lambda bj: -(len(batch[bj[0]].rows[bj[1]].ids) + batch[bj[0]].rows[bj[1]].prompt.tensor.shape[0]))
-        results: list[list[np.ndarray | None]] = [[None] * len(req.rows) for req in batch]
+        results: list[list[np.ndarray | BaseException | None]] = [[None] * len(req.rows) for req in batch]
+        failed: dict[int, BaseException] = {}
         try:
             for start in range(0, len(flat), self.max_batch):
                 chunk = flat[start : start + self.max_batch]
@@ -231,6 +233,8 @@ class Batcher:
                 self.stats.forwards += 1
                 self.stats.rows += len(chunk)
                 for (b, j), s in zip(chunk, out):
+                    if isinstance(s, BaseException):  # one row failed alone (a remote backend answers per row):
+                        failed.setdefault(b, s)       # only the request it belongs to fails
                     results[b][j] = s
         except Exception as e:  # noqa: BLE001 - every waiting request must get an answer
             log.exception("a batched forward failed")
@@ -238,5 +242,8 @@ class Batcher:
                 if not req.future.done():
                     req.future.set_exception(e)
             return
-        for req, res in zip(batch, results):
-            req.future.set_result(res)
+        for b, (req, res) in enumerate(zip(batch, results)):
+            if b in failed:
+                req.future.set_exception(failed[b])
+            else:
+                req.future.set_result(res)

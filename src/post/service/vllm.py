@@ -192,20 +192,25 @@ class VllmScorer(MixedScorer):
         self.builder = VllmRequestBuilder(self.model.get_input_embeddings(), model_name=model_name,
                                           max_tokens=max_length + max_prompt_tokens, logprobs=logprobs)
         key = os.environ.get(API_KEY_ENV)
-        self.client = httpx.Client(base_url=self.url, timeout=timeout,
+        # trust_env=False: no proxy from the environment sees the key or the embeddings
+        self.client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False,
                                    headers={"Authorization": f"Bearer {key}"} if key else None,
                                    limits=httpx.Limits(max_connections=workers, max_keepalive_connections=workers))
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="post-vllm")
         self.missing = 0  # label-token values replaced by the K-th value (the upper-bound fallback)
         self._count = threading.Lock()
 
-    def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
-        """Per row, its (C_i,) class scores in its task's class order (see the module doc for their scale)."""
-        bodies = [self.builder.row_request(r) for r in rows]
-        futures = [self.pool.submit(self._ask, b) for b in bodies]
-        concurrent.futures.wait(futures)  # all answers (or errors) in before any error is raised: none left behind
-        out = []
+    def scores(self, rows: Sequence[Row]) -> list[np.ndarray | BaseException]:
+        """Per row, its (C_i,) class scores in its task's class order (see the module doc for their scale), or the
+        error its own request met: one tenant's failing row (too long, refused) fails only that tenant's request,
+        and vLLM's message about it goes to no one else."""
+        futures = [self.pool.submit(self._row, r) for r in rows]
+        concurrent.futures.wait(futures)  # all answers (or errors) in: none left behind
+        out: list[np.ndarray | BaseException] = []
         for r, f in zip(rows, futures):
+            if (error := f.exception()) is not None:
+                out.append(error)
+                continue
             verb = r.prompt.verbalizer
             values, missing = label_values(f.result(), verb.token_ids.tolist(), self.k)
             if missing:
@@ -215,6 +220,9 @@ class VllmScorer(MixedScorer):
                             "(an upper bound). Raise --vllm-logprobs.", r.prompt.id, missing, len(values), self.k)
             out.append((values @ verb.class_matrix.double().numpy()).astype(np.float32))
         return out
+
+    def _row(self, row: Row) -> dict[int, float]:
+        return self._ask(self.builder.row_request(row))
 
     def _ask(self, body: dict[str, Any]) -> dict[int, float]:
         try:
