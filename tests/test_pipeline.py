@@ -375,3 +375,15 @@ def test_privacy_curve_modes_run_dp_at_each_epsilon(tmp_path):
     for bad in (["dp-eps0"], ["dp-epsx"], ["dp", "dp"], ["dp-eps-1"]):
         with pytest.raises(ConfigError, match="modes"):
             load_pipeline_config(path, [f"modes={bad}"])
+
+
+def test_privacy_levels_are_unique_and_dp_runs_never_stop_early(tmp_path):
+    path = tiny_config(tmp_path, attack=None, undistilled=False, reconstruct=None)
+    for bad in (["dp-eps1", "dp-eps1.0"], ["dp", "dp-eps8"]):
+        with pytest.raises(ConfigError, match="privacy level twice"):
+            load_pipeline_config(path, [f"modes={bad}", "dp.epsilon=8"])
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        load_pipeline_config(path, ["modes=[dp-eps1]", "dp.noise_multiplier=1.0"])
+    cfg = load_pipeline_config(path, ["modes=[non-private, dp]", "tune_target.patience=2"])
+    steps = {s.name: s.build(_Placeholders()) for s in check_steps(cfg)}
+    assert steps["tune-target"].patience == 2 and steps["tune-target-dp"].patience is None

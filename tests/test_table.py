@@ -232,3 +232,13 @@ def test_cli_table_takes_runs_as_a_repeated_flag(runs, tmp_path):
     assert main(["table", "--runs", str(root / "eval-post"), "--runs", str(root / "zero-shot"), "--target", TARGET,
                  "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "result.json").read_text())["cells"] == 2
+
+
+def test_settings_key_on_the_epsilon_asked_for():
+    from post.table import setting_of
+
+    # calibrated runs spend a hair under their target: 0.5 and 0.55 stay apart, 0.25 stays 0.25
+    assert [setting_of(True, e, t) for e, t in ((0.49999999, 0.5), (0.5499999964, 0.55), (0.2499, 0.25))] == \
+        [0.5, 0.55, 0.25]
+    assert setting_of(True, 7.9995, None) == 8.0 and setting_of(True, 0.0399, None) == 0.0399  # σ given: 3 digits
+    assert setting_of(False, None, None) is None and setting_of(True, None, None) == float("inf")

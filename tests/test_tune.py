@@ -374,3 +374,12 @@ def test_patience_stops_at_a_plateau_and_a_resume_keeps_the_stop(data_csv, tmp_p
     assert (again["steps"], again["stopped_early"]) == (1, True)
     with pytest.raises(ConfigError, match="patience"):
         config(data_csv, dp=True, patience=2)
+
+
+def test_a_run_that_finished_its_plan_is_not_reported_as_stopped_early_on_resume(data_csv, tmp_path):
+    cfg = config(data_csv, lr=1e-12, epochs=1, max_steps=1, eval_every=1, patience=1, test=False)
+    first = tune(cfg, tmp_path)
+    assert (first["steps"], first["stopped_early"]) == (1, False)  # flat, but it took every planned step
+    (tmp_path / "result.json").unlink()
+    again = tune(cfg, tmp_path)
+    assert (again["steps"], again["stopped_early"]) == (1, False)

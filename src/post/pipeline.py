@@ -141,7 +141,15 @@ class PipelineConfig(TaskOptions, ModelOptions):
         require(bool(self.target), "target", "must name the provider's model.")
         require(bool(self.modes) and all(_valid_mode(m) for m in self.modes), "modes",
                 f"must list some of {', '.join(MODES)} or dp-eps<E> (E > 0, e.g. dp-eps1), got {self.modes}.")
-        require(len(set(self.modes)) == len(self.modes), "modes", f"lists a mode twice: {self.modes}.")
+        dp_section = {str(k).replace("-", "_"): v for k, v in (self.dp or {}).items()} \
+            if isinstance(self.dp, Mapping) else {}
+        levels = [mode_epsilon(m) or float(dp_section.get("epsilon", 8.0)) if m != "non-private" else None
+                  for m in self.modes]
+        require(len(set(levels)) == len(levels), "modes",
+                f"lists one privacy level twice: {self.modes} (dp runs at the dp section's ε, "
+                f"{float(dp_section.get('epsilon', 8.0)):g}).")
+        require(not (dp_section.get("noise_multiplier") is not None and any(mode_epsilon(m) for m in self.modes)),
+                "modes", "dp-eps<E> calibrates σ to each ε, but the dp section fixes noise_multiplier; remove one.")
         require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
                 f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
         known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst", "proxy")
@@ -334,10 +342,13 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
 
         def tune_step(name: str, party: str, model_of: Callable[[dict[str, dict[str, Any]]], str], deps: list[str],
                       what: str, extra: Mapping[str, Any], dp_opts: dict[str, Any] = dp_opts) -> Step:
+            values = {**common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts}
+            if dp_opts["dp"] and values.pop("patience", None) is not None:
+                # early stopping reads private validation data: a DP run takes its planned steps
+                log.info("%s: patience applies to non-private runs only; the DP run takes its planned steps", name)
             # Test accuracy comes from an evaluate step, on the same test examples as every other cell.
             return Step(name, party, "tune", lambda r: _make(tune.TuneConfig, "tune", {
-                **common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts, "model": model_of(r),
-                "test": False}), tune.tune, deps, what)
+                **values, "model": model_of(r), "test": False}), tune.tune, deps, what)
 
         steps.append(tune_step(f"tune-source{sfx}", "user", student_dir, src_deps, f"ps on Φs ({mode})", {}))
         if "source-tuning" in base:
@@ -386,6 +397,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
             def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts) -> Any:
                 values = {**common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r),
                           "test": False, **_section(cfg, "attack")}
+                if dp_opts["dp"]:  # as for the released DP prompt: no early stopping on private data
+                    values.pop("patience", None)
                 # The shadows copy the released prompt's mechanism (q, steps, σ, δ): it was tuned on train_limit.
                 if (limit := values.pop("train_limit", None)) is not None:
                     values["target_n_train"] = limit

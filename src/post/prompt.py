@@ -143,7 +143,8 @@ class PromptFile:
         return {"path": self.meta.get("path"), "model": self.meta["model"]["name"], "n_tokens": self.n_tokens,
                 "method": (origin.get("method", "post") if origin else "tuned"),
                 "source_model": origin["model"]["name"] if origin else None,
-                "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None}
+                "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None,
+                "target_epsilon": ledger.get("target_epsilon") if ledger else None}
 
 
 def _checksum(tensor: torch.Tensor, meta: dict[str, Any]) -> str:

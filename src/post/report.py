@@ -154,7 +154,8 @@ def privacy_curve(cells: list[dict[str, str]]) -> tuple[list[str], str | None]:
     png = None
     for task in sorted({c["task"] for c in cells}):
         mine = [c for c in cells if c["task"] == task]
-        eps = {float(c["setting"].rpartition("=")[2]) for c in mine if c.get("setting", "").startswith("DP ε =")}
+        eps = {e for c in mine if c.get("setting", "").startswith("DP ε =")
+               if math.isfinite(e := float(c["setting"].rpartition("=")[2]))}  # a DP cell without ε has no place
         if len(eps) < 2:
             continue
         xs: list[float] = sorted(eps) + ([math.inf] if any(_setting(c) == "non-private" for c in mine) else [])

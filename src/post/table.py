@@ -70,13 +70,14 @@ class Cell:
     num_classes: int | None = None
     user_seconds: float | None = None
     provider_seconds: float | None = None
+    target_epsilon: float | None = None
     predictions: dict[int, tuple[int, int]] | None = None
 
     @property
     def setting(self) -> float | None:
-        """The privacy setting the cell belongs to: None (non-private), else its ε to one decimal (ledgers
-        spend a hair under the ε asked for: 7.9995 is the ε = 8 setting); ∞ for a DP cell without ε."""
-        return setting_of(self.dp, self.epsilon)
+        """The privacy setting the cell belongs to: None (non-private), else the ε its run asked for (ledgers
+        spend a hair under it: 7.9995 is the ε = 8 setting); see :func:`setting_of`."""
+        return setting_of(self.dp, self.epsilon, self.target_epsilon)
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -84,11 +85,14 @@ class Cell:
         return accuracy_interval(self.accuracy, self.n) if self.n else None
 
 
-def setting_of(dp: bool, epsilon: float | None) -> float | None:
-    """None for non-private; otherwise ε rounded to one decimal (math.inf when unknown)."""
+def setting_of(dp: bool, epsilon: float | None, target_epsilon: float | None = None) -> float | None:
+    """None for non-private; otherwise the ε the run asked for (its ledger's target), or, for a run given σ
+    directly, the ε it spent to three significant digits; math.inf when neither is known."""
     if not dp:
         return None
-    return math.inf if epsilon is None else round(float(epsilon), 1)
+    if target_epsilon is not None:
+        return float(target_epsilon)
+    return math.inf if epsilon is None else float(f"{float(epsilon):.3g}")
 
 
 def settings_order(settings: set[float | None]) -> list[float | None]:
@@ -198,7 +202,7 @@ def _prompt_cell(r: dict[str, Any], method: str, run: Path, target: str) -> Cell
     cost = _prompt_cost(p.get("path"), target)
     return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
                 None if cost is None else sum(cost), str(run), user_seconds=None if cost is None else cost[0],
-                provider_seconds=None if cost is None else cost[1])
+                provider_seconds=None if cost is None else cost[1], target_epsilon=p.get("target_epsilon"))
 
 
 def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
@@ -210,7 +214,8 @@ def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
         on_target = r["model"] == target
         return Cell(r["task"], method, bool(r["dp"]), r["test_accuracy"], r.get("epsilon"), r.get("delta"),
                     seconds, str(run), user_seconds=None if seconds is None else 0.0 if on_target else seconds,
-                    provider_seconds=None if seconds is None else seconds if on_target else 0.0)
+                    provider_seconds=None if seconds is None else seconds if on_target else 0.0,
+                    target_epsilon=(r.get("privacy") or {}).get("target_epsilon"))
     if stage != "evaluate" or r.get("split") != "test":
         return None
     p = r.get("prompt")

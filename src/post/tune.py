@@ -470,7 +470,8 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
         n = plan.n_train
         reserve(start)
         done = start
-        stopped_early = plateaued(history, cfg.patience)  # a resumed run that had already stopped
+        # a resumed run that had already stopped early (not one that had finished its plan)
+        stopped_early = plateaued(history, cfg.patience) and start < plan.total_steps
         for step in range(start, plan.total_steps if not stopped_early else start):
             if plan.ledger is not None and randomness is not None:
                 idx = randomness.sample(n, plan.ledger.sample_rate, step)
