@@ -87,8 +87,10 @@ class TuneConfig(TaskOptions, ModelOptions):
         eval_limit: Validate on a seeded random subset of this many validation examples.
         eval_every: Validate every this many steps (default: once per epoch).
         patience: Stop early once this many validations in a row have not beaten the best one
-            before them (a plateau; the run's ``steps`` and ``stopped_early`` say where). Not with
-            --dp: the step count the ledger publishes would then depend on private validation data.
+            before them (a plateau; the step-0 validation counts; the run's ``steps`` and
+            ``stopped_early`` say where). The prompt kept is the last one, not the best validated.
+            Not with --dp: the step count the ledger publishes would then depend on private
+            validation data.
         test: Score the final prompt on the test split.
         dp: Train with DP-SGD.
         epsilon: Target ε (with --dp).
