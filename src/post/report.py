@@ -278,10 +278,15 @@ _LOSS = {"vocab": "full-vocabulary distributions (the paper's loss)",
          "label-words": "class distributions over the label words"}
 
 
-def _transfer_lines(out: Path) -> list[str]:
+def _of_stage(steps: dict[str, Any], stage: str, prefix: str = "") -> list[str]:
+    """The pipeline's steps that ran ``stage`` (and whose names start with ``prefix``), in pipeline order."""
+    return [name for name, s in steps.items() if s.get("stage") == stage and name.startswith(prefix)]
+
+
+def _transfer_lines(out: Path, steps: dict[str, Any]) -> list[str]:
     """How each POST cell's prompt was transferred: the loss, α and its source, steps, public texts."""
     lines = []
-    for name in ("transfer", "transfer-dp", "transfer-undistilled", "transfer-undistilled-dp"):
+    for name in _of_stage(steps, "transfer"):
         if (r := _maybe(out / name)) is None:
             continue
         lines.append(f"- `{name}`: matched {_LOSS.get(r.get('mode'), r.get('mode'))}, α = {float(r['alpha']):.2f} "
@@ -302,10 +307,11 @@ def write_report(out: str | Path) -> Path:
     cells = _cells(out)
     table_md = (out / "table" / "table.md").read_text(encoding="utf-8") if (out / "table" / "table.md").is_file() \
         else summary.get("table", "")
-    ledger_path = out / "tune-source-dp" / "privacy.json"
-    ledger = read_json(ledger_path) if ledger_path.is_file() else None
+    # every DP ps (one per privacy level): its ledger, as the user's run directory keeps it
+    ledgers = {name: read_json(out / name / "privacy.json") for name in _of_stage(steps, "tune", "tune-source")
+               if (out / name / "privacy.json").is_file()}
     distill = _maybe(out / "distill")
-    attacks = {name: r for name in ("attack", "attack-dp") if (r := _maybe(out / name)) is not None}
+    attacks = {name: r for name in _of_stage(steps, "attack-lira") if (r := _maybe(out / name)) is not None}
     goal_rows = goals(cells)
 
     seconds = {name: _step_seconds(out, name, s) for name, s in steps.items()}
@@ -315,7 +321,7 @@ def write_report(out: str | Path) -> Path:
                      f"`{summary.get('public')}`; all steps together took {duration(compute)} (this last "
                      f"invocation {duration(summary.get('seconds'))}; finished steps are not run again).", "",
                      "## Results", "", table_md, ""]
-    md += _transfer_lines(out)
+    md += _transfer_lines(out, steps)
     if goal_rows:
         md += ["## Goals", "", "POST: test accuracy % [Wilson 95% interval] n = test sentences; p: exact McNemar "
                "test against that method on the same sentences; \"baseline failed\": PT on Φt is within its 95% "
@@ -335,14 +341,14 @@ def write_report(out: str | Path) -> Path:
                "every DP prompt's ledger is in its tune run directory; the transfer adds no privacy cost "
                "(post-processing of the DP prompt with public data).", "", *curve_md]
     md += ["## Privacy", ""]
-    if ledger:
-        md += [f"DP-SGD on the prompt: ε = {_eps(ledger['epsilon'])} at δ = {ledger['delta']:.1e} "
+    for name, ledger in ledgers.items():
+        md += [f"DP-SGD on the prompt (`{name}`): ε = {_eps(ledger['epsilon'])} at δ = {ledger['delta']:.1e} "
                f"({ledger['accountant']} accountant), σ = {ledger['noise_multiplier']:.4f}, clip C = "
                f"{ledger['max_grad_norm']}, sampling rate q = {ledger['sample_rate']:.4f}, {ledger['steps']} steps, "
                f"N = {ledger['dataset_size']}. The transferred DP prompt carries the same guarantee "
                "(post-processing: the transfer sees only the prompt and public text).", ""]
         md += [_RANDOMNESS.get(ledger.get("randomness", "seeded"), ""), ""]
-    else:
+    if not ledgers:
         md += ["No DP run in this pipeline.", ""]
     if attacks:
         md += ["| LiRA (online) | shadows | pool | AUC | TPR@0.1%FPR | TPR@1%FPR | empirical ε ≥ | ε spent |",
