@@ -159,12 +159,11 @@ def test_calibrate_measures_positive_rates():
     assert rates.forward > 0 and rates.backward > 0 and rates.source_forward > 0 and rates.dp_overhead > 0
 
 
-def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatch):
-    from helpers import write_sentiment_csv
+def _record_micro_batches(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, padded width) of every micro-batch tuning runs from now on."""
     from post import tune
 
-    data = write_sentiment_csv(tmp_path / "s.csv", n=60)
-    seen = []
+    seen: list[tuple[int, int]] = []
     real = tune.PromptTrainer._losses
 
     def spy(self, idx, prompt):
@@ -172,6 +171,15 @@ def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatc
         return real(self, idx, prompt)
 
     monkeypatch.setattr(tune.PromptTrainer, "_losses", spy)
+    return seen
+
+
+def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatch):
+    from helpers import write_sentiment_csv
+    from post import tune
+
+    data = write_sentiment_csv(tmp_path / "s.csv", n=60)
+    seen = _record_micro_batches(monkeypatch)
     for dp in (False, True):
         out = tmp_path / f"run-tune-{dp}"
         tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=3, max_steps=4,
@@ -324,14 +332,7 @@ def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatc
     from post import tune
 
     data = write_sentiment_csv(tmp_path / "s.csv", n=60)
-    seen = []
-    real = tune.PromptTrainer._losses
-
-    def spy(self, idx, prompt):
-        seen.append((len(idx), max(len(self.seqs[int(i)]) for i in idx) + prompt.shape[-2]))
-        return real(self, idx, prompt)
-
-    monkeypatch.setattr(tune.PromptTrainer, "_losses", spy)
+    seen = _record_micro_batches(monkeypatch)
     out = tmp_path / "run-tune"
     result = tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=3,
                                        max_steps=6, batch_size=8, lr=1e-12, eval_every=1, patience=1, eval_limit=5,
