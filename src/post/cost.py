@@ -870,14 +870,11 @@ def _buckets(seqs: Sequence[Sequence[int]], size: int) -> list[list[int]]:
 
 def _micro_batches(seqs: Sequence[Sequence[int]], idx: Sequence[int], micro: int) -> list[list[int]]:
     """Indices (into ``seqs``) of the micro-batches :meth:`post.tune.PromptTrainer._chunks` splits the logical
-    batch ``idx`` into: one in input order if it fits in ``micro``, else sorted by token length
-    (:func:`post.scoring.length_buckets`, longest first) and cut every ``micro``."""
-    from post.scoring import length_buckets
+    batch ``idx`` into, by the same rule (:func:`post.scoring.micro_batches`)."""
+    from post.scoring import micro_batches
 
     idx = [int(i) for i in idx]
-    if len(idx) <= micro:
-        return [idx] if idx else []
-    return [[idx[p] for p in pos] for pos in length_buckets([len(seqs[i]) for i in idx], micro)]
+    return [[idx[p] for p in pos] for pos in micro_batches([len(seqs[i]) for i in idx], micro)]
 
 
 def tune_run_cost(run: Path) -> StageCost:

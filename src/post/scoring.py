@@ -140,6 +140,15 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[np.ndarray]:
+    """Positions of the micro-batches a logical batch of these lengths is split into: one, in input order,
+    when it fits in ``micro_batch_size``; otherwise :func:`length_buckets` (longest first), so each
+    micro-batch pads only to its own longest. No positions, no micro-batches."""
+    if len(lengths) <= micro_batch_size:
+        return [np.arange(len(lengths))] if len(lengths) else []
+    return length_buckets(lengths, micro_batch_size)
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer without its LM head (``model.model``, ``.transformer``, ``.roberta``...)."""
     base = getattr(model, "base_model", None)
