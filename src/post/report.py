@@ -56,8 +56,9 @@ def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
     """
     by = {(c["task"], c["method"], _setting(c)): c for c in cells}
     rows = []
-    for task, method, dp in [k for c in cells if (k := (c["task"], c["method"], _setting(c)))[1] == "POST"]:
-        cell = by[(task, method, dp)]
+    for (task, method, dp), cell in by.items():
+        if method != "POST":
+            continue
         post = float(cell["accuracy"])
         row: dict[str, Any] = {"task": task, "dp": dp != "non-private", "setting": dp, "post": post,
                                "n": _num(cell.get("n")),
@@ -105,6 +106,15 @@ def _plt() -> Any:
     return plt
 
 
+def _percent_with_errors(found: list[dict[str, str] | None]) -> tuple[list[float], list[list[float]]]:
+    """Accuracies in % (nan where a cell is missing) and their Wilson 95% intervals as error bars (below, above),
+    zero where the table has no interval."""
+    vals = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
+    err = [[v - 100 * (_num(c.get("ci_low")) or v / 100) if c else 0.0 for c, v in zip(found, vals)],
+           [100 * (_num(c.get("ci_high")) or v / 100) - v if c else 0.0 for c, v in zip(found, vals)]]
+    return vals, err
+
+
 def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
     """Grouped bars: one group per method, non-private and DP side by side (first task; with several DP
     settings, the one with the most methods, the largest ε on a tie)."""
@@ -122,10 +132,7 @@ def accuracy_bars(cells: list[dict[str, str]]) -> str | None:
     width = 0.38
     for j, (setting, color) in enumerate((("non-private", "#4C72B0"), (dp, "#DD8452"))):
         found = [next((c for c in mine if c["method"] == m and _setting(c) == setting), None) for m in methods]
-        vals = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
-        # Wilson 95% intervals as error bars where the table has them
-        err = [[v - 100 * (_num(c.get("ci_low")) or v / 100) if c else 0.0 for c, v in zip(found, vals)],
-               [100 * (_num(c.get("ci_high")) or v / 100) - v if c else 0.0 for c, v in zip(found, vals)]]
+        vals, err = _percent_with_errors(found)
         xs = [i + (j - 0.5) * width for i in range(len(methods))]
         bars = ax.bar(xs, vals, width, color=color, label=setting, yerr=err, capsize=2, error_kw={"lw": 0.8})
         for b, v in zip(bars, vals):
@@ -185,10 +192,7 @@ def privacy_curve(cells: list[dict[str, str]]) -> tuple[list[str], str | None]:
             fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=110)
             pos = list(range(len(xs)))
             for m in methods:
-                found = [cell(m, x) for x in xs]
-                ys = [100 * float(c["accuracy"]) if c else float("nan") for c in found]
-                err = [[y - 100 * (_num(c.get("ci_low")) or y / 100) if c else 0.0 for c, y in zip(found, ys)],
-                       [100 * (_num(c.get("ci_high")) or y / 100) - y if c else 0.0 for c, y in zip(found, ys)]]
+                ys, err = _percent_with_errors([cell(m, x) for x in xs])
                 ax.errorbar(pos, ys, yerr=err, marker="o", capsize=3, lw=1.2, label=m)
             if zs is not None:
                 ax.axhline(100 * float(zs["accuracy"]), color="grey", ls="--", lw=1, label="zero-shot Φt")
