@@ -141,13 +141,13 @@ class PipelineConfig(TaskOptions, ModelOptions):
         require(bool(self.target), "target", "must name the provider's model.")
         require(bool(self.modes) and all(_valid_mode(m) for m in self.modes), "modes",
                 f"must list some of {', '.join(MODES)} or dp-eps<E> (E > 0, e.g. dp-eps1), got {self.modes}.")
-        dp_section = {str(k).replace("-", "_"): v for k, v in (self.dp or {}).items()} \
-            if isinstance(self.dp, Mapping) else {}
-        levels = [mode_epsilon(m) or float(dp_section.get("epsilon", 8.0)) if m != "non-private" else None
-                  for m in self.modes]
+        from post.tune import TuneConfig
+
+        dp_section = _section(self, "dp") if isinstance(self.dp, Mapping) else {}
+        dp_eps = float(dp_section.get("epsilon", TuneConfig.epsilon))
+        levels = [mode_epsilon(m) or dp_eps if m != "non-private" else None for m in self.modes]
         require(len(set(levels)) == len(levels), "modes",
-                f"lists one privacy level twice: {self.modes} (dp runs at the dp section's ε, "
-                f"{float(dp_section.get('epsilon', 8.0)):g}).")
+                f"lists one privacy level twice: {self.modes} (dp runs at the dp section's ε, {dp_eps:g}).")
         require(not (dp_section.get("noise_multiplier") is not None and any(mode_epsilon(m) for m in self.modes)),
                 "modes", "dp-eps<E> calibrates σ to each ε, but the dp section fixes noise_multiplier; remove one.")
         require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
@@ -271,6 +271,14 @@ _COMMAND = {"distill": "distill", "tune": "tune", "tune_target": "tune", "dp": "
             "reconstruct": "attack reconstruct"}
 
 
+def _no_early_stop_if_dp(step: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A DP tuning's options without ``patience``: early stopping reads private validation data, so a DP run
+    (and a DP shadow copying it) takes its planned steps."""
+    if values.get("dp") and values.pop("patience", None) is not None:
+        log.info("%s: patience applies to non-private runs only; the DP run takes its planned steps", step)
+    return values
+
+
 def _common(cfg: PipelineConfig) -> dict[str, Any]:
     return {"cache_dir": cfg.cache_dir, "dtype": cfg.dtype, "device": cfg.device,
             "trust_remote_code": cfg.trust_remote_code}
@@ -342,10 +350,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
 
         def tune_step(name: str, party: str, model_of: Callable[[dict[str, dict[str, Any]]], str], deps: list[str],
                       what: str, extra: Mapping[str, Any], dp_opts: dict[str, Any] = dp_opts) -> Step:
-            values = {**common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts}
-            if dp_opts["dp"] and values.pop("patience", None) is not None:
-                # early stopping reads private validation data: a DP run takes its planned steps
-                log.info("%s: patience applies to non-private runs only; the DP run takes its planned steps", name)
+            values = _no_early_stop_if_dp(name, {**common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts})
             # Test accuracy comes from an evaluate step, on the same test examples as every other cell.
             return Step(name, party, "tune", lambda r: _make(tune.TuneConfig, "tune", {
                 **values, "model": model_of(r), "test": False}), tune.tune, deps, what)
@@ -394,11 +399,11 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                     f"transfer-undistilled{sfx}", [f"transfer-undistilled{sfx}"],
                                     f"Φt with pt from the undistilled layers ({mode})"))
         if cfg.attack is not None:
-            def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts) -> Any:
-                values = {**common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r),
-                          "test": False, **_section(cfg, "attack")}
-                if dp_opts["dp"]:  # as for the released DP prompt: no early stopping on private data
-                    values.pop("patience", None)
+            def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts,
+                             sfx: str = sfx) -> Any:
+                values = _no_early_stop_if_dp(f"attack{sfx}", {
+                    **common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r), "test": False,
+                    **_section(cfg, "attack")})
                 # The shadows copy the released prompt's mechanism (q, steps, σ, δ): it was tuned on train_limit.
                 if (limit := values.pop("train_limit", None)) is not None:
                     values["target_n_train"] = limit
