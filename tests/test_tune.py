@@ -45,11 +45,25 @@ def test_nonprivate_prompt_learns(nonprivate):
     assert sum("loss" in x for x in lines) == result["steps"]
 
 
-def test_enormous_noise_keeps_the_prompt_at_chance(data_csv, tmp_path):
-    result = tune(config(data_csv, dp=True, noise_multiplier=1e4, max_grad_norm=1.0), tmp_path)
-    assert result["test_accuracy"] <= 0.7
-    assert result["privacy"]["noise_multiplier"] == 1e4
-    assert result["epsilon"] < 0.01
+def test_enormous_noise_drowns_the_data(data_csv, tmp_path):
+    """At σ = 1e4 the released prompt is noise: flipping every label moves it far less than new noise does.
+
+    (An accuracy threshold would be a coin toss here: with secret noise a random prompt can score
+    anything on a small test split.)
+    """
+    flipped = tmp_path / "flipped.csv"
+    rows = data_csv.read_text().splitlines()
+    swap = {"positive": "negative", "negative": "positive"}
+    flipped.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," + swap[r.rsplit(",", 1)[1]] for r in rows[1:]]) + "\n")
+    kw = dict(dp=True, noise_multiplier=1e4, max_grad_norm=1.0, epochs=1)
+    a = tune(config(data_csv, dp_seed=3, **kw), tmp_path / "a")
+    b = tune(config(flipped, dp_seed=3, **kw), tmp_path / "b")
+    c = tune(config(data_csv, dp_seed=4, **kw), tmp_path / "c")
+    pa, pb, pc = (read_prompt(r["prompt"]).tensor for r in (a, b, c))
+    assert not torch.equal(pa, pb)  # the data does reach the prompt ...
+    assert (pa - pb).norm() < 1e-3 * (pa - pc).norm()  # ... but the noise swamps it
+    assert a["privacy"]["noise_multiplier"] == 1e4
+    assert a["epsilon"] < 0.01
 
 
 def test_dp_run_writes_a_ledger_that_recomputes(data_csv, tmp_path):
