@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from post.distill import DistillConfig, distill, distill_losses, pack_blocks
+from post.distill import (DistillConfig, answer_kl, answer_positions, distill, distill_losses, hidden_matching,
+                          pack_blocks)
 from post.errors import ConfigError, PostError
 from post.models import tiny_model
 
@@ -51,6 +52,93 @@ def test_loss_terms_vanish_for_a_copy_of_the_teacher():
     assert terms["cos"].item() == pytest.approx(0.0, abs=1e-5)
     assert terms["lm"].item() > 0
     assert terms["loss"].item() == pytest.approx(2.0 * terms["lm"].item(), rel=1e-4)
+
+
+def test_hidden_matching_pairs_each_kept_layer_with_the_next_kept_input():
+    g = torch.Generator().manual_seed(0)
+    teacher_states = tuple(torch.randn(2, 3, 4, generator=g) for _ in range(6))  # 5 layers: inputs 0..4, final
+    student_states = tuple(torch.randn(2, 3, 4, generator=g) for _ in range(3))  # kept 1 and 3
+
+    def rel(a, b):
+        return float((((a - b) ** 2).sum(-1) / (b**2).sum(-1)).mean())
+
+    want = (rel(student_states[1], teacher_states[3]) + rel(student_states[2], teacher_states[5])) / 2
+    assert hidden_matching(student_states, teacher_states, [1, 3]).item() == pytest.approx(want, rel=1e-6)
+    # A student whose outputs are the teacher's states at those places matches exactly.
+    exact = (student_states[0], teacher_states[3], teacher_states[5])
+    assert hidden_matching(exact, teacher_states, [1, 3]).item() == 0.0
+    with pytest.raises(ValueError):  # one kept layer too many for the student's states
+        hidden_matching(student_states, teacher_states, [0, 1, 3])
+
+
+def test_hidden_term_vanishes_for_a_copy_of_the_teacher_and_is_logged_only_when_weighted():
+    teacher = tiny_model("llama").model
+    ids = torch.randint(5, 500, (2, 16))
+    keep = list(range(teacher.config.num_hidden_layers))
+    terms = distill_losses(teacher, teacher, ids, kind="causal", cfg=DistillConfig(teacher="x", alpha_hidden=1.0),
+                           keep=keep)
+    assert terms["hidden"].item() == pytest.approx(0.0, abs=1e-6)
+    assert "hidden" not in distill_losses(teacher, teacher, ids, kind="causal", cfg=DistillConfig(teacher="x"))
+
+
+def test_hidden_only_distillation_skips_the_heads_and_moves_the_student(corpus, tmp_path, monkeypatch):
+    calls = []
+    real = torch.nn.Linear.forward
+
+    def spy(self, x):
+        if self.out_features == tiny_model("llama").model.config.vocab_size:
+            calls.append(x.shape)
+        return real(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    cfg = config(corpus, alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_hidden=1.0, max_steps=40, lr=3e-3,
+                 checkpoint_every=100)
+    n_quality = 3 * 2  # undistilled, teacher and distilled quality: two models each, one held-out batch
+    r = distill(cfg, tmp_path)
+    assert len(calls) == n_quality  # no vocabulary projection in the 40 training steps
+    assert r["distilled_quality"]["kl_to_teacher"] < 0.7 * r["undistilled_quality"]["kl_to_teacher"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"hidden", "cos", "loss"} <= set(lines[0]) and not {"ce", "lm"} & set(lines[0])
+    assert lines[-1]["hidden"] < 0.5 * lines[0]["hidden"]
+
+
+def test_answer_positions_are_where_templated_texts_end():
+    tok = tiny_model("llama").tokenizer
+    eos = tok.eos_token_id
+    ids = torch.tensor([[5, 6, eos, 7, 8, 9, eos, 10]])
+    assert answer_positions(ids, tok).tolist() == [[False, True, False, False, False, True, False, False]]
+
+
+def test_answer_kl_is_the_kl_of_the_head_at_marked_positions_only():
+    teacher = tiny_model("llama").model
+    student = tiny_model("llama", seed=1).model
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(2, 5, student.config.hidden_size, generator=g)
+    h_t = torch.randn(2, 5, teacher.config.hidden_size, generator=g)
+    marks = torch.zeros(2, 5, dtype=torch.bool)
+    marks[0, 2] = marks[1, 4] = True
+    got = answer_kl(student, teacher, h_s, h_t, marks, temperature=2.0)
+    s_logp = torch.log_softmax(student.get_output_embeddings()(h_s[marks]) / 2, -1)
+    t_logp = torch.log_softmax(teacher.get_output_embeddings()(h_t[marks]) / 2, -1)
+    want = 4 * (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert answer_kl(teacher, teacher, h_t, h_t, marks, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert answer_kl(student, teacher, h_s, h_t, torch.zeros_like(marks), temperature=2.0).item() == 0.0
+
+
+def test_answer_distillation_needs_a_template_and_a_causal_teacher(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="corpus-template"):
+        config(corpus, alpha_answer=1.0)
+    with pytest.raises(PostError, match="masked LM"):
+        distill(config(corpus, teacher="tiny-roberta", alpha_answer=1.0, corpus_template="{text} is {mask}"), tmp_path)
+
+
+def test_answer_distillation_moves_the_answer_distribution(corpus, tmp_path):
+    cfg = config(corpus, alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_answer=1.0, corpus_template="{text} so {mask}",
+                 max_steps=40, lr=3e-3, checkpoint_every=100)
+    distill(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "answer" in lines[0] and lines[-1]["answer"] < 0.5 * lines[0]["answer"]
 
 
 def test_kl_only_distillation_moves_the_student_toward_the_teacher(corpus, tmp_path):

@@ -3,9 +3,11 @@
 Loss (paper Eq. 1, DistilBERT-style), per token of packed text blocks:
 
     L = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_lm · LM loss + α_cos · (1 − cos(h_s, h_t))
+        [+ α_hidden · mean_j ‖h_s^(j) − h_t^(keep[j+1])‖² / ‖h_t^(keep[j+1])‖²]
 
 with t, s the teacher's and student's logits, h their last hidden states; the teacher runs
-under no_grad. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
+under no_grad. The optional last term (off by default) matches every kept layer's output to the
+teacher's hidden state at the next kept layer. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
 
 The loop runs under Hugging Face Accelerate: ``accelerate launch`` gives DDP over several
 processes or GPUs (FSDP / DeepSpeed configs under ``configs/accelerate/``), and each process
@@ -67,6 +69,15 @@ class DistillConfig(ModelOptions):
         alpha_ce: Weight of the temperature-scaled KL to the teacher.
         alpha_lm: Weight of the language-modelling loss.
         alpha_cos: Weight of the cosine loss on last hidden states.
+        alpha_hidden: Weight of per-kept-layer hidden-state matching: after each kept layer the
+            student's hidden state should be the teacher's at the input of the next kept layer
+            (after the last, the teacher's final normed state), as a squared error relative to
+            the teacher state's norm, per token. Each kept layer then learns to stand in for the
+            block of layers dropped after it, which converges in far fewer tokens than the logit
+            terms alone. With alpha_ce = alpha_lm = 0 the LM heads are skipped (much faster).
+        alpha_answer: Weight of T²·KL(teacher ‖ student) over the whole vocabulary at the answer
+            positions only: where a --corpus-template text ends, i.e. where the task asks its
+            question (causal LMs; needs corpus_template). The head runs at those positions alone.
         temperature: Softmax temperature of the KL term.
         mlm_probability: Fraction of tokens masked (masked LMs only).
         freeze_head: Keep the LM head as the teacher's (paper: slightly better).
@@ -92,6 +103,8 @@ class DistillConfig(ModelOptions):
     alpha_ce: float = 5.0
     alpha_lm: float = 2.0
     alpha_cos: float = 1.0
+    alpha_hidden: float = 0.0
+    alpha_answer: float = 0.0
     temperature: float = 2.0
     mlm_probability: float = 0.15
     freeze_head: bool = True
@@ -110,10 +123,14 @@ class DistillConfig(ModelOptions):
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
         require(0 <= self.warmup < 1, "warmup", f"must be in [0, 1), got {self.warmup}.")
         require(self.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {self.max_grad_norm}.")
-        for name in ("alpha_ce", "alpha_lm", "alpha_cos"):
+        weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_hidden", "alpha_answer")
+        for name in weights:
             require(getattr(self, name) >= 0, name, "must be non-negative.")
-        require(self.alpha_ce + self.alpha_lm + self.alpha_cos > 0, "alpha_ce",
-                "at least one of --alpha-ce, --alpha-lm, --alpha-cos must be positive.")
+        require(sum(getattr(self, name) for name in weights) > 0, "alpha_ce",
+                "at least one of --alpha-ce, --alpha-lm, --alpha-cos, --alpha-hidden, --alpha-answer must be "
+                "positive.")
+        require(self.alpha_answer == 0 or self.corpus_template is not None, "alpha_answer",
+                "needs --corpus-template: the answer positions are where the templated texts end.")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
         require(0 < self.mlm_probability < 1, "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}.")
         require(self.held_out >= 1, "held_out", f"must be at least 1, got {self.held_out}.")
@@ -148,6 +165,18 @@ def pack_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tens
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+def answer_positions(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """(B, L) mask of the positions whose next token is the separator ``pack_blocks`` puts after each text.
+
+    With a --corpus-template those are where the task's answer comes (the text is cut at {mask}).
+    """
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    out = torch.zeros_like(ids, dtype=torch.bool)
+    if sep is not None:
+        out[:, :-1] = ids[:, 1:] == sep
+    return out
+
+
 def mask_tokens(ids: torch.Tensor, tokenizer: Any, probability: float, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick ``probability`` of tokens; 80% -> <mask>, 10% random, 10% kept. Returns (inputs, picked)."""
@@ -161,28 +190,91 @@ def mask_tokens(ids: torch.Tensor, tokenizer: Any, probability: float, generator
     return inputs, picked
 
 
-def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
-                   cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """The three loss terms for a batch of blocks ``ids`` (B, L) and their weighted total."""
-    inputs = ids if inputs is None else inputs
+def _forward(model: torch.nn.Module, inputs: torch.Tensor, *, kind: str, heads: bool) -> Any:
+    """The model's outputs with every hidden state; without ``heads``, the backbone alone (no vocabulary matmul)."""
+    kw = {"use_cache": False} if kind == "causal" else {}
+    if not heads and not isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+            and getattr(model, "base_model", model) is not model:
+        return model.base_model(input_ids=inputs, output_hidden_states=True, **kw)
+    return model(input_ids=inputs, output_hidden_states=True, **kw)
+
+
+def hidden_matching(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...],
+                    keep: list[int]) -> torch.Tensor:
+    """Mean relative squared error between each kept layer's output and the teacher's state it stands in for.
+
+    Student layer j (teacher layer keep[j]) should output the teacher's input to layer keep[j + 1];
+    the last kept layer, the teacher's final (normed) state. Per token, ‖h_s − h_t‖² / ‖h_t‖².
+    """
+    targets = [teacher_states[k] for k in keep[1:]] + [teacher_states[-1]]
+    errs = []
+    for h_s, h_t in zip(student_states[1:], targets, strict=True):
+        h_s, h_t = h_s.float(), h_t.float()
+        errs.append(((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-6)).mean())
+    return torch.stack(errs).mean()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch.Tensor, t_final: torch.Tensor,
+              answers: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(teacher ‖ student) of the next-token distributions at the positions ``answers`` (B, L) marks.
+
+    ``s_final``/``t_final`` are the final (normed) hidden states; each model's LM head runs on the marked
+    positions only. Zero (with a gradient path) when nothing is marked.
+    """
+    if not answers.any():
+        return s_final.sum() * 0
+    s_logits = _unwrapped(student).get_output_embeddings()(s_final[answers]).float()
     with torch.no_grad():
-        t_out = teacher(input_ids=inputs, output_hidden_states=True, use_cache=False) if kind == "causal" else \
-            teacher(input_ids=inputs, output_hidden_states=True)
-    s_out = student(input_ids=inputs, output_hidden_states=True, use_cache=False) if kind == "causal" else \
-        student(input_ids=inputs, output_hidden_states=True)
-    s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
-    temp = cfg.temperature
-    kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
-                  reduction="none").sum(-1)
-    if kind == "causal":
-        lm = F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), ids[:, 1:].reshape(-1))
-    else:
-        lm = F.cross_entropy(s_logits[picked], ids[picked]) if picked.any() else s_logits.sum() * 0
+        t_logits = _unwrapped(teacher).get_output_embeddings()(t_final[answers]).float()
+    kl = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
+                   cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
+                   keep: list[int] | None = None, answers: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms for a batch of blocks ``ids`` (B, L) and their weighted total.
+
+    ``keep`` (the teacher layers the student kept) is needed only with ``cfg.alpha_hidden``, and
+    ``answers`` (a (B, L) mask of answer positions) only with ``cfg.alpha_answer``.
+    """
+    inputs = ids if inputs is None else inputs
+    heads = cfg.alpha_ce > 0 or cfg.alpha_lm > 0
+    with torch.no_grad():
+        t_out = _forward(teacher, inputs, kind=kind, heads=heads)
+    s_out = _forward(student, inputs, kind=kind, heads=heads)
+    terms: dict[str, torch.Tensor] = {}
+    if heads:
+        s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+        temp = cfg.temperature
+        kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                      reduction="none").sum(-1)
+        if kind == "causal":
+            lm = F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), ids[:, 1:].reshape(-1))
+        else:
+            lm = F.cross_entropy(s_logits[picked], ids[picked]) if picked.any() else s_logits.sum() * 0
+        terms |= {"ce": kl.mean() * temp**2, "lm": lm}
     h_s, h_t = s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float()
-    cos = 1 - F.cosine_similarity(h_s, h_t, dim=-1)
-    terms = {"ce": kl.mean() * temp**2, "lm": lm, "cos": cos.mean()}
-    terms["loss"] = cfg.alpha_ce * terms["ce"] + cfg.alpha_lm * terms["lm"] + cfg.alpha_cos * terms["cos"]
+    terms["cos"] = (1 - F.cosine_similarity(h_s, h_t, dim=-1)).mean()
+    total = cfg.alpha_ce * terms["ce"] + cfg.alpha_lm * terms["lm"] + cfg.alpha_cos * terms["cos"] if heads \
+        else cfg.alpha_cos * terms["cos"]
+    if cfg.alpha_hidden > 0:
+        if keep is None:
+            raise ValueError("alpha_hidden needs the kept layers")
+        terms["hidden"] = hidden_matching(s_out.hidden_states, t_out.hidden_states, keep)
+        total = total + cfg.alpha_hidden * terms["hidden"]
+    if cfg.alpha_answer > 0:
+        if answers is None:
+            raise ValueError("alpha_answer needs the answer positions")
+        terms["answer"] = answer_kl(student, teacher, s_out.hidden_states[-1], t_out.hidden_states[-1], answers,
+                                    cfg.temperature)
+        total = total + cfg.alpha_answer * terms["answer"]
+    terms["loss"] = total
     return terms
 
 
@@ -232,6 +324,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     tc = teacher.model.config
     keep = parse_keep_layers(cfg.keep_layers, getattr(tc, "num_hidden_layers", None) or tc.n_layer)
     kind = teacher.kind
+    if kind == "masked" and cfg.alpha_answer > 0:
+        raise PostError("--alpha-answer is for causal LMs (their answer comes after the text); "
+                        f"{cfg.teacher} is a masked LM.")
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
@@ -292,7 +387,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
                 picked = picked[acc.process_index :: acc.num_processes].to(acc.device)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
-            terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs)
+            answers = answer_positions(ids, teacher.tokenizer) if cfg.alpha_answer > 0 else None
+            terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs,
+                                   keep=keep, answers=answers)
             progress.check_finite("distillation loss", terms["loss"].detach(), step=step, run_path=run_path)
             acc.backward(terms["loss"])
             acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
