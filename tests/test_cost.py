@@ -198,6 +198,23 @@ def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatc
     assert "| run-tune-False |" in cost.report_section(tmp_path, Rates(1e9, 1e9))
 
 
+def test_the_demo_setting_is_the_shipped_demo_config():
+    import yaml
+    from importlib import resources
+
+    demo = yaml.safe_load((resources.files("post") / "configs" / "demo.yaml").read_text())
+    w = cost.SETTINGS["demo"]
+    assert (w.target, w.keep_layers, w.max_length) == (demo["target"], demo["distill"]["keep_layers"], demo["max_length"])
+    assert (w.max_steps, w.batch_size, w.n_tokens, w.eval_examples) == (
+        demo["tune"]["max_steps"], demo["tune"]["batch_size"], demo["tune"]["n_tokens"], demo["tune"]["eval_limit"])
+    assert (w.target_steps, w.target_batch_size) == (demo["tune_target"]["max_steps"], demo["tune_target"]["batch_size"])
+    t = demo["transfer"]
+    assert (w.transfer_steps, w.transfer_batch_size, w.transfer_mode, w.public_texts) == (
+        t["steps"], t["batch_size"], t["mode"], t["public_limit"])
+    d = demo["distill"]
+    assert (w.distill_steps, w.distill_batch_size, w.block_size) == (d["max_steps"], d["batch_size"], d["block_size"])
+
+
 def test_distillation_time_adds_the_measured_loss_cost_per_logit():
     w = cost.SETTINGS["demo"]
     plain = {s["stage"]: s["seconds"] for s in estimate(w, Rates(1e10, 1e10))["stages"]}

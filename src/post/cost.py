@@ -394,11 +394,11 @@ _PAPER = {"n_tokens": 100, "max_length": 128, "pad_to_max_length": True, "all_po
 SETTINGS: dict[str, Setting] = {
     # src/post/configs/demo.yaml; widths: mean padded width of random batches of mr (max 64) and airline, measured.
     "demo": Setting(target="smollm2-135m", keep_layers="0,10,20,29", n_train=3200, epochs=1, max_steps=50,
-                    batch_size=32, target_steps=8, target_batch_size=16, n_tokens=10, max_length=64,
+                    batch_size=32, target_steps=30, target_batch_size=16, n_tokens=10, max_length=64,
                     text_tokens=59.0, public_tokens=58.0, eval_examples=100, transfer_steps=30,
                     transfer_batch_size=8, transfer_mode="label-words", public_texts=96, distill_steps=40,
                     distill_batch_size=4, block_size=128,
-                    note="demo.yaml: 50 steps on Φs; its PT-on-Φt baseline runs 8 steps of 16"),
+                    note="demo.yaml: 50 steps on Φs; its PT-on-Φt baseline runs 30 steps of 16"),
     "paper-gpt2xl-sst2": Setting(target="gpt2-xl", keep_layers="0,1,-2,-1", n_train=67349, epochs=20,
                                  transfer_steps=8000, transfer_batch_size=8, distill_steps=20000,
                                  distill_batch_size=16, block_size=256, eval_examples=872,
