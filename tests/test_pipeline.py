@@ -110,6 +110,22 @@ def test_report_is_self_contained(finished):
     assert "- `transfer-dp`: matched full-vocabulary distributions (the paper's loss), α = " in md
 
 
+def test_summary_is_written_once_and_post_report_rebuilds_the_report_from_it(finished, monkeypatch):
+    import post.pipeline as pipeline
+
+    root, path, result, _ = finished
+    out = root / "out"
+    assert json.loads((out / "pipeline-result.json").read_text()) == result  # the report's path included
+    md = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == md
+    written, write_json = [], pipeline.write_json
+    monkeypatch.setattr(pipeline, "write_json", lambda p, obj: (written.append(Path(p).name), write_json(p, obj)))
+    run_pipeline(load_pipeline_config(path), echo=lambda s: None)  # every step done earlier
+    assert written.count("pipeline-result.json") == 1
+
+
 def test_reconstruct_reads_every_prompt_against_the_public_control(finished):
     root, path, result, lines = finished
     rec = json.loads((root / "out" / "reconstruct" / "result.json").read_text())

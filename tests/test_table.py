@@ -32,6 +32,12 @@ def _eval(accuracy, prompt=None, n=N, **kw):
             "accuracy": accuracy, "n": n, "class_names": ["negative", "positive"], "seconds": 3.0, **kw}
 
 
+def _tune(model, train_seconds, **kw):
+    """A tune run's result (the fields every tune run writes, post.results.TuneResult's required ones)."""
+    return {"stage": "tune", "model": model, "task": "mr", "dp": False, "prompt": "prompt.safetensors", "n_train": N,
+            "train_seconds": train_seconds, **kw}
+
+
 def _prompt(method, model="student", eps=None):
     return {"method": method, "model": model, "source_model": "student", "epsilon": eps,
             "delta": 1e-4 if eps else None, "path": None}
@@ -49,8 +55,8 @@ def runs(tmp_path):
     _run(tmp_path, "eval-proxy", _eval(0.6, _prompt("tuned"), method="proxy", proxy_source_model="student"),
          [True] * 24 + [False] * 16)
     _run(tmp_path, "eval-direct", _eval(0.55, _prompt("tuned")))  # no predictions saved: p-value blank
-    _run(tmp_path, "tune-target", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False, "test_accuracy": 0.8,
-                                   "train_seconds": 60.0, "test": {"n": N, "class_names": ["negative", "positive"]}})
+    _run(tmp_path, "tune-target", _tune(TARGET, 60.0, test_accuracy=0.8,
+                                        test={"n": N, "class_names": ["negative", "positive"]}))
     return tmp_path, {"post": post_ok, "zs": zs_ok, "src": src_ok}
 
 
@@ -105,8 +111,7 @@ def test_p_value_needs_the_same_sentences(runs):
 
 
 def test_old_runs_without_n_keep_working(tmp_path):
-    d = _run(tmp_path, "old", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False, "test_accuracy": 0.5,
-                               "train_seconds": None})
+    d = _run(tmp_path, "old", _tune(TARGET, None, test_accuracy=0.5))
     md, text = build_table([classify(d, TARGET)])
     row = next(csv.DictReader(io.StringIO(text)))
     assert row["n"] == "" and row["ci_low"] == "" and row["p_value_vs_post"] == "" and "| 50.0 |" in md
@@ -199,13 +204,13 @@ def test_each_dp_epsilon_gets_its_own_table_tests_and_curve(tmp_path):
 def test_cost_counts_training_only_and_splits_user_from_provider(tmp_path):
     """Every method's cost counts the same things (training runs, never evaluation): ps's tuning is the
     user's; the transfer (α, caching, training) and the PT-on-Φt baseline's tuning are the provider's."""
-    ps = _run(tmp_path, "tune-source", {"stage": "tune", "model": "student", "task": "mr", "dp": False,
-                                        "train_seconds": 60.0})
-    tr = _run(tmp_path, "transfer", {"stage": "transfer", "train_seconds": 90.0, "cache_seconds": 12.0,
-                                     "alpha_seconds": 18.0, "seconds": 500.0})
+    ps = _run(tmp_path, "tune-source", _tune("student", 60.0))
+    tr = _run(tmp_path, "transfer", {"stage": "transfer", "prompt": "prompt.safetensors", "source_model": "student",
+                                     "target_model": TARGET, "alpha": 1.0, "mode": "vocab", "steps": 10,
+                                     "public": "airline", "public_texts": 20, "train_seconds": 90.0,
+                                     "cache_seconds": 12.0, "alpha_seconds": 18.0, "seconds": 500.0})
     (tr / "config.yaml").write_text(f"prompt: {ps / 'prompt.safetensors'}\n")
-    pt = _run(tmp_path, "tune-target", {"stage": "tune", "model": TARGET, "task": "mr", "dp": False,
-                                        "train_seconds": 300.0})
+    pt = _run(tmp_path, "tune-target", _tune(TARGET, 300.0))
     zs = _run(tmp_path, "zero-shot", _eval(0.5))  # its evaluation took 3 s: not a cost of producing anything
     post = _run(tmp_path, "eval-post", _eval(0.75, {**_prompt("post", model=TARGET),
                                                     "path": str(tr / "prompt.safetensors")}))

@@ -28,6 +28,10 @@ table, report             both        the results table and the HTML/Markdown re
 ``[-dp]`` stands for the privacy mode's suffix: none (non-private), ``-dp`` (the dp section's ε),
 or ``-dp-eps<E>`` for each extra ε of a privacy–utility curve (``modes: [..., dp-eps1]``).
 
+A step's config is built from earlier steps' results, read as :mod:`post.results` types (a step's
+output by attribute, e.g. the tune step's ``prompt``). The summary (``pipeline-result.json``) is
+written once, with the report, when every step has finished.
+
 Each step's *key* is a hash of its resolved config and its inputs' keys, kept in
 ``pipeline.json``. A step whose result exists under the same key is skipped; a step whose key
 changed (its own options, or anything upstream) is re-run from scratch and the pipeline says
@@ -55,7 +59,8 @@ import yaml
 from post.config import ModelOptions, TaskOptions, require
 from post.errors import ConfigError, PostError
 from post.progress import duration
-from post.rundir import RESULT_FILE, read_json, read_result, to_plain, write_json
+from post.results import StageResult, load_result, result_from_dict
+from post.rundir import RESULT_FILE, read_json, to_plain, write_json
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +231,8 @@ def load_pipeline_config(source: str | Path, overrides: list[str] | None = None,
 
 # --------------------------------------------------------------------------- the steps
 
+Results = Mapping[str, StageResult]  # earlier steps' typed results by step name, read by attribute
+
 
 @dataclass
 class Step:
@@ -234,7 +241,7 @@ class Step:
     name: str
     party: str
     stage: str
-    build: Callable[[dict[str, dict[str, Any]]], Any]  # results of earlier steps -> stage config
+    build: Callable[[Results], Any]  # results of earlier steps -> stage config
     run: Callable[[Any, Path], dict[str, Any]]
     deps: list[str]
     what: str
@@ -244,10 +251,15 @@ class Step:
 class _Deferred:
     """An option whose value comes from earlier steps' results."""
 
-    get: Callable[[dict[str, dict[str, Any]]], Any]
+    get: Callable[[Results], Any]
 
-    def __call__(self, results: dict[str, dict[str, Any]]) -> Any:
+    def __call__(self, results: Results) -> Any:
         return self.get(results)
+
+
+def _prompt_of(results: Results, step: str) -> Path:
+    """The prompt file an earlier tune, transfer or zst step wrote."""
+    return Path(results[step].prompt)
 
 
 def _section(cfg: PipelineConfig, name: str) -> dict[str, Any]:
@@ -296,8 +308,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     steps: list[Step] = []
     base = set(cfg.baselines)
 
-    def student_dir(results: dict[str, dict[str, Any]]) -> str:
-        return cfg.student if cfg.student else results["distill"]["student_dir"]
+    def student_dir(results: Results) -> str:
+        return cfg.student if cfg.student else results["distill"].student_dir
 
     if not cfg.student:
         steps.append(Step("distill", "provider", "distill", lambda r: _make(distill.DistillConfig, "distill", {
@@ -312,13 +324,13 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
 
     ev = _section(cfg, "evaluate")
 
-    def evaluation(name: str, party: str, model: str | Callable[[dict[str, dict[str, Any]]], str], split: str,
+    def evaluation(name: str, party: str, model: str | Callable[[Results], str], split: str,
                    prompt_from: str | None, deps: list[str], what: str, **extra: Any) -> Step:
-        def build(r: dict[str, dict[str, Any]]) -> Any:
+        def build(r: Results) -> Any:
             values = {**common, **task, "model": model if isinstance(model, str) else model(r), "split": split,
                       "seed": cfg.seed, **ev, **{k: v(r) if isinstance(v, _Deferred) else v for k, v in extra.items()}}
             if prompt_from is not None:
-                values["prompt"] = Path(r[prompt_from]["prompt"])
+                values["prompt"] = _prompt_of(r, prompt_from)
             return _make(evaluate.EvaluateConfig, "evaluate", values)
 
         return Step(name, party, "evaluate", build, evaluate.evaluate, deps, what)
@@ -326,16 +338,16 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     if "zero-shot" in base:
         steps.append(evaluation("zero-shot", "user", cfg.target, "test", None, [], "Φt zero-shot on test"))
 
-    def transfer_step(name: str, source: Callable[[dict[str, dict[str, Any]]], str], tuned: str,
+    def transfer_step(name: str, source: Callable[[Results], str], tuned: str,
                       deps: list[str], what: str) -> Step:
-        def build(r: dict[str, dict[str, Any]]) -> Any:
+        def build(r: Results) -> Any:
             # α comes from public labelled data (the public set itself when it is labelled): the
             # provider sends no private text to Φt and receives no statistic of private data.
             from post.data import is_dataset_name
 
             alpha_public = {"alpha_public": cfg.public} if is_dataset_name(cfg.public.lower()) else {}
             values = {**common, "source_model": source(r),
-                      "prompt": Path(r[tuned]["prompt"]), "target_model": cfg.target, "public": cfg.public,
+                      "prompt": _prompt_of(r, tuned), "target_model": cfg.target, "public": cfg.public,
                       "max_length": cfg.max_length, "seed": cfg.seed, **alpha_public, **_section(cfg, "transfer")}
             return _make(transfer.TransferConfig, "transfer", values)
 
@@ -348,7 +360,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
         if (eps := mode_epsilon(mode)) is not None:
             dp_opts["epsilon"] = eps
 
-        def tune_step(name: str, party: str, model_of: Callable[[dict[str, dict[str, Any]]], str], deps: list[str],
+        def tune_step(name: str, party: str, model_of: Callable[[Results], str], deps: list[str],
                       what: str, extra: Mapping[str, Any], dp_opts: dict[str, Any] = dp_opts) -> Step:
             values = _no_early_stop_if_dp(name, {**common, **task, "seed": cfg.seed, **tune_opts, **extra, **dp_opts})
             # Test accuracy comes from an evaluate step, on the same test examples as every other cell.
@@ -380,13 +392,13 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                     proxy_source_model=_Deferred(student_dir)))
         if "zst" in base:
             steps.append(Step(f"zst{sfx}", "provider", "zst", lambda r, sfx=sfx: _make(zst.ZstConfig, "zst", {
-                **common, "source_model": student_dir(r), "prompt": Path(r[f"tune-source{sfx}"]["prompt"]),
+                **common, "source_model": student_dir(r), "prompt": _prompt_of(r, f"tune-source{sfx}"),
                 "target_model": cfg.target, "seed": cfg.seed, **_section(cfg, "zst")}), zst.zst,
                 [*src_deps, f"tune-source{sfx}"], f"zero-shot continuous prompt transfer ({mode})"))
             steps.append(evaluation(f"eval-zst{sfx}", "user", cfg.target, "test", f"zst{sfx}", [f"zst{sfx}"],
                                     f"Φt with the ZST prompt ({mode})"))
         if cfg.undistilled:
-            und = lambda r: r["undistilled"]["model_dir"]  # noqa: E731
+            und = lambda r: r["undistilled"].model_dir  # noqa: E731
             steps.append(tune_step(f"tune-undistilled{sfx}", "user", und, ["undistilled"],
                                    f"prompt on the undistilled layers ({mode})", {}))
             steps.append(evaluation(f"eval-undistilled{sfx}", "user", und, "test", f"tune-undistilled{sfx}",
@@ -399,7 +411,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                                     f"transfer-undistilled{sfx}", [f"transfer-undistilled{sfx}"],
                                     f"Φt with pt from the undistilled layers ({mode})"))
         if cfg.attack is not None:
-            def attack_build(r: dict[str, dict[str, Any]], dp_opts: dict[str, Any] = dp_opts,
+            def attack_build(r: Results, dp_opts: dict[str, Any] = dp_opts,
                              sfx: str = sfx) -> Any:
                 values = _no_early_stop_if_dp(f"attack{sfx}", {
                     **common, **task, "seed": cfg.seed, **tune_opts, **dp_opts, "model": student_dir(r), "test": False,
@@ -418,7 +430,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
-def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dict[str, Any]]], str],
+def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[Results], str],
                        src_deps: list[str]) -> list[Step]:
     """A control prompt tuned like ps on public labelled data, then the nearest-token check of every prompt."""
     from post import reconstruct, tune
@@ -432,9 +444,9 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
 
     first_ps = "tune-source" + mode_suffix(cfg.modes[0])
 
-    def tune_public_build(r: dict[str, dict[str, Any]]) -> Any:
+    def tune_public_build(r: Results) -> Any:
         # As many examples as ps was tuned on, so the control takes as many steps.
-        limit = r[first_ps]["n_train"]
+        limit = r[first_ps].n_train
         return _make(tune.TuneConfig, "tune", {
             **common, "task": reference_task, "label_words": reference_words, "max_length": cfg.max_length,
             "split_seed": cfg.split_seed, "seed": cfg.seed, **tune_opts, "train_limit": limit, "dp": False,
@@ -444,22 +456,42 @@ def _reconstruct_steps(cfg: PipelineConfig, student_dir: Callable[[dict[str, dic
                        "control prompt tuned like ps on public labelled data")
     prompts = [f"{stage}{mode_suffix(mode)}" for mode in cfg.modes for stage in ("tune-source", "transfer")]
 
-    def build(r: dict[str, dict[str, Any]]) -> Any:
+    def build(r: Results) -> Any:
         return _make(reconstruct.ReconstructConfig, "reconstruct", {
-            **common, **_task_opts(cfg), "prompt": [Path(r[p]["prompt"]) for p in prompts],
-            "reference": [Path(r["tune-public"]["prompt"])], "public": cfg.public, "local_model": student_dir(r),
+            **common, **_task_opts(cfg), "prompt": [_prompt_of(r, p) for p in prompts],
+            "reference": [_prompt_of(r, "tune-public")], "public": cfg.public, "local_model": student_dir(r),
             **opts})
 
     return [tune_public, Step("reconstruct", "user", "attack-reconstruct", build, reconstruct.reconstruct,
                               ["tune-public", *prompts], "nearest-token reading of every prompt vs the control")]
 
 
+@dataclass(frozen=True)
+class _Placeholder:
+    """Any earlier step's result in a dry run: a placeholder for each attribute the steps' builders read."""
+
+    name: str
+    n_train: int = 2
+    seconds: float | None = None
+
+    @property
+    def student_dir(self) -> str:
+        return f"<{self.name}>"
+
+    @property
+    def model_dir(self) -> str:
+        return f"<{self.name}>"
+
+    @property
+    def prompt(self) -> str:
+        return f"<{self.name}>.safetensors"
+
+
 class _Placeholders(dict):
     """Stand-in results for a dry run: every step's outputs exist, as placeholder values."""
 
-    def __missing__(self, name: str) -> dict[str, Any]:
-        return {"student_dir": f"<{name}>", "model_dir": f"<{name}>", "prompt": f"<{name}>.safetensors",
-                "accuracy": 0.5, "n_train": 2}
+    def __missing__(self, name: str) -> _Placeholder:
+        return _Placeholder(name)
 
 
 def check_steps(cfg: PipelineConfig) -> list[Step]:
@@ -479,7 +511,7 @@ def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
 def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Callable[[str], None] | None = None
                  ) -> dict[str, Any]:
     """Run (or resume) every step; write the table and the report; return the pipeline's result."""
-    from post.report import write_report
+    from post.report import PIPELINE_RESULT, write_report
     from post.table import TableConfig, table
 
     say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -498,7 +530,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         bad = sorted(set(only) - names)
         if bad:
             raise ConfigError(f"--only: no step {', '.join(bad)}; steps: {', '.join(s.name for s in steps)}.")
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, StageResult] = {}
     new_keys: dict[str, str] = {}
     timings: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
@@ -511,14 +543,14 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         head = f"[{i:2d}/{n}] {step.name:<24} {step.party:<8}"
         finished = (d / RESULT_FILE).exists()
         if finished and keys.get(step.name) == key:
-            results[step.name] = read_result(d)
+            results[step.name] = load_result(d)
             say(f"{head} done earlier ({step.what})")
-            timings[step.name] = {"party": step.party, "seconds": results[step.name].get("seconds"), "skipped": True}
+            timings[step.name] = {"party": step.party, "seconds": results[step.name].seconds, "skipped": True}
             continue
         if only and step.name not in only:
             if not finished:
                 raise PostError(f"step {step.name} has not run yet and --only leaves it out; run without --only first.")
-            results[step.name] = read_result(d)
+            results[step.name] = load_result(d)
             continue
         if d.exists() and keys.get(step.name) not in (None, key):
             changed = [dep for dep in step.deps if state.get("keys", {}).get(dep) not in (None, new_keys[dep])]
@@ -532,7 +564,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         keys[step.name] = key  # before running: an interrupted step resumes under the same key
         write_json(state_path, {"keys": keys})
         t0 = time.perf_counter()
-        results[step.name] = step.run(config, d)
+        results[step.name] = result_from_dict(step.run(config, d), source=f"step {step.name}'s result")
         took = time.perf_counter() - t0
         timings[step.name] = {"party": step.party, "seconds": round(took, 3), "skipped": False}
         say(f"{'':7} {step.name:<24} finished in {duration(took)} (pipeline {duration(time.perf_counter() - t_start)})")
@@ -551,8 +583,6 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
                "steps": {s.name: {"party": s.party, "stage": s.stage, "key": new_keys[s.name],
                                   "what": s.what, **timings.get(s.name, {})} for s in steps},
                "seconds": round(time.perf_counter() - t_start, 3), "table": tab["table"]}
-    write_json(out / "pipeline-result.json", summary)
-    report = write_report(out)
-    summary["report"] = str(report)
-    write_json(out / "pipeline-result.json", summary)
+    summary["report"] = str(write_report(out, summary))
+    write_json(out / PIPELINE_RESULT, summary)  # once, with the report: a pipeline-result.json marks a finished run
     return summary

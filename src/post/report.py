@@ -1,10 +1,10 @@
 """The pipeline's report: one self-contained HTML file (images inlined) and a Markdown twin.
 
-It reads run directories only (``pipeline-result.json``, each step's ``result.json``,
-``metrics.jsonl``, ``privacy.json``, the attack's ROC data) and shows: the results table, the
-privacy spent (ε, δ, σ, the ledger), the LiRA audit, whether POST met its goals, accuracy bars
-per method, loss curves, the cost of each stage, the distillation's quality figures and the
-config that produced it all.
+It reads run directories only (``pipeline-result.json`` unless the pipeline passes its summary,
+each step's ``result.json`` through :mod:`post.results`, ``metrics.jsonl``, ``privacy.json``, the
+attack's ROC data) and shows: the results table, the privacy spent (ε, δ, σ, the ledger), the LiRA
+audit, whether POST met its goals, accuracy bars per method, loss curves, the cost of each stage,
+the distillation's quality figures and the config that produced it all.
 """
 
 from __future__ import annotations
@@ -16,20 +16,26 @@ import io
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from post.errors import PostError
 from post.progress import duration
+from post.results import AttackResult, DistillResult, StageResult, TransferResult, load_result
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
 from post.stats import at_chance, format_p
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
+PIPELINE_RESULT = "pipeline-result.json"  # the pipeline's summary, written once it has finished (with the report)
+
+R = TypeVar("R", bound=StageResult)
 
 
-def _maybe(path: Path) -> dict[str, Any] | None:
-    return read_result(path) if (path / RESULT_FILE).is_file() else None
+def _maybe(path: Path, kind: type[R]) -> R | None:
+    """The ``kind`` result of the run directory ``path``, or None when it has none."""
+    return kind.from_dir(path) if (path / RESULT_FILE).is_file() else None
 
 
 def _cells(out: Path) -> list[dict[str, str]]:
@@ -291,21 +297,27 @@ def _transfer_lines(out: Path, steps: dict[str, Any]) -> list[str]:
     """How each POST cell's prompt was transferred: the loss, α and its source, steps, public texts."""
     lines = []
     for name in _of_stage(steps, "transfer"):
-        if (r := _maybe(out / name)) is None:
+        if (r := _maybe(out / name, TransferResult)) is None:
             continue
-        lines.append(f"- `{name}`: matched {_LOSS.get(r.get('mode'), r.get('mode'))}, α = {float(r['alpha']):.2f} "
-                     f"({r.get('alpha_source', 'given')}), {r['steps']} steps on {r['public_texts']} public texts "
-                     f"of `{r['public']}`")
+        lines.append(f"- `{name}`: matched {_LOSS.get(r.mode, r.mode)}, α = {float(r.alpha):.2f} "
+                     f"({r.alpha_source or 'given'}), {r.steps} steps on {r.public_texts} public texts "
+                     f"of `{r.public}`")
     return ["Transfers:", "", *lines, ""] if lines else []
 
 
-def write_report(out: str | Path) -> Path:
-    """Write ``report.html`` and ``report.md`` for a pipeline directory; return the HTML path."""
+def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> Path:
+    """Write ``report.html`` and ``report.md`` for a pipeline directory; return the HTML path.
+
+    ``summary``: the pipeline's summary (out, target, task, public, steps, seconds, table), as the pipeline
+    passes it before writing ``pipeline-result.json``; by default read from that file (``post report DIR``).
+    """
     out = Path(out)
-    summary_path = out / "pipeline-result.json"
-    if not summary_path.is_file():
-        raise PostError(f"{out} is not a finished pipeline directory (no pipeline-result.json); run post run first.")
-    summary = read_json(summary_path)
+    if summary is None:
+        summary_path = out / PIPELINE_RESULT
+        if not summary_path.is_file():
+            raise PostError(f"{out} is not a finished pipeline directory (no {PIPELINE_RESULT}); run post run "
+                            "first.")
+        summary = read_json(summary_path)
     config = read_json(out / "pipeline-config.json") if (out / "pipeline-config.json").is_file() else {}
     steps: dict[str, Any] = summary.get("steps", {})
     cells = _cells(out)
@@ -314,8 +326,9 @@ def write_report(out: str | Path) -> Path:
     # every DP ps (one per privacy level): its ledger, as the user's run directory keeps it
     ledgers = {name: read_json(out / name / "privacy.json") for name in _of_stage(steps, "tune", "tune-source")
                if (out / name / "privacy.json").is_file()}
-    distill = _maybe(out / "distill")
-    attacks = {name: r for name in _of_stage(steps, "attack-lira") if (r := _maybe(out / name)) is not None}
+    distill = _maybe(out / "distill", DistillResult)
+    attacks = {name: r for name in _of_stage(steps, "attack-lira")
+               if (r := _maybe(out / name, AttackResult)) is not None}
     goal_rows = goals(cells)
 
     seconds = {name: _step_seconds(out, name, s) for name, s in steps.items()}
@@ -358,26 +371,28 @@ def write_report(out: str | Path) -> Path:
         md += ["| LiRA (online) | shadows | pool | AUC | TPR@0.1%FPR | TPR@1%FPR | empirical ε ≥ | ε spent |",
                "|---|---|---|---|---|---|---|---|"]
         for name, a in attacks.items():
-            for label, figs in (("ps", a["source_prompt"]), ("pt (transferred)", a.get("transferred_prompt"))):
+            for label, figs in (("ps", a.source_prompt), ("pt (transferred)", a.transferred_prompt)):
                 if figs:
                     o = figs["online"]
-                    eps = _eps(a.get("epsilon"))
-                    md.append(f"| {name}: {label} | {a['shadows']} | {a['pool']} | {o['auc']:.3f} | "
+                    eps = _eps(a.epsilon)
+                    md.append(f"| {name}: {label} | {a.shadows} | {a.pool} | {o['auc']:.3f} | "
                               f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
                               f"{o['epsilon_lower_bound']:.2f} | {eps} |")
         md.append("")
-    if (recon := _maybe(out / "reconstruct")) is not None:
+    if (out / "reconstruct" / RESULT_FILE).is_file():  # read as a whole by post.reconstruct, which owns its layout
         from post.reconstruct import markdown as reconstruct_md
+
+        recon = read_result(out / "reconstruct")
 
         md += ["Prompt reconstruction check (each prompt vector read as its nearest vocabulary token; cells: "
                "n-grams found in the private texts / projected / found in no public text, init text or template):",
                "", *reconstruct_md(recon).splitlines()[2:]]
     if distill:
-        t, u, d = distill["teacher_quality"], distill["undistilled_quality"], distill["distilled_quality"]
+        t, u, d = distill.teacher_quality, distill.undistilled_quality, distill.distilled_quality
         md += ["## Distillation", "",
-               f"Layers {distill['keep_layers']} of {summary.get('target')}: {distill['student_params'] / 1e6:.1f}M "
-               f"of {distill['teacher_params'] / 1e6:.1f}M parameters, {distill['steps']} steps, "
-               f"{distill['tokens_seen']:,} tokens, {duration(distill['train_seconds'])}.", "",
+               f"Layers {distill.keep_layers} of {summary.get('target')}: {distill.student_params / 1e6:.1f}M "
+               f"of {distill.teacher_params / 1e6:.1f}M parameters, {distill.steps} steps, "
+               f"{distill.tokens_seen:,} tokens, {duration(distill.train_seconds)}.", "",
                "| model | held-out perplexity | KL to teacher (nats/token) |", "|---|---|---|",
                f"| teacher | {t['perplexity']:.1f} | 0 |",
                f"| kept layers, undistilled | {u['perplexity']:.1f} | {u['kl_to_teacher']:.3f} |",
@@ -390,9 +405,9 @@ def write_report(out: str | Path) -> Path:
     (out / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
 
     bars, losses = accuracy_bars(cells), loss_curves(out, list(steps))
-    rocs = {name: _b64_file(Path(a["roc_png"])) for name, a in attacks.items()}
-    rocs.update({f"{name} (transferred)": _b64_file(Path(a["roc_transferred_png"]))
-                 for name, a in attacks.items() if a.get("roc_transferred_png")})
+    rocs = {name: _b64_file(Path(a.roc_png)) for name, a in attacks.items()}
+    rocs.update({f"{name} (transferred)": _b64_file(Path(a.roc_transferred_png))
+                 for name, a in attacks.items() if a.roc_transferred_png})
     html_text = _html(md, bars, losses, {k: v for k, v in rocs.items() if v}, curve_png)
     path = out / REPORT_HTML
     path.write_text(html_text, encoding="utf-8")
@@ -438,8 +453,8 @@ def _short(name: Any) -> str:
 
 
 def _step_seconds(out: Path, name: str, s: dict[str, Any]) -> Any:
-    r = _maybe(out / name)
-    return r.get("seconds") if r else s.get("seconds")
+    """A step's seconds from its run directory's result, else as the summary has them."""
+    return load_result(out / name).seconds if (out / name / RESULT_FILE).is_file() else s.get("seconds")
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;

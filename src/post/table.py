@@ -2,9 +2,10 @@
 
 Rows are private tasks; columns are the methods of the paper's tables, each without and with DP:
 zero-shot Φt, PT on Φt, PT on Φs, direct transfer, ZST, POST. Each run directory is placed by
-what its ``result.json`` says (stage, model, prompt provenance), so the table reads run
-directories only. A cell's time is the cost of producing it: tuning for PT cells; tuning on Φs
-plus the transfer for transferred prompts (followed through the prompt files' run directories).
+what its ``result.json`` says (stage, model, prompt provenance; read as :mod:`post.results` types),
+so the table reads run directories only. A cell's time is the cost of producing it: tuning for PT
+cells; tuning on Φs plus the transfer for transferred prompts (followed through the prompt files'
+run directories).
 
 Every accuracy carries its test-set size n and its Wilson 95% interval (:mod:`post.stats`). Where
 runs saved per-example predictions (``predictions.json``: evaluate runs, and tune runs that write
@@ -24,7 +25,16 @@ from typing import Any
 
 from post.config import require
 from post.errors import PostError
-from post.rundir import RESULT_FILE, RunDir, read_result
+from post.results import (
+    DistillResult,
+    EvaluateResult,
+    StudentResult,
+    TransferResult,
+    TuneResult,
+    ZstResult,
+    load_result,
+)
+from post.rundir import RESULT_FILE, RunDir
 from post.stats import accuracy_interval, format_p, paired_mcnemar
 
 METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "proxy tuning", "POST",
@@ -104,15 +114,14 @@ def setting_title(setting: float | None) -> str:
     return "non-private" if setting is None else f"DP ε = {setting:g}"
 
 
-def _with_size(cell: Cell, metrics: dict[str, Any] | None, run: Path) -> Cell:
+def _with_size(cell: Cell, n: int | None, class_names: list[str] | None, run: Path) -> Cell:
     """Fill n, the class count and the saved predictions of a cell from its run."""
     from post.evaluate import read_predictions
 
-    metrics = metrics or {}
-    if metrics.get("n") is not None:
-        cell.n = int(metrics["n"])
-    if metrics.get("class_names"):
-        cell.num_classes = len(metrics["class_names"])
+    if n is not None:
+        cell.n = int(n)
+    if class_names:
+        cell.num_classes = len(class_names)
     cell.predictions = read_predictions(run)
     return cell
 
@@ -138,19 +147,19 @@ def _prompt_cost(prompt_path: str | None, target: str | None = None) -> tuple[fl
         return None
     run = Path(prompt_path).parent
     try:
-        r = read_result(run)
+        r = load_result(run)
     except PostError:
         return None
-    if r.get("stage") == "tune":
-        seconds = float(r["train_seconds"])
-        return (0.0, seconds) if target is not None and r.get("model") == target else (seconds, 0.0)
-    if r.get("stage") in ("transfer", "zst"):
+    if isinstance(r, TuneResult):
+        seconds = float(r.train_seconds)  # type: ignore[arg-type]
+        return (0.0, seconds) if target is not None and r.model == target else (seconds, 0.0)
+    if isinstance(r, (TransferResult, ZstResult)):
         source = json.loads(json.dumps(_config(run))).get("prompt")
         user, provider = _prompt_cost(source, target) or (0.0, 0.0)
         # the provider's work on it: measuring α, caching the public outputs, training (a ZST run has
         # only its total)
-        own = r.get("train_seconds", 0) + r.get("cache_seconds", 0) + r.get("alpha_seconds", 0) \
-            if "train_seconds" in r else r.get("seconds", 0)
+        own = r.train_seconds + r.cache_seconds + (r.alpha_seconds or 0) \
+            if isinstance(r, TransferResult) else r.seconds or 0
         return user, provider + float(own)
     return None
 
@@ -182,62 +191,73 @@ def _undistilled(model: str | None) -> bool:
         return False
     run = Path(model).parent
     try:
-        return (run / RESULT_FILE).is_file() and read_result(run).get("stage") == "student"
+        return (run / RESULT_FILE).is_file() and isinstance(load_result(run), StudentResult)
     except PostError:
         return False
 
 
 def classify(run: Path, target: str) -> Cell | None:
     """The table cell a finished run fills, or None when it is not a table cell."""
-    r = read_result(run)
-    cell = _classify(r, run, target)
-    if cell is None:
-        return None
-    return _with_size(cell, r.get("test") if r.get("stage") == "tune" else r, run)
+    r = load_result(run)
+    if isinstance(r, TuneResult):
+        cell = _tune_cell(r, run, target)
+        test = r.test or {}  # the test split's metrics, when the run scored it
+        return None if cell is None else _with_size(cell, test.get("n"), test.get("class_names"), run)
+    if isinstance(r, EvaluateResult):
+        cell = _evaluate_cell(r, run, target)
+        return None if cell is None else _with_size(cell, r.n, r.class_names, run)
+    return None
 
 
-def _prompt_cell(r: dict[str, Any], method: str, run: Path, target: str) -> Cell:
+def _prompt_cell(r: EvaluateResult, method: str, run: Path, target: str) -> Cell:
     """A cell scored with a prompt file: its privacy from the prompt's ledger, its cost from the runs behind it."""
-    p = r["prompt"]
-    cost = _prompt_cost(p.get("path"), target)
-    return Cell(r["task"], method, p.get("epsilon") is not None, r["accuracy"], p.get("epsilon"), p.get("delta"),
+    p = r.prompt
+    assert p is not None
+    cost = _prompt_cost(p.path, target)
+    return Cell(r.task, method, p.epsilon is not None, r.accuracy, p.epsilon, p.delta,
                 None if cost is None else sum(cost), str(run), user_seconds=None if cost is None else cost[0],
-                provider_seconds=None if cost is None else cost[1], target_epsilon=p.get("target_epsilon"))
+                provider_seconds=None if cost is None else cost[1], target_epsilon=p.target_epsilon)
 
 
-def _classify(r: dict[str, Any], run: Path, target: str) -> Cell | None:
-    stage = r.get("stage")
-    if stage == "tune" and r.get("test_accuracy") is not None:
-        method = "PT on Φt" if r["model"] == target else (
-            "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
-        seconds = r.get("train_seconds")
-        on_target = r["model"] == target
-        return Cell(r["task"], method, bool(r["dp"]), r["test_accuracy"], r.get("epsilon"), r.get("delta"),
-                    seconds, str(run), user_seconds=None if seconds is None else 0.0 if on_target else seconds,
-                    provider_seconds=None if seconds is None else seconds if on_target else 0.0,
-                    target_epsilon=(r.get("privacy") or {}).get("target_epsilon"))
-    if stage != "evaluate" or r.get("split") != "test":
+def _pt_method(model: str, target: str) -> str:
+    """The PT column of a prompt tuned (and scored) on ``model``."""
+    return "PT on Φt" if model == target else "PT on Φs, undistilled" if _undistilled(model) else "PT on Φs"
+
+
+def _tune_cell(r: TuneResult, run: Path, target: str) -> Cell | None:
+    """A tune run that scored the test split: a PT cell, costed by its own training."""
+    if r.test_accuracy is None:
         return None
-    p = r.get("prompt")
-    if r.get("method") == "proxy":  # the target plus the prompt's change on the small model, at query time
-        if r.get("model") != target or p is None:
+    seconds = r.train_seconds
+    on_target = r.model == target
+    return Cell(r.task, _pt_method(r.model, target), bool(r.dp), r.test_accuracy, r.epsilon, r.delta,
+                seconds, str(run), user_seconds=None if seconds is None else 0.0 if on_target else seconds,
+                provider_seconds=None if seconds is None else seconds if on_target else 0.0,
+                target_epsilon=(r.privacy or {}).get("target_epsilon"))
+
+
+def _evaluate_cell(r: EvaluateResult, run: Path, target: str) -> Cell | None:
+    """A test-split evaluation: zero-shot Φt, a PT cell, or a transferred prompt's cell (by the prompt's origin)."""
+    if r.split != "test":
+        return None
+    p = r.prompt
+    if r.method == "proxy":  # the target plus the prompt's change on the small model, at query time
+        if r.model != target or p is None:
             return None
         return _prompt_cell(r, "proxy tuning", run, target)
-    if p is not None and p.get("method") == "tuned" and _same_model(p["model"], r.get("model")):
+    if p is not None and p.method == "tuned" and _same_model(p.model, r.model):
         # A prompt scored on the model it was tuned on: a PT cell, costed by its tuning run.
-        method = "PT on Φt" if r["model"] == target else (
-            "PT on Φs, undistilled" if _undistilled(r["model"]) else "PT on Φs")
-        return _prompt_cell(r, method, run, target)
-    if r.get("model") != target:
+        return _prompt_cell(r, _pt_method(r.model, target), run, target)
+    if r.model != target:
         return None
     if p is None:  # nothing trained: no cost to produce it (evaluation is not counted for any method)
-        return Cell(r["task"], "zero-shot Φt", False, r["accuracy"], None, None, 0.0, str(run), user_seconds=0.0,
+        return Cell(r.task, "zero-shot Φt", False, r.accuracy, None, None, 0.0, str(run), user_seconds=0.0,
                     provider_seconds=0.0)
-    direct = None if _same_model(p["model"], target) else "direct transfer"
-    method = {"post": "POST", "zst": "ZST"}.get(p.get("method"), direct)
+    direct = None if _same_model(p.model, target) else "direct transfer"
+    method = {"post": "POST", "zst": "ZST"}.get(p.method or "", direct)
     # Prompt files name a local source only as local:NAME; the transfer run's config holds its directory.
-    source = _config(Path(p["path"]).parent).get("source_model") if p.get("path") else None
-    if method == "POST" and _undistilled(source or p.get("source_model")):
+    source = _config(Path(p.path).parent).get("source_model") if p.path else None
+    if method == "POST" and _undistilled(source or p.source_model):
         method = "POST, undistilled Φs"
     if method is None:
         return None
@@ -365,8 +385,8 @@ def table(cfg: TableConfig, run_dir: str | Path) -> dict[str, Any]:
     run = RunDir(run_dir, stage="table", config=cfg)
     dirs = _result_dirs(cfg.runs)
     cells = [c for d in dirs if (c := classify(d, cfg.target)) is not None]
-    distills = [float(r["train_seconds"]) for d in dirs
-                if (r := read_result(d)).get("stage") == "distill" and r.get("train_seconds") is not None]
+    distills = [float(r.train_seconds) for d in dirs
+                if isinstance(r := load_result(d), DistillResult) and r.train_seconds is not None]
     if not cells:
         raise PostError("none of the runs is a table cell (finished tune runs, or test-split evaluate runs on "
                         f"the target {cfg.target}).")

@@ -1,0 +1,283 @@
+"""Typed stage results: what a finished run directory's ``result.json`` says, as frozen dataclasses.
+
+Each stage writes its figures with :meth:`post.rundir.RunDir.finish`; the pipeline, the table and the
+report read them back through these types, by attribute, instead of by the keys of the JSON layout:
+
+========================  =================  ============================================================
+type                      ``stage``          read by
+========================  =================  ============================================================
+:class:`DistillResult`    ``distill``        pipeline (the student), table (its cost), report (quality)
+:class:`StudentResult`    ``student``        pipeline (the undistilled layers), table (which source)
+:class:`TuneResult`       ``tune``           pipeline (prompt, n_train), table (PT cells and costs)
+:class:`TransferResult`   ``transfer``       pipeline (the prompt), table (costs), report (α, loss)
+:class:`ZstResult`        ``zst``            pipeline (the prompt), table (costs)
+:class:`EvaluateResult`   ``evaluate``       table (every test-split cell)
+:class:`AttackResult`     ``attack-lira``    report (the LiRA audit)
+========================  =================  ============================================================
+
+Reading a result:
+
+- ``TuneResult.from_dir(path)`` reads ``<path>/result.json``; ``TuneResult.from_dict(d)`` takes the
+  mapping itself. Either raises :class:`~post.errors.PostError` (one line) when the file is missing or
+  unreadable, when it holds another stage's result, or when a required field is absent.
+- :func:`load_result` and :func:`result_from_dict` pick the type from the ``stage`` field (any other
+  stage gives a plain :class:`StageResult`).
+
+Required fields are those every run of the stage writes and some reader needs; a field that older or
+hand-made results may lack has a default (None). A required field may still hold None where the stage
+writes None (e.g. an evaluation without a prompt). Values are kept as JSON gave them (no casting, lists
+stay lists), so what a reader computes from them is unchanged; only ``prompt`` of an evaluation becomes a
+:class:`PromptInfo`. Every key a type does not name is kept, read-only, in ``extra``: nothing in the
+file is lost, and figures no reader uses yet need no field.
+
+Frozen means the attributes cannot be reassigned; nested figures (dicts, lists) are the parsed JSON and
+are to be treated as read-only. The stage functions still return plain dicts; these types are for
+reading results back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+from post.errors import PostError
+from post.rundir import RESULT_FILE, read_result
+
+R = TypeVar("R", bound="StageResult")
+
+
+def _missing(cls: type, d: Mapping[str, Any]) -> list[str]:
+    """The fields of ``cls`` without a default that ``d`` lacks."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
+
+
+def _read(path: str | os.PathLike[str], what: str) -> tuple[dict[str, Any], str]:
+    """A run directory's parsed ``result.json`` and the file's name, or a PostError naming the directory."""
+    file = Path(path) / RESULT_FILE
+    if not file.is_file():
+        raise PostError(f"{path} is not a finished {what} directory (no {RESULT_FILE}); run the stage first or "
+                        "pass another directory.")
+    return read_result(path), str(file)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptInfo:
+    """What an evaluation's result says of the prompt it scored (:meth:`post.prompt.PromptFile.summary`).
+
+    Attributes:
+        model: The model the prompt belongs to (``local:<name>`` for a local directory).
+        method: ``tuned``, ``post`` or ``zst``: how the prompt was made.
+        path: The prompt file.
+        source_model: The model a transferred prompt came from.
+        epsilon, delta, target_epsilon: The prompt's privacy ledger (None for a non-private prompt).
+        n_tokens: Its length.
+
+    Other keys of the summary are dropped (it is not a stage result and has no ``extra``).
+    """
+
+    model: str
+    method: str | None = None
+    path: str | None = None
+    source_model: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    target_epsilon: float | None = None
+    n_tokens: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "a prompt summary") -> PromptInfo:
+        if not isinstance(d, Mapping):
+            raise PostError(f"{source}: the prompt is not a mapping ({type(d).__name__}); re-run the evaluation.")
+        if missing := _missing(cls, d):
+            raise PostError(f"{source}: the prompt lacks {', '.join(missing)}; re-run the evaluation.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageResult:
+    """A finished run's result: its stage, its seconds, and (here) every other key in ``extra``.
+
+    Subclasses name the fields their readers use; ``STAGE`` is the stage they accept.
+    """
+
+    STAGE: ClassVar[str | None] = None
+    _NESTED: ClassVar[Mapping[str, Any]] = {}  # field -> a from_dict for a nested mapping (None stays None)
+
+    stage: str
+    seconds: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_dict(cls: type[R], d: Mapping[str, Any], *, source: str | None = None) -> R:
+        """The result in ``d`` (a parsed ``result.json``); ``source`` names it in errors (default: the type)."""
+        where = source or f"a {cls.STAGE or 'stage'} result"
+        if not isinstance(d, Mapping):
+            raise PostError(f"{where} is not a result (a JSON object, got {type(d).__name__}).")
+        if cls.STAGE is not None and d.get("stage") != cls.STAGE:
+            raise PostError(f"{where} is a {d.get('stage')!r} result, not a {cls.STAGE} result; "
+                            f"pass the {cls.STAGE} run's directory.")
+        if missing := _missing(cls, d):
+            raise PostError(f"{where} lacks {', '.join(missing)} (written by another version of post "
+                            f"{d.get('stage', '?')}?); re-run that stage.")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: d[k] for k in names if k in d}
+        for name, parse in cls._NESTED.items():
+            if values.get(name) is not None:
+                values[name] = parse(values[name], source=f"{where}, field {name}")
+        return cls(**values, extra=MappingProxyType({k: v for k, v in d.items() if k not in names}))
+
+    @classmethod
+    def from_dir(cls: type[R], path: str | os.PathLike[str]) -> R:
+        """The result in ``<path>/result.json``."""
+        d, file = _read(path, f"{cls.STAGE} run" if cls.STAGE else "run")
+        return cls.from_dict(d, source=file)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillResult(StageResult):
+    """``post distill``: the student directory and the distillation's figures."""
+
+    STAGE: ClassVar[str | None] = "distill"
+
+    student_dir: str
+    teacher: str
+    keep_layers: list[int]
+    teacher_params: int
+    student_params: int
+    steps: int
+    tokens_seen: int
+    train_seconds: float
+    teacher_quality: Mapping[str, float]
+    undistilled_quality: Mapping[str, float]
+    distilled_quality: Mapping[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentResult(StageResult):
+    """``post student``: kept layers of the teacher, not distilled."""
+
+    STAGE: ClassVar[str | None] = "student"
+
+    model_dir: str
+    teacher: str
+    keep_layers: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneResult(StageResult):
+    """``post tune``: the prompt file and the tuning's figures.
+
+    ``train_seconds`` is required but may be None in old results; ``test`` holds the test-split
+    metrics (n, accuracy, class_names, ...) of a run asked to score the test split.
+    """
+
+    STAGE: ClassVar[str | None] = "tune"
+
+    model: str
+    task: str
+    dp: bool
+    prompt: str
+    n_train: int
+    train_seconds: float | None
+    test_accuracy: float | None = None
+    test: Mapping[str, Any] | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    privacy: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PromptTransfer(StageResult):
+    """What both transfers (POST and ZST) write: the prompt made for the target and the ledger it carries."""
+
+    prompt: str
+    source_model: str
+    target_model: str
+    epsilon: float | None = None
+    delta: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferResult(_PromptTransfer):
+    """``post transfer``: the transferred prompt, α and the transfer's costs."""
+
+    STAGE: ClassVar[str | None] = "transfer"
+
+    alpha: float
+    mode: str
+    steps: int
+    public: str
+    public_texts: int
+    train_seconds: float
+    cache_seconds: float
+    alpha_source: str | None = None
+    alpha_seconds: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZstResult(_PromptTransfer):
+    """``post zst``: the zero-shot transferred prompt (its run has only its total ``seconds``)."""
+
+    STAGE: ClassVar[str | None] = "zst"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateResult(StageResult):
+    """``post evaluate``: one model (with or without a prompt) scored on one split.
+
+    ``prompt`` is None for a zero-shot run; ``method`` is ``proxy`` for proxy tuning (else None).
+    """
+
+    STAGE: ClassVar[str | None] = "evaluate"
+    _NESTED: ClassVar[Mapping[str, Any]] = {"prompt": PromptInfo.from_dict}
+
+    model: str
+    task: str
+    split: str
+    prompt: PromptInfo | None
+    accuracy: float
+    n: int | None = None
+    class_names: list[str] | None = None
+    method: str | None = None
+    proxy_source_model: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackResult(StageResult):
+    """``post attack lira``: the audit's figures on ps (and on the transferred prompts when asked)."""
+
+    STAGE: ClassVar[str | None] = "attack-lira"
+
+    shadows: int
+    pool: int
+    source_prompt: Mapping[str, Any]
+    roc_png: str
+    epsilon: float | None = None
+    transferred_prompt: Mapping[str, Any] | None = None
+    roc_transferred_png: str | None = None
+
+
+RESULT_TYPES: dict[str, type[StageResult]] = {
+    t.STAGE: t for t in (DistillResult, StudentResult, TuneResult, TransferResult, ZstResult, EvaluateResult,
+                         AttackResult) if t.STAGE is not None}
+
+
+def result_from_dict(d: Mapping[str, Any], *, source: str | None = None) -> StageResult:
+    """The typed result of ``d``, by its ``stage`` (a plain :class:`StageResult` for other stages)."""
+    if not isinstance(d, Mapping):
+        raise PostError(f"{source or 'a result'} is not a result (a JSON object, got {type(d).__name__}).")
+    stage = d.get("stage")
+    return RESULT_TYPES.get(stage if isinstance(stage, str) else "", StageResult).from_dict(d, source=source)
+
+
+def load_result(path: str | os.PathLike[str]) -> StageResult:
+    """The typed result in ``<path>/result.json``, by its stage."""
+    d, file = _read(path, "run")
+    return result_from_dict(d, source=file)
