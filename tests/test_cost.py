@@ -199,15 +199,17 @@ def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatc
 
 
 def test_the_demo_setting_is_the_shipped_demo_config():
-    import yaml
     from importlib import resources
 
+    import yaml
+
     demo = yaml.safe_load((resources.files("post") / "configs" / "demo.yaml").read_text())
-    w = cost.SETTINGS["demo"]
-    assert (w.target, w.keep_layers, w.max_length) == (demo["target"], demo["distill"]["keep_layers"], demo["max_length"])
+    w, tune, target = cost.SETTINGS["demo"], demo["tune"], demo["tune_target"]
+    assert (w.target, w.max_length) == (demo["target"], demo["max_length"])
+    assert w.keep_layers == demo["distill"]["keep_layers"]
     assert (w.max_steps, w.batch_size, w.n_tokens, w.eval_examples) == (
-        demo["tune"]["max_steps"], demo["tune"]["batch_size"], demo["tune"]["n_tokens"], demo["tune"]["eval_limit"])
-    assert (w.target_steps, w.target_batch_size) == (demo["tune_target"]["max_steps"], demo["tune_target"]["batch_size"])
+        tune["max_steps"], tune["batch_size"], tune["n_tokens"], tune["eval_limit"])
+    assert (w.target_steps, w.target_batch_size) == (target["max_steps"], target["batch_size"])
     t = demo["transfer"]
     assert (w.transfer_steps, w.transfer_batch_size, w.transfer_mode, w.public_texts) == (
         t["steps"], t["batch_size"], t["mode"], t["public_limit"])

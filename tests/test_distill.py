@@ -11,8 +11,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from post.distill import (DistillConfig, answer_kl, answer_positions, distill, distill_losses, hidden_matching,
-                          pack_blocks)
+from post.distill import (
+    DistillConfig,
+    answer_kl,
+    answer_positions,
+    distill,
+    distill_losses,
+    hidden_matching,
+    pack_blocks,
+)
 from post.errors import ConfigError, PostError
 from post.models import tiny_model
 
@@ -134,8 +141,8 @@ def test_answer_distillation_needs_a_template_and_a_causal_teacher(corpus, tmp_p
 
 
 def test_answer_distillation_moves_the_answer_distribution(corpus, tmp_path):
-    cfg = config(corpus, alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_answer=1.0, corpus_template="{text} so {mask}",
-                 max_steps=40, lr=3e-3, checkpoint_every=100)
+    cfg = config(corpus, alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_answer=1.0,
+                 corpus_template="{text} so {mask}", max_steps=40, lr=3e-3, checkpoint_every=100)
     distill(cfg, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "answer" in lines[0] and lines[-1]["answer"] < 0.5 * lines[0]["answer"]

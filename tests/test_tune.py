@@ -54,7 +54,8 @@ def test_enormous_noise_drowns_the_data(data_csv, tmp_path):
     flipped = tmp_path / "flipped.csv"
     rows = data_csv.read_text().splitlines()
     swap = {"positive": "negative", "negative": "positive"}
-    flipped.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," + swap[r.rsplit(",", 1)[1]] for r in rows[1:]]) + "\n")
+    body = [r.rsplit(",", 1)[0] + "," + swap[r.rsplit(",", 1)[1]] for r in rows[1:]]
+    flipped.write_text("\n".join([rows[0], *body]) + "\n")
     kw = dict(dp=True, noise_multiplier=1e4, max_grad_norm=1.0, epochs=1)
     a = tune(config(data_csv, dp_seed=3, **kw), tmp_path / "a")
     b = tune(config(flipped, dp_seed=3, **kw), tmp_path / "b")

@@ -3,11 +3,13 @@
 Loss (paper Eq. 1, DistilBERT-style), per token of packed text blocks:
 
     L = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_lm · LM loss + α_cos · (1 − cos(h_s, h_t))
-        [+ α_hidden · mean_j ‖h_s^(j) − h_t^(keep[j+1])‖² / ‖h_t^(keep[j+1])‖²]
+        [+ α_hidden · mean_j ‖h_s^(j) − h_t^(k_j+1)‖² / ‖h_t^(k_j+1)‖²]     (k_j+1: the next kept layer)
+        [+ α_answer · T² · KL(softmax(t/T) ‖ softmax(s/T)) at the answer positions of templated text]
 
 with t, s the teacher's and student's logits, h their last hidden states; the teacher runs
 under no_grad. The optional last term (off by default) matches every kept layer's output to the
-teacher's hidden state at the next kept layer. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
+teacher's hidden state at the next kept layer. Masked LMs see 15% of tokens masked (80/10/10)
+and their LM loss is on those.
 
 The loop runs under Hugging Face Accelerate: ``accelerate launch`` gives DDP over several
 processes or GPUs (FSDP / DeepSpeed configs under ``configs/accelerate/``), and each process
