@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -29,8 +30,11 @@ from post.models import tiny_model
 from post.prompt import _checksum, read_prompt
 from post.tasks import Task, Verbalizer, check_template, parse_label_words
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# In CI the examples are drawn from a fixed seed (a red CI blocks a change, so it must not depend on luck);
+# elsewhere every run draws new ones and may find new bugs (pin those with @example).
+_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=_CI)
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=_CI)
 
 # Strings that reach the interesting branches more often than uniform text does.
 NASTY = ["", " ", "auto", "cpu", "cuda", "cuda:0", "cuda:x", "gpu", "{text}", "{mask}", "{text} {mask}",
@@ -115,6 +119,8 @@ _KEYS = ["model", "task", "n_tokens", "epochs", "lr", "batch_size", "dp", "epsil
 
 
 @FEW
+@example(doc="lr: null\n")  # a null for an option that needs a number
+@example(doc="config:\n  a: 1\n")  # a config file naming another
 @given(doc=st.one_of(
     st.dictionaries(st.sampled_from(_KEYS), json_values, max_size=5).map(lambda d: yaml.safe_dump(d)),
     st.text(max_size=60),

@@ -15,16 +15,19 @@ import logging
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ActionYesNo, ArgumentParser
 
 from post import __version__
 from post.cliparse import Parser, config_parser
-from post.errors import PostError
+from post.config import flag
+from post.errors import ConfigError, PostError
 from post.rundir import default_out
 
 log = logging.getLogger("post")
@@ -199,6 +202,14 @@ def build_parser() -> ArgumentParser:
 
 def _build_config(config: type, ns: Any) -> Any:
     values = {f.name: ns.get(f.name) for f in dataclasses.fields(config) if f.init}
+    try:
+        hints = typing.get_type_hints(config)
+    except (NameError, TypeError):  # an annotation that can't be resolved here: no null check
+        hints = {}
+    for name, value in values.items():  # e.g. `lr: null` in a config file
+        hint = hints.get(name)
+        if value is None and hint is not None and hint is not Any and type(None) not in typing.get_args(hint):
+            raise ConfigError(f"{flag(name)}: needs a value; null (None) is not one.")
     for key in ("cache_dir", "prompt", "train_indices", "reference"):  # jsonargparse leaves paths as str
         if isinstance(values.get(key), str):
             values[key] = Path(values[key])
@@ -316,12 +327,29 @@ def _run_options_first(argv: list[str]) -> list[str]:
     return [argv[0], *options, *rest]
 
 
+def _check_config_files(args: Sequence[str]) -> None:
+    """Refuse a --config file that names another config file (the parser would crash on it)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if not path or not Path(path).is_file():
+            continue  # the parser reports a missing file itself
+        try:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8", errors="replace"))
+        except yaml.YAMLError:
+            continue  # and a malformed one
+        if isinstance(doc, dict) and any(str(k).replace("-", "_") in ("config", "print_config") for k in doc):
+            raise ConfigError(f"--config {path}: a config file can't hold 'config' or 'print_config'; "
+                              "give every file with its own --config.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``post`` command; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = _run_options_first(_normalize_flags([a for a in args if a != "--debug"]))
     try:
+        _check_config_files(args)
         parser = build_parser()
         try:
             ns = parser.parse_args(args)
