@@ -151,10 +151,13 @@ def test_stage_scores_line_up_with_the_coins(data, tmp_path, monkeypatch):
         return np.array(record["in"], float) + np.linspace(0, 0.1, len(texts))
 
     monkeypatch.setattr(canary, "canary_scores", oracle)
-    result = canary_audit(_config(data, canary_seed=None), tmp_path / "o")
-    assert result["correct"] == result["guesses"] == 8 and result["canary_auc"] == 1.0
-    assert result["epsilon_lower_bound_pure"] == pytest.approx(one_run_epsilon(24, 8, 8), abs=1e-6)
-    assert result["epsilon_lower_bound_pure"] > 0.5
+    result = canary_audit(_config(data, canary_seed=None), tmp_path / "o")  # secret coins: any split of 24
+    n_in = result["canaries_in"]
+    assert result["guesses"] == 8 and result["correct"] == min(4, n_in) + min(4, 24 - n_in)
+    assert result["canary_auc"] == (1.0 if 0 < n_in < 24 else None)
+    if 4 <= n_in <= 20:  # all but 2.8e-4 of draws
+        assert result["epsilon_lower_bound_pure"] == pytest.approx(one_run_epsilon(24, 8, 8), abs=1e-6)
+        assert result["epsilon_lower_bound_pure"] > 0.5
 
 
 def test_stage_dp_run_reports_its_ledger(data, tmp_path):

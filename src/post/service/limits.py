@@ -79,8 +79,8 @@ async def _send_error(send: Callable[[Message], Awaitable[None]], err: ApiError)
 class RateLimiter:
     """A token bucket per tenant: ``rate`` requests per second on average, bursts of ``burst``."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
@@ -88,7 +88,7 @@ class RateLimiter:
         """Take one token for ``tenant_id`` or raise ``rate_limited`` with the seconds until one is free."""
         if self.rate <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             tokens, last = self._buckets.get(tenant_id, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
