@@ -15,6 +15,7 @@ from post.distill import (
     DistillConfig,
     answer_kl,
     answer_positions,
+    answer_token_ids,
     distill,
     distill_losses,
     hidden_matching,
@@ -131,6 +132,21 @@ def test_answer_kl_is_the_kl_of_the_head_at_marked_positions_only():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert answer_kl(teacher, teacher, h_t, h_t, marks, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
     assert answer_kl(student, teacher, h_s, h_t, torch.zeros_like(marks), temperature=2.0).item() == 0.0
+    ids = [3, 7]  # over two tokens only: the renormalised distributions of those two
+    got = answer_kl(student, teacher, h_s, h_t, marks, temperature=2.0, token_ids=ids)
+    s_logp = torch.log_softmax(student.get_output_embeddings()(h_s[marks])[:, ids] / 2, -1)
+    t_logp = torch.log_softmax(teacher.get_output_embeddings()(h_t[marks])[:, ids] / 2, -1)
+    assert got.item() == pytest.approx(4 * (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_answer_words_are_first_tokens_and_must_differ():
+    tok = tiny_model("llama").tokenizer
+    ids = answer_token_ids(" bad; good", tok)
+    assert ids == [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" bad", " good")]
+    with pytest.raises(PostError, match="same token"):
+        answer_token_ids(" bad; bad", tok)
+    with pytest.raises(ConfigError, match="answer_words|answer-words"):
+        DistillConfig(teacher="x", answer_words=" bad; good")  # without --alpha-answer
 
 
 def test_answer_distillation_needs_a_template_and_a_causal_teacher(corpus, tmp_path):

@@ -80,6 +80,10 @@ class DistillConfig(ModelOptions):
         alpha_answer: Weight of T²·KL(teacher ‖ student) over the whole vocabulary at the answer
             positions only: where a --corpus-template text ends, i.e. where the task asks its
             question (causal LMs; needs corpus_template). The head runs at those positions alone.
+        answer_words: With alpha_answer, compare the distribution over these words only (their
+            first tokens, ';'-separated, spaces kept: e.g. ' negative; positive' -> ' negative',
+            ' positive'), i.e. the teacher's answer to the task's question, instead of the whole
+            vocabulary. Public: the task's label words.
         temperature: Softmax temperature of the KL term.
         mlm_probability: Fraction of tokens masked (masked LMs only).
         freeze_head: Keep the LM head as the teacher's (paper: slightly better).
@@ -107,6 +111,7 @@ class DistillConfig(ModelOptions):
     alpha_cos: float = 1.0
     alpha_hidden: float = 0.0
     alpha_answer: float = 0.0
+    answer_words: str | None = None
     temperature: float = 2.0
     mlm_probability: float = 0.15
     freeze_head: bool = True
@@ -131,6 +136,8 @@ class DistillConfig(ModelOptions):
         require(sum(getattr(self, name) for name in weights) > 0, "alpha_ce",
                 "at least one of --alpha-ce, --alpha-lm, --alpha-cos, --alpha-hidden, --alpha-answer must be "
                 "positive.")
+        require(self.answer_words is None or (self.alpha_answer > 0 and len(self.answer_words.split(";")) >= 2),
+                "answer_words", "needs --alpha-answer > 0 and at least two ';'-separated words.")
         require(self.alpha_answer == 0 or self.corpus_template is not None, "alpha_answer",
                 "needs --corpus-template: the answer positions are where the templated texts end.")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
@@ -179,6 +186,20 @@ def answer_positions(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     return out
 
 
+def answer_token_ids(words: str, tokenizer: Any) -> list[int]:
+    """The first token of each ';'-separated word (spaces kept); distinct words must start differently."""
+    ids = []
+    for w in words.split(";"):
+        toks = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise PostError(f"--answer-words: {w!r} gives no token.")
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        raise PostError(f"--answer-words: two of {words.split(';')} start with the same token; the answer KL can't "
+                        "tell them apart.")
+    return ids
+
+
 def mask_tokens(ids: torch.Tensor, tokenizer: Any, probability: float, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick ``probability`` of tokens; 80% -> <mask>, 10% random, 10% kept. Returns (inputs, picked)."""
@@ -221,17 +242,20 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch.Tensor, t_final: torch.Tensor,
-              answers: torch.Tensor, temperature: float) -> torch.Tensor:
+              answers: torch.Tensor, temperature: float, token_ids: list[int] | None = None) -> torch.Tensor:
     """T²·KL(teacher ‖ student) of the next-token distributions at the positions ``answers`` (B, L) marks.
 
     ``s_final``/``t_final`` are the final (normed) hidden states; each model's LM head runs on the marked
-    positions only. Zero (with a gradient path) when nothing is marked.
+    positions only. With ``token_ids`` the distributions are over those tokens alone (renormalised).
+    Zero (with a gradient path) when nothing is marked.
     """
     if not answers.any():
         return s_final.sum() * 0
     s_logits = _unwrapped(student).get_output_embeddings()(s_final[answers]).float()
     with torch.no_grad():
         t_logits = _unwrapped(teacher).get_output_embeddings()(t_final[answers]).float()
+    if token_ids is not None:
+        s_logits, t_logits = s_logits[:, token_ids], t_logits[:, token_ids]
     kl = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
                   log_target=True, reduction="batchmean")
     return kl * temperature**2
@@ -239,7 +263,8 @@ def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch
 
 def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
                    cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
-                   keep: list[int] | None = None, answers: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   keep: list[int] | None = None, answers: torch.Tensor | None = None,
+                   answer_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The loss terms for a batch of blocks ``ids`` (B, L) and their weighted total.
 
     ``keep`` (the teacher layers the student kept) is needed only with ``cfg.alpha_hidden``, and
@@ -274,7 +299,7 @@ def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torc
         if answers is None:
             raise ValueError("alpha_answer needs the answer positions")
         terms["answer"] = answer_kl(student, teacher, s_out.hidden_states[-1], t_out.hidden_states[-1], answers,
-                                    cfg.temperature)
+                                    cfg.temperature, answer_ids)
         total = total + cfg.alpha_answer * terms["answer"]
     terms["loss"] = total
     return terms
@@ -332,6 +357,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
+    answer_ids = answer_token_ids(cfg.answer_words, teacher.tokenizer) if cfg.answer_words else None
     texts = templated(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir), cfg.corpus_template,
                       teacher.tokenizer.mask_token if kind == "masked" else None)
     blocks = pack_blocks(texts, teacher.tokenizer, cfg.block_size)
@@ -391,7 +417,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
             answers = answer_positions(ids, teacher.tokenizer) if cfg.alpha_answer > 0 else None
             terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs,
-                                   keep=keep, answers=answers)
+                                   keep=keep, answers=answers, answer_ids=answer_ids)
             progress.check_finite("distillation loss", terms["loss"].detach(), step=step, run_path=run_path)
             acc.backward(terms["loss"])
             acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
