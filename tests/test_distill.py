@@ -132,10 +132,13 @@ def test_answer_kl_is_the_kl_of_the_head_at_marked_positions_only():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert answer_kl(teacher, teacher, h_t, h_t, marks, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
     assert answer_kl(student, teacher, h_s, h_t, torch.zeros_like(marks), temperature=2.0).item() == 0.0
-    ids = [3, 7]  # over two tokens only: the renormalised distributions of those two
-    got = answer_kl(student, teacher, h_s, h_t, marks, temperature=2.0, token_ids=ids)
-    s_logp = torch.log_softmax(student.get_output_embeddings()(h_s[marks])[:, ids] / 2, -1)
-    t_logp = torch.log_softmax(teacher.get_output_embeddings()(h_t[marks])[:, ids] / 2, -1)
+    # Over two tokens only: the renormalised distributions of those two. (Student states scaled up so that
+    # the KL is far from zero and float32 rounding stays below the tolerance; the reference is float64.)
+    ids, h_far = [3, 7], 8 * h_s
+    got = answer_kl(student, teacher, h_far, h_t, marks, temperature=2.0, token_ids=torch.tensor(ids))
+    w_s, w_t = (m.get_output_embeddings().weight.double()[ids] for m in (student, teacher))
+    s_logp = torch.log_softmax(h_far[marks].double() @ w_s.T / 2, -1)
+    t_logp = torch.log_softmax(h_t[marks].double() @ w_t.T / 2, -1)
     assert got.item() == pytest.approx(4 * (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean().item(), rel=1e-5)
 
 

@@ -7,9 +7,9 @@ Loss (paper Eq. 1, DistilBERT-style), per token of packed text blocks:
         [+ α_answer · T² · KL(softmax(t/T) ‖ softmax(s/T)) at the answer positions of templated text]
 
 with t, s the teacher's and student's logits, h their last hidden states; the teacher runs
-under no_grad. The optional last term (off by default) matches every kept layer's output to the
-teacher's hidden state at the next kept layer. Masked LMs see 15% of tokens masked (80/10/10)
-and their LM loss is on those.
+under no_grad. The two optional terms (off by default) match every kept layer's output to the
+teacher's hidden state at the next kept layer, and the teacher's answer where a templated text
+asks its question. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
 
 The loop runs under Hugging Face Accelerate: ``accelerate launch`` gives DDP over several
 processes or GPUs (FSDP / DeepSpeed configs under ``configs/accelerate/``), and each process
@@ -41,6 +41,7 @@ from post.models import LoadedModel, save_model
 from post.parallel import open_distributed_run
 from post.resolve import load_configured_model
 from post.rundir import read_result
+from post.scoring import backbone, head_logits
 from post.student import build_student, param_count, parse_keep_layers
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,14 @@ def templated(texts: list[str], template: str | None, mask_token: str | None) ->
     return [head.replace("{text}", t) for t in texts]
 
 
+def _separator(tokenizer: Any) -> int | None:
+    """The token put between packed texts: EOS, or SEP for a masked LM without one."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def pack_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
     """(N, block_size) token ids: texts joined by EOS (or SEP) and cut into full blocks."""
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    sep = _separator(tokenizer)
     ids: list[int] = []
     for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(row)
@@ -179,7 +185,7 @@ def answer_positions(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
 
     With a --corpus-template those are where the task's answer comes (the text is cut at {mask}).
     """
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    sep = _separator(tokenizer)
     out = torch.zeros_like(ids, dtype=torch.bool)
     if sep is not None:
         out[:, :-1] = ids[:, 1:] == sep
@@ -216,10 +222,8 @@ def mask_tokens(ids: torch.Tensor, tokenizer: Any, probability: float, generator
 def _forward(model: torch.nn.Module, inputs: torch.Tensor, *, kind: str, heads: bool) -> Any:
     """The model's outputs with every hidden state; without ``heads``, the backbone alone (no vocabulary matmul)."""
     kw = {"use_cache": False} if kind == "causal" else {}
-    if not heads and not isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-            and getattr(model, "base_model", model) is not model:
-        return model.base_model(input_ids=inputs, output_hidden_states=True, **kw)
-    return model(input_ids=inputs, output_hidden_states=True, **kw)
+    body = model if heads or isinstance(model, torch.nn.parallel.DistributedDataParallel) else backbone(model)
+    return body(input_ids=inputs, output_hidden_states=True, **kw)
 
 
 def hidden_matching(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...],
@@ -242,20 +246,20 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch.Tensor, t_final: torch.Tensor,
-              answers: torch.Tensor, temperature: float, token_ids: list[int] | None = None) -> torch.Tensor:
+              answers: torch.Tensor, temperature: float, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """T²·KL(teacher ‖ student) of the next-token distributions at the positions ``answers`` (B, L) marks.
 
     ``s_final``/``t_final`` are the final (normed) hidden states; each model's LM head runs on the marked
-    positions only. With ``token_ids`` the distributions are over those tokens alone (renormalised).
+    positions only (:func:`post.scoring.head_logits`, so a logit soft-cap applies as in the model). With
+    ``token_ids`` the distributions are over those tokens alone (renormalised), and only their rows of the
+    head are computed.
     Zero (with a gradient path) when nothing is marked.
     """
     if not answers.any():
         return s_final.sum() * 0
-    s_logits = _unwrapped(student).get_output_embeddings()(s_final[answers]).float()
+    s_logits = head_logits(_unwrapped(student), s_final[answers], token_ids).float()
     with torch.no_grad():
-        t_logits = _unwrapped(teacher).get_output_embeddings()(t_final[answers]).float()
-    if token_ids is not None:
-        s_logits, t_logits = s_logits[:, token_ids], t_logits[:, token_ids]
+        t_logits = head_logits(_unwrapped(teacher), t_final[answers], token_ids).float()
     kl = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
                   log_target=True, reduction="batchmean")
     return kl * temperature**2
@@ -264,7 +268,7 @@ def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch
 def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
                    cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
                    keep: list[int] | None = None, answers: torch.Tensor | None = None,
-                   answer_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+                   answer_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss terms for a batch of blocks ``ids`` (B, L) and their weighted total.
 
     ``keep`` (the teacher layers the student kept) is needed only with ``cfg.alpha_hidden``, and
@@ -357,7 +361,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
-    answer_ids = answer_token_ids(cfg.answer_words, teacher.tokenizer) if cfg.answer_words else None
+    answer_ids = torch.tensor(answer_token_ids(cfg.answer_words, teacher.tokenizer), device=acc.device) \
+        if cfg.answer_words else None
     texts = templated(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir), cfg.corpus_template,
                       teacher.tokenizer.mask_token if kind == "masked" else None)
     blocks = pack_blocks(texts, teacher.tokenizer, cfg.block_size)
