@@ -330,8 +330,12 @@ def _run_options_first(argv: list[str]) -> list[str]:
 def _check_config_files(args: Sequence[str]) -> None:
     """Refuse a --config file that names another config file (the parser would crash on it)."""
     for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
-            if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        else:
+            continue
         if not path or not Path(path).is_file():
             continue  # the parser reports a missing file itself
         try:

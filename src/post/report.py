@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from post.errors import PostError
 from post.progress import duration
-from post.results import AttackResult, DistillResult, StageResult, TransferResult, load_result
+from post.results import AttackResult, DistillResult, StageResult, TransferResult
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
 from post.stats import at_chance, format_p
 
@@ -453,8 +453,11 @@ def _short(name: Any) -> str:
 
 
 def _step_seconds(out: Path, name: str, s: dict[str, Any]) -> Any:
-    """A step's seconds from its run directory's result, else as the summary has them."""
-    return load_result(out / name).seconds if (out / name / RESULT_FILE).is_file() else s.get("seconds")
+    """A step's seconds from its run directory's result, else as the summary has them.
+
+    Any stage's result has ``seconds``; it is read as is, not as a typed result, so a run whose other
+    fields an older version wrote still reports its time."""
+    return read_result(out / name).get("seconds") if (out / name / RESULT_FILE).is_file() else s.get("seconds")
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
