@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import yaml
 from helpers import interrupted_on_call
 from post.cli import main
 from post.errors import ConfigError, PostError
-from post.pipeline import _Placeholders, builtin_configs, check_steps, load_pipeline_config, run_pipeline
+from post.pipeline import builtin_configs, check_steps, dry_run, load_pipeline_config, run_pipeline
+from post.pipeline.steps import STEPS, TRANSFER, Ref, Stage, StepDecl, prompt_of
+from post.results import EvaluateResult
 
 LABEL_WORDS = "negative=bad;positive=good"
 # Private sentences carry a marker that must never reach a provider's run directory.
@@ -111,7 +114,7 @@ def test_report_is_self_contained(finished):
 
 
 def test_summary_is_written_once_and_post_report_rebuilds_the_report_from_it(finished, monkeypatch):
-    import post.pipeline as pipeline
+    import post.pipeline.run as pipeline
 
     root, path, result, _ = finished
     out = root / "out"
@@ -235,10 +238,9 @@ def test_shipped_configs_parse_and_resolve(tmp_path):
         if cfg.target in stand_in:  # the hub-only settings, resolved against a tiny model of the same family
             tiny = load_pipeline_config(name, [f"target={stand_in[cfg.target]}", "device=cpu", "dtype=float32"],
                                         out=tmp_path / name)
-            for step in check_steps(tiny):
-                c = step.build(_Placeholders())
+            for step_name, c in dry_run(tiny).items():
                 model = getattr(c, "target_model", None) or getattr(c, "teacher", None) or getattr(c, "model", "")
-                assert not str(model).startswith(("roberta-base", "gpt2-xl", "meta-llama")), (name, step.name)
+                assert not str(model).startswith(("roberta-base", "gpt2-xl", "meta-llama")), (name, step_name)
             from post.models import load_model
 
             assert load_model(stand_in[cfg.target]).kind == ("masked" if "roberta" in name else "causal")
@@ -381,12 +383,12 @@ def test_no_private_text_reaches_the_target_outside_test_queries_and_the_target_
 def test_privacy_curve_modes_run_dp_at_each_epsilon(tmp_path):
     path = tiny_config(tmp_path, modes=["non-private", "dp", "dp-eps1", "dp-eps0.5"], attack=None,
                        undistilled=False, reconstruct=None)
-    steps = {s.name: s for s in check_steps(load_pipeline_config(path, ["dp.epsilon=8"]))}
-    eps = {name: steps[name].build(_Placeholders()).epsilon
+    steps = dry_run(load_pipeline_config(path, ["dp.epsilon=8"]))
+    eps = {name: steps[name].epsilon
            for name in ("tune-source-dp", "tune-source-dp-eps1", "tune-source-dp-eps0.5", "tune-target-dp-eps1")}
     assert eps == {"tune-source-dp": 8, "tune-source-dp-eps1": 1, "tune-source-dp-eps0.5": 0.5,
                    "tune-target-dp-eps1": 1}
-    assert steps["tune-source"].build(_Placeholders()).dp is False
+    assert steps["tune-source"].dp is False
     assert {"transfer-dp-eps1", "eval-post-dp-eps0.5", "eval-source-dp-eps1"} <= set(steps)
     for bad in (["dp-eps0"], ["dp-epsx"], ["dp", "dp"], ["dp-eps-1"]):
         with pytest.raises(ConfigError, match="modes"):
@@ -401,5 +403,70 @@ def test_privacy_levels_are_unique_and_dp_runs_never_stop_early(tmp_path):
     with pytest.raises(ConfigError, match="noise_multiplier"):
         load_pipeline_config(path, ["modes=[dp-eps1]", "dp.noise_multiplier=1.0"])
     cfg = load_pipeline_config(path, ["modes=[non-private, dp]", "tune_target.patience=2"])
-    steps = {s.name: s.build(_Placeholders()) for s in check_steps(cfg)}
+    steps = dry_run(cfg)
     assert steps["tune-target"].patience == 2 and steps["tune-target-dp"].patience is None
+
+
+# --- adding a step: one declaration and its stage function --------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ToyConfig:
+    """A toy evaluation's options: what a stage config is, a frozen dataclass (with the options every step gets)."""
+
+    model: str
+    task: str
+    prompt: Path | None = None
+    seed: int = 0
+    label_words: str | None = None
+    cache_dir: Path | None = None
+    dtype: str | None = None
+    device: str | None = None
+    trust_remote_code: bool = False
+
+
+def toy_evaluate(cfg: ToyConfig, run_dir: Path) -> dict:
+    """A stage function that scores nothing: it writes an evaluation's result as post evaluate would."""
+    from post.rundir import RunDir
+
+    return RunDir(run_dir, stage="evaluate", config=cfg).finish({
+        "model": cfg.model, "task": cfg.task, "split": "test", "prompt": None, "accuracy": 0.75, "n": 4,
+        "class_names": ["negative", "positive"]})
+
+
+TOY = Stage("evaluate", __name__, "ToyConfig", "toy_evaluate", EvaluateResult, "evaluate")
+
+
+def toy_row(name: str, **inputs) -> StepDecl:
+    """A new step, declared as the table's own rows are (not added to the shipped table: tests share it)."""
+    return StepDecl(name, "user", TOY, "a toy score of Φt ({mode})", per_mode=bool(inputs),
+                    options=lambda c: {"model": c.target, "task": c.task, "label_words": c.label_words},
+                    inputs=inputs)
+
+
+def test_a_declared_step_is_in_the_dry_run_with_its_inputs(tmp_path):
+    path = tiny_config(tmp_path, attack=None, undistilled=False, reconstruct=None, modes=["non-private", "dp"])
+    cfg = load_pipeline_config(path)
+    toy = toy_row("toy-post", prompt=prompt_of(TRANSFER))
+    table = (*STEPS, toy)
+    steps = {s.name: s for s in check_steps(cfg, table)}
+    assert [n for n in steps if n.startswith("toy")] == ["toy-post", "toy-post-dp"]
+    assert steps["toy-post-dp"].deps == ["transfer-dp"] and steps["toy-post-dp"].party == "user"
+    assert dry_run(cfg, table)["toy-post-dp"].prompt == Path("<transfer-dp>.safetensors")
+    assert {s.name for s in check_steps(cfg)} == set(steps) - {"toy-post", "toy-post-dp"}  # the shipped table
+    with pytest.raises(TypeError, match="no 'promt'"):  # a reference names an attribute of the result type
+        Ref(TRANSFER, "promt")
+    early = StepDecl("toy-early", "user", TOY, "reads a step that runs later", options=lambda c: {},
+                     inputs={"prompt": prompt_of(TRANSFER)})
+    with pytest.raises(PostError, match="transfer's result is needed"):
+        dry_run(cfg, (early, *STEPS))
+
+
+def test_a_declared_step_runs_and_fills_the_table_and_the_report(tmp_path):
+    path = tiny_config(tmp_path)
+    result = run_pipeline(load_pipeline_config(path), rows=(toy_row("toy-zero-shot"),), echo=lambda s: None)
+    out = tmp_path / "out"
+    assert list(result["steps"]) == ["toy-zero-shot"] and result["steps"]["toy-zero-shot"]["stage"] == "evaluate"
+    cells = list(__import__("csv").DictReader((out / "table" / "table.csv").open()))
+    assert [(c["method"], c["accuracy"], Path(c["run"]).name) for c in cells] == [
+        ("zero-shot Φt", "0.7500", "toy-zero-shot")]
+    assert "| toy-zero-shot | user | a toy score of Φt (non-private) |" in (out / "report.md").read_text()

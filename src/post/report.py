@@ -21,6 +21,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from post.errors import PostError
+from post.pipeline.steps import (
+    ATTACK_STAGE,
+    DISTILL,
+    DISTILL_STAGE,
+    RECONSTRUCT,
+    TRANSFER_STAGE,
+    TUNE,
+    TUNE_SOURCE,
+    rows_of,
+    steps_of,
+)
 from post.progress import duration
 from post.results import AttackResult, DistillResult, StageResult, TransferResult
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
@@ -215,9 +226,8 @@ def privacy_curve(cells: list[dict[str, str]]) -> tuple[list[str], str | None]:
 def loss_curves(out: Path, steps: list[str]) -> str | None:
     """Training losses from the metrics logs: distillation, tuning, transfer."""
     panels = []
-    for kind, key, names in (("distill", "loss", ["distill"]),
-                             ("tune", "loss", [s for s in steps if s.startswith("tune-")]),
-                             ("transfer", "loss", [s for s in steps if s.startswith("transfer")])):
+    for stage in (DISTILL_STAGE, TUNE, TRANSFER_STAGE):
+        kind, key, names = stage.name, "loss", steps_of(steps, *rows_of(stage))
         series = []
         for name in names:
             pts = [(m["step"], m[key]) for m in read_metrics(out / name) if key in m and "step" in m]
@@ -288,15 +298,10 @@ _LOSS = {"vocab": "full-vocabulary distributions (the paper's loss)",
          "label-words": "class distributions over the label words"}
 
 
-def _of_stage(steps: dict[str, Any], stage: str, prefix: str = "") -> list[str]:
-    """The pipeline's steps that ran ``stage`` (and whose names start with ``prefix``), in pipeline order."""
-    return [name for name, s in steps.items() if s.get("stage") == stage and name.startswith(prefix)]
-
-
 def _transfer_lines(out: Path, steps: dict[str, Any]) -> list[str]:
     """How each POST cell's prompt was transferred: the loss, α and its source, steps, public texts."""
     lines = []
-    for name in _of_stage(steps, "transfer"):
+    for name in steps_of(steps, *rows_of(TRANSFER_STAGE)):
         if (r := _maybe(out / name, TransferResult)) is None:
             continue
         lines.append(f"- `{name}`: matched {_LOSS.get(r.mode, r.mode)}, α = {float(r.alpha):.2f} "
@@ -324,10 +329,10 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
     table_md = (out / "table" / "table.md").read_text(encoding="utf-8") if (out / "table" / "table.md").is_file() \
         else summary.get("table", "")
     # every DP ps (one per privacy level): its ledger, as the user's run directory keeps it
-    ledgers = {name: read_json(out / name / "privacy.json") for name in _of_stage(steps, "tune", "tune-source")
+    ledgers = {name: read_json(out / name / "privacy.json") for name in steps_of(steps, TUNE_SOURCE)
                if (out / name / "privacy.json").is_file()}
-    distill = _maybe(out / "distill", DistillResult)
-    attacks = {name: r for name in _of_stage(steps, "attack-lira")
+    distill = _maybe(out / DISTILL.name, DistillResult)
+    attacks = {name: r for name in steps_of(steps, *rows_of(ATTACK_STAGE))
                if (r := _maybe(out / name, AttackResult)) is not None}
     goal_rows = goals(cells)
 
@@ -379,10 +384,10 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
                               f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
                               f"{o['epsilon_lower_bound']:.2f} | {eps} |")
         md.append("")
-    if (out / "reconstruct" / RESULT_FILE).is_file():  # read as a whole by post.reconstruct, which owns its layout
+    if (out / RECONSTRUCT.name / RESULT_FILE).is_file():  # read as a whole by post.reconstruct, which owns its layout
         from post.reconstruct import markdown as reconstruct_md
 
-        recon = read_result(out / "reconstruct")
+        recon = read_result(out / RECONSTRUCT.name)
 
         md += ["Prompt reconstruction check (each prompt vector read as its nearest vocabulary token; cells: "
                "n-grams found in the private texts / projected / found in no public text, init text or template):",

@@ -1,0 +1,115 @@
+"""Running the pipeline: every step in turn, skipped, resumed or re-run by its key, then the table and the report.
+
+Each step's *key* is a hash of its resolved config and its deps' keys, kept in ``pipeline.json``.
+A step whose result exists under the same key is skipped; a step whose key changed (its own
+options, or anything upstream) is re-run from scratch and the pipeline says why; a step interrupted
+half-way resumes from its own checkpoint. The summary (``pipeline-result.json``) is written once,
+with the report, when every step has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from post.errors import ConfigError, PostError
+from post.pipeline.config import PipelineConfig
+from post.pipeline.steps import EVALUATE, StepDecl, check_steps
+from post.progress import duration
+from post.results import StageResult, load_result, result_from_dict
+from post.rundir import RESULT_FILE, read_json, to_plain, write_json
+
+STATE_FILE = "pipeline.json"
+
+
+def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
+    blob = json.dumps({"config": to_plain(config), "deps": [keys[d] for d in deps]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Callable[[str], None] | None = None,
+                 rows: Sequence[StepDecl] | None = None) -> dict[str, Any]:
+    """Run (or resume) every step; write the table and the report; return the pipeline's result.
+
+    ``rows``: the table of steps (default: :data:`post.pipeline.steps.STEPS`)."""
+    from post.report import PIPELINE_RESULT, write_report
+    from post.table import TableConfig, table
+
+    say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PostError(f"cannot create the output directory {out} ({e.strerror}); choose another --out.") from None
+    state_path = out / STATE_FILE
+    state: dict[str, Any] = read_json(state_path) if state_path.exists() else {}
+    keys: dict[str, str] = dict(state.get("keys", {}))
+    steps = check_steps(cfg, rows)
+    write_json(out / "pipeline-config.json", to_plain(cfg))
+    if only:
+        names = {s.name for s in steps}
+        bad = sorted(set(only) - names)
+        if bad:
+            raise ConfigError(f"--only: no step {', '.join(bad)}; steps: {', '.join(s.name for s in steps)}.")
+    results: dict[str, StageResult] = {}
+    new_keys: dict[str, str] = {}
+    timings: dict[str, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    n = len(steps)
+    for i, step in enumerate(steps, 1):
+        config = step.build(results)
+        key = _key(config, step.deps, new_keys)
+        new_keys[step.name] = key
+        d = out / step.name
+        head = f"[{i:2d}/{n}] {step.name:<24} {step.party:<8}"
+        finished = (d / RESULT_FILE).exists()
+        if finished and keys.get(step.name) == key:
+            results[step.name] = load_result(d)
+            say(f"{head} done earlier ({step.what})")
+            timings[step.name] = {"party": step.party, "seconds": results[step.name].seconds, "skipped": True}
+            continue
+        if only and step.name not in only:
+            if not finished:
+                raise PostError(f"step {step.name} has not run yet and --only leaves it out; run without --only first.")
+            results[step.name] = load_result(d)
+            continue
+        if d.exists() and keys.get(step.name) not in (None, key):
+            changed = [dep for dep in step.deps if state.get("keys", {}).get(dep) not in (None, new_keys[dep])]
+            why = f"its input {', '.join(changed)} changed" if changed else "its options changed"
+            say(f"{head} re-running: {why}")
+            shutil.rmtree(d)
+        elif d.exists() and not finished:
+            say(f"{head} resuming ({step.what})")
+        else:
+            say(f"{head} running ({step.what})")
+        keys[step.name] = key  # before running: an interrupted step resumes under the same key
+        write_json(state_path, {"keys": keys})
+        t0 = time.perf_counter()
+        results[step.name] = result_from_dict(step.run(config, d), source=f"step {step.name}'s result")
+        took = time.perf_counter() - t0
+        timings[step.name] = {"party": step.party, "seconds": round(took, 3), "skipped": False}
+        say(f"{'':7} {step.name:<24} finished in {duration(took)} (pipeline {duration(time.perf_counter() - t_start)})")
+    stale = sorted(set(keys) - set(new_keys))
+    for name in stale:  # a step this config no longer asks for: its results would mislead the table
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        keys.pop(name)
+    write_json(state_path, {"keys": keys})
+    say(f"[table] collecting {len(results)} run directories")
+    if (out / "table").exists():  # always rebuilt from the run directories
+        shutil.rmtree(out / "table")
+    tab = table(TableConfig(runs=[out / s.name for s in steps if s.stage == EVALUATE.name],
+                            target=cfg.target), out / "table")
+    summary = {"out": str(out), "target": cfg.target, "task": cfg.task, "public": cfg.public,
+               "steps": {s.name: {"party": s.party, "stage": s.stage, "key": new_keys[s.name],
+                                  "what": s.what, **timings.get(s.name, {})} for s in steps},
+               "seconds": round(time.perf_counter() - t_start, 3), "table": tab["table"]}
+    summary["report"] = str(write_report(out, summary))
+    write_json(out / PIPELINE_RESULT, summary)  # once, with the report: a pipeline-result.json marks a finished run
+    return summary
