@@ -5,6 +5,9 @@ each step's ``result.json`` through :mod:`post.results`, ``metrics.jsonl``, ``pr
 attack's ROC data) and shows: the results table, the privacy spent (ε, δ, σ, the ledger), the LiRA
 audit, whether POST met its goals, accuracy bars per method, loss curves, the cost of each stage,
 the distillation's quality figures and the config that produced it all.
+
+It finds the steps it reads through their declarations in :mod:`post.pipeline.steps` (``DISTILL``,
+``TUNE_SOURCE``, ``RECONSTRUCT``, every row of the transfer, tune or attack stage), not by their names.
 """
 
 from __future__ import annotations

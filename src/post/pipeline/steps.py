@@ -117,10 +117,8 @@ class Context:
 class Input:
     """An option's value taken from the config or from earlier steps' results when the step is built."""
 
-    keyed = True
-
     def steps(self, cfg: PipelineConfig, mode: str) -> list[str]:
-        """The steps it reads (its deps)."""
+        """The steps it reads whose keys enter the reading step's key (its deps)."""
         return []
 
     def resolve(self, ctx: Context) -> Any:
@@ -514,7 +512,7 @@ class Step:
 
 def _deps(decl: StepDecl, cfg: PipelineConfig, mode: str) -> list[str]:
     values = [*decl.options(cfg).values(), *decl.inputs.values()]
-    names = [n for v in values if isinstance(v, Input) and v.keyed for n in v.steps(cfg, mode)]
+    names = [n for v in values if isinstance(v, Input) for n in v.steps(cfg, mode)]
     return list(dict.fromkeys(names))
 
 
