@@ -22,9 +22,12 @@ A step's options are merged, later layers winning, in one order:
 
 Rows with ``section_last`` (transfer, zst, attack, reconstruct) merge their own section after the
 inputs instead, so that section may change any option, inputs included; their ``also`` sections
-keep the section place (attack: ``tune`` at 3, ``attack`` last). A row's ``finish`` then adjusts the
-merged options (attack: ``train_limit`` becomes ``target_n_train``). For DP rows ``patience`` is
-dropped (early stopping reads private validation data).
+keep the section place (attack: ``tune`` at 3, ``attack`` last). Then, for rows with ``private``,
+``patience`` is dropped when ``dp`` is on (early stopping reads private validation data), and a
+row's ``finish`` adjusts the merged options (attack: ``train_limit`` becomes ``target_n_train``, and
+``attack_transfer`` adds the transfer's target and public text; reconstruct: the two options that
+only its control tuning reads are dropped). This is the precedence every step had when the steps
+were hand-written closures; the same configs and keys come out.
 
 A step's *deps*, whose keys enter its own key, are the steps its options and inputs reference, in
 that order (an input declared ``keyed=False`` is named by path only). The dry run
