@@ -32,7 +32,8 @@ file is lost, and figures no reader uses yet need no field.
 
 Frozen means the attributes cannot be reassigned; nested figures (dicts, lists) are the parsed JSON and
 are to be treated as read-only. The stage functions still return plain dicts; these types are for
-reading results back.
+reading results back. Optional fields that only the CLI's summaries and the tests read
+(``val_accuracy``, ``macro_f1``, ...) are None in results that lack them.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ class DistillResult(StageResult):
     teacher_quality: Mapping[str, float]
     undistilled_quality: Mapping[str, float]
     distilled_quality: Mapping[str, float]
+    trainable_params: int | None = None
+    processes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +171,9 @@ class StudentResult(StageResult):
     model_dir: str
     teacher: str
     keep_layers: list[int]
+    teacher_layers: int | None = None
+    teacher_params: int | None = None
+    student_params: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +181,9 @@ class TuneResult(StageResult):
     """``post tune``: the prompt file and the tuning's figures.
 
     ``train_seconds`` is required but may be None in old results; ``test`` holds the test-split
-    metrics (n, accuracy, class_names, ...) of a run asked to score the test split.
+    metrics (n, accuracy, class_names, ...) of a run asked to score the test split. ``steps`` is the
+    steps taken (fewer than ``planned_steps`` when ``stopped_early``); ``validation_curve`` the
+    validations, each with its step and ``val_accuracy``, the last of which is ``val_accuracy``.
     """
 
     STAGE: ClassVar[str | None] = "tune"
@@ -191,6 +199,12 @@ class TuneResult(StageResult):
     epsilon: float | None = None
     delta: float | None = None
     privacy: Mapping[str, Any] | None = None
+    n_tokens: int | None = None
+    steps: int | None = None
+    planned_steps: int | None = None
+    stopped_early: bool | None = None
+    val_accuracy: float | None = None
+    validation_curve: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,7 +220,11 @@ class _PromptTransfer(StageResult):
 
 @dataclass(frozen=True, kw_only=True)
 class TransferResult(_PromptTransfer):
-    """``post transfer``: the transferred prompt, α and the transfer's costs."""
+    """``post transfer``: the transferred prompt, α and the transfer's costs.
+
+    ``target_zero_shot`` and ``source_accuracy`` are what a heuristic α was computed from (None for a
+    given α); ``watch_curve`` the watched accuracies (each with its step), empty when nothing was watched.
+    """
 
     STAGE: ClassVar[str | None] = "transfer"
 
@@ -219,6 +237,10 @@ class TransferResult(_PromptTransfer):
     cache_seconds: float
     alpha_source: str | None = None
     alpha_seconds: float | None = None
+    target_zero_shot: float | None = None
+    source_accuracy: float | None = None
+    processes: int | None = None
+    watch_curve: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,12 +249,16 @@ class ZstResult(_PromptTransfer):
 
     STAGE: ClassVar[str | None] = "zst"
 
+    anchors: int | None = None
+    final_loss: float | None = None
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateResult(StageResult):
     """``post evaluate``: one model (with or without a prompt) scored on one split.
 
-    ``prompt`` is None for a zero-shot run; ``method`` is ``proxy`` for proxy tuning (else None).
+    ``prompt`` is None for a zero-shot run; ``method`` is ``proxy`` for proxy tuning (else None);
+    ``predictions`` is the file of per-example predictions.
     """
 
     STAGE: ClassVar[str | None] = "evaluate"
@@ -247,11 +273,20 @@ class EvaluateResult(StageResult):
     class_names: list[str] | None = None
     method: str | None = None
     proxy_source_model: str | None = None
+    macro_f1: float | None = None
+    confusion_matrix: list[list[int]] | None = None
+    predictions: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttackResult(StageResult):
-    """``post attack lira``: the audit's figures on ps (and on the transferred prompts when asked)."""
+    """``post attack lira``: the audit's figures on ps (and on the transferred prompts when asked).
+
+    ``source_prompt`` and ``transferred_prompt`` hold LiRA's figures by variant (``online``, ...),
+    ``source_prompt_rmia`` and ``transferred_prompt_rmia`` RMIA's. A DP audit (``dp``) also has the
+    released prompt's mechanism (``target_mechanism``), the shadows' (``shadow_mechanism``,
+    ``shadow_epsilon_max``) and a ``mechanism_note`` on how they differ.
+    """
 
     STAGE: ClassVar[str | None] = "attack-lira"
 
@@ -262,6 +297,20 @@ class AttackResult(StageResult):
     epsilon: float | None = None
     transferred_prompt: Mapping[str, Any] | None = None
     roc_transferred_png: str | None = None
+    model: str | None = None
+    task: str | None = None
+    dp: bool | None = None
+    delta: float | None = None
+    source_prompt_rmia: Mapping[str, Any] | None = None
+    transferred_prompt_rmia: Mapping[str, Any] | None = None
+    transfer_target: str | None = None
+    auc: float | None = None
+    rmia_auc: float | None = None
+    wall_seconds: float | None = None
+    target_mechanism: Mapping[str, Any] | None = None
+    shadow_mechanism: Mapping[str, Any] | None = None
+    shadow_epsilon_max: float | None = None
+    mechanism_note: str | None = None
 
 
 RESULT_TYPES: dict[str, type[StageResult]] = {
