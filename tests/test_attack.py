@@ -56,21 +56,22 @@ def test_dp_attack_on_a_pool_smaller_than_the_batch(tmp_path):
     ledgers = [json.loads((tmp_path / "a" / "shadows" / f"shadow-{s:03d}" / "tune" / "privacy.json").read_text())
                for s in range(4)]
     sizes = balanced_masks(20, 4, cfg.seed).sum(axis=0).tolist()
-    target = result["target_mechanism"]
+    target = result.target_mechanism
     assert target["dataset_size"] == 40 and target["sample_rate"] == pytest.approx(16 / 40) and target["steps"] == 3
-    assert result["epsilon"] == target["epsilon"] <= 8.0 + 1e-9
+    assert result.epsilon == target["epsilon"] <= 8.0 + 1e-9
     for x, n in zip(ledgers, sizes):
         assert x["dataset_size"] == n and x["steps"] == x["planned_steps"] == 3
         assert x["delta"] == target["delta"] == default_delta(40)
-        assert x["epsilon"] <= result["epsilon"] * (1 + 1e-6)
-    assert result["shadow_epsilon_max"] == pytest.approx(max(x["epsilon"] for x in ledgers))
-    assert result["shadow_mechanism"]["batch_sizes"] == [math.floor(0.4 * n) for n in sizes]
-    assert "q" in result["mechanism_note"] and "3 steps" in result["mechanism_note"]
-    for key in ("auc", "rmia_auc", "rmia_tpr_at_1%_fpr", "rmia_tpr_at_0.1%_fpr", "rmia_offline_auc"):
-        assert 0 <= result[key] <= 1
-    assert set(result["source_prompt_rmia"]) == {"online", "offline, a=0.3"}
-    assert result["rmia_auc"] == result["source_prompt_rmia"]["online"]["auc"]
-    for figs in (result["source_prompt"], result["source_prompt_rmia"]):
+        assert x["epsilon"] <= result.epsilon * (1 + 1e-6)
+    assert result.shadow_epsilon_max == pytest.approx(max(x["epsilon"] for x in ledgers))
+    assert result.shadow_mechanism["batch_sizes"] == [math.floor(0.4 * n) for n in sizes]
+    assert "q" in result.mechanism_note and "3 steps" in result.mechanism_note
+    for value in (result.auc, result.rmia_auc, *(result.extra[key] for key in (
+            "rmia_tpr_at_1%_fpr", "rmia_tpr_at_0.1%_fpr", "rmia_offline_auc"))):
+        assert 0 <= value <= 1
+    assert set(result.source_prompt_rmia) == {"online", "offline, a=0.3"}
+    assert result.rmia_auc == result.source_prompt_rmia["online"]["auc"]
+    for figs in (result.source_prompt, result.source_prompt_rmia):
         assert all(f["epsilon_lower_bound"] >= 0 and 0 <= f["tpr_at_0.1%_fpr"] <= 1 for f in figs.values())
     from post.attack import summarize
 

@@ -114,7 +114,7 @@ def world(tmp_path_factory) -> World:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(["good", "bad", "film", "plot", "was"]) for _ in range(30))
                                 for _ in range(60)))
-    return World(root, data, Path(run["prompt"]), other_weights, _narrow_model(root), wide_vocab,
+    return World(root, data, Path(run.prompt), other_weights, _narrow_model(root), wide_vocab,
                  _word_level_model(root), truncated, pickled, corpus)
 
 

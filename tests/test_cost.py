@@ -329,7 +329,7 @@ def test_transfer_run_cost_counts_the_tokens_the_transfer_ran(tmp_path, monkeypa
     monkeypatch.setattr(transfer.Scorer, "__init__", init)
     steps = 4
     transfer.transfer(transfer.TransferConfig(source_model="tiny-llama", target_model="tiny-llama",
-                                              prompt=ps["prompt"], public=str(public), steps=steps, batch_size=3,
+                                              prompt=ps.prompt, public=str(public), steps=steps, batch_size=3,
                                               mode="label-words", alpha=0.0, device="cpu"), tmp_path / "transfer")
     step_part, const = cost.transfer_run_cost(tmp_path / "transfer")
     arch = resolve_arch("tiny-llama")
@@ -356,7 +356,7 @@ def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatc
     result = tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=3,
                                        max_steps=6, batch_size=8, lr=1e-12, eval_every=1, patience=1, eval_limit=5,
                                        test=False), out)
-    assert (result["steps"], result["planned_steps"]) == (1, 6)
+    assert (result.steps, result.planned_steps) == (1, 6)
     stage = cost.tune_run_cost(out)
     train = sum((Tokens.uniform(b, w) for b, w in seen), Tokens())
     assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)

@@ -104,7 +104,7 @@ def test_hidden_only_distillation_skips_the_heads_and_moves_the_student(corpus, 
     n_quality = 3 * 2  # undistilled, teacher and distilled quality: two models each, one held-out batch
     r = distill(cfg, tmp_path)
     assert len(calls) == n_quality  # no vocabulary projection in the 40 training steps
-    assert r["distilled_quality"]["kl_to_teacher"] < 0.7 * r["undistilled_quality"]["kl_to_teacher"]
+    assert r.distilled_quality["kl_to_teacher"] < 0.7 * r.undistilled_quality["kl_to_teacher"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"hidden", "cos", "loss"} <= set(lines[0]) and not {"ce", "lm"} & set(lines[0])
     assert lines[-1]["hidden"] < 0.5 * lines[0]["hidden"]
@@ -169,10 +169,10 @@ def test_answer_distillation_moves_the_answer_distribution(corpus, tmp_path):
 
 def test_kl_only_distillation_moves_the_student_toward_the_teacher(corpus, tmp_path):
     r = distill(config(corpus, alpha_lm=0.0, alpha_cos=0.0, max_steps=40, lr=3e-3), tmp_path)
-    assert r["distilled_quality"]["kl_to_teacher"] < 0.7 * r["undistilled_quality"]["kl_to_teacher"]
+    assert r.distilled_quality["kl_to_teacher"] < 0.7 * r.undistilled_quality["kl_to_teacher"]
     for name in ("config.yaml", "metrics.jsonl", "result.json"):
         assert (tmp_path / name).is_file()
-    student = AutoModelForCausalLM.from_pretrained(r["student_dir"])  # an ordinary HF model directory
+    student = AutoModelForCausalLM.from_pretrained(r.student_dir)  # an ordinary HF model directory
     assert student.config.num_hidden_layers == 1
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [5, 10, 15, 20, 25, 30, 35, 40]
@@ -182,15 +182,15 @@ def test_kl_only_distillation_moves_the_student_toward_the_teacher(corpus, tmp_p
 def test_frozen_embeddings_and_head_stay_the_teachers(corpus, tmp_path):
     r = distill(config(corpus, max_steps=5), tmp_path)
     teacher = tiny_model("llama").model
-    student = AutoModelForCausalLM.from_pretrained(r["student_dir"])
+    student = AutoModelForCausalLM.from_pretrained(r.student_dir)
     torch.testing.assert_close(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-    assert r["trainable_params"] < r["student_params"]
+    assert r.trainable_params < r.student_params
 
 
 def test_masked_lm_distillation(corpus, tmp_path):
     r = distill(config(corpus, teacher="tiny-roberta", max_steps=10), tmp_path)
-    assert r["distilled_quality"]["perplexity"] > 1
-    assert AutoModelForMaskedLM.from_pretrained(r["student_dir"]).config.num_hidden_layers == 1
+    assert r.distilled_quality["perplexity"] > 1
+    assert AutoModelForMaskedLM.from_pretrained(r.student_dir).config.num_hidden_layers == 1
 
 
 def test_killed_run_resumes_to_the_same_student(corpus, tmp_path, monkeypatch):
@@ -212,10 +212,10 @@ def test_killed_run_resumes_to_the_same_student(corpus, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 20
     monkeypatch.setattr(d, "distill_losses", original)
     resumed = distill(config(corpus), tmp_path / "resumed")
-    a = load_file(os.path.join(full["student_dir"], "model.safetensors"))
-    b = load_file(os.path.join(resumed["student_dir"], "model.safetensors"))
+    a = load_file(os.path.join(full.student_dir, "model.safetensors"))
+    b = load_file(os.path.join(resumed.student_dir, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["distilled_quality"] == full["distilled_quality"]
+    assert resumed.distilled_quality == full.distilled_quality
     assert distill(config(corpus), tmp_path / "resumed") == resumed  # a finished run is not redone
 
 
@@ -230,10 +230,10 @@ def test_two_processes_match_one(corpus, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["processes"] == 2 and one.processes == 1
     for key in ("perplexity", "kl_to_teacher"):
-        assert two["distilled_quality"][key] == pytest.approx(one["distilled_quality"][key], rel=1e-4)
-    a = load_file(os.path.join(one["student_dir"], "model.safetensors"))
+        assert two["distilled_quality"][key] == pytest.approx(one.distilled_quality[key], rel=1e-4)
+    a = load_file(os.path.join(one.student_dir, "model.safetensors"))
     b = load_file(os.path.join(two["student_dir"], "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from post.evaluate import EvaluateConfig, combine_proxy, evaluate, read_predicti
 from post.models import load_model, save_model, tiny_model
 from post.prompt import read_prompt
 from post.resolve import subset
+from post.rundir import read_result
 from post.scoring import Encoder, predict_scores
 from post.student import build_student
 from post.tasks import Verbalizer
@@ -63,23 +64,24 @@ def test_evaluate_writes_predictions_that_match_its_accuracy(setup, tmp_path):
     r = evaluate(_cfg(setup, limit=9, seed=3), tmp_path / "zs")
     preds = read_predictions(tmp_path / "zs")
     n_test = 12  # 10% of 120
-    assert sorted(preds) == subset(n_test, 9, 3).tolist() and r["n"] == 9
-    assert r["accuracy"] == pytest.approx(np.mean([y == p for y, p in preds.values()]))
-    assert r["predictions"].endswith("predictions.json") and "method" not in r
+    assert sorted(preds) == subset(n_test, 9, 3).tolist() and r.n == 9
+    assert r.accuracy == pytest.approx(np.mean([y == p for y, p in preds.values()]))
+    assert r.predictions.endswith("predictions.json") and r.method is None
+    assert "method" not in read_result(tmp_path / "zs")  # only a proxy evaluation names its method
 
 
 def test_proxy_tuning_adds_the_prompts_change_on_the_source(setup, tmp_path):
     root, data, target_dir, source_dir, ps = setup
-    r = evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "proxy")
-    assert r["method"] == "proxy" and r["proxy_source_model"] == str(source_dir)
-    assert r["prompt"]["model"].endswith("source") and r["prompt"]["method"] == "tuned"
+    r = evaluate(_cfg(setup, prompt=ps.prompt, proxy_source_model=str(source_dir)), tmp_path / "proxy")
+    assert r.method == "proxy" and r.proxy_source_model == str(source_dir)
+    assert r.prompt.model.endswith("source") and r.prompt.method == "tuned"
     # The same figure computed by hand from the three models' scores.
     target, source = load_model(str(target_dir)), load_model(str(source_dir))
-    task = read_prompt(ps["prompt"]).task
+    task = read_prompt(ps.prompt).task
     from post.data import load_labelled
 
     texts = list(load_labelled(str(data), label_words=LABEL_WORDS).split("test").texts)
-    prompt = read_prompt(ps["prompt"]).tensor
+    prompt = read_prompt(ps.prompt).tensor
 
     def scores(m, p=None):
         return predict_scores(m.model, Encoder(task, m.tokenizer, m.kind, 128), Verbalizer.build(task, m.tokenizer),
@@ -98,9 +100,9 @@ def test_proxy_with_no_prompt_change_is_the_target_zero_shot(setup, tmp_path, mo
     # The small model ignores the prompt: Φs(ps; x) − Φs(x) = 0 exactly.
     monkeypatch.setattr(ev, "predict_scores", lambda *a, prompt=None, **kw: real(*a, **kw))
     root, data, target_dir, source_dir, ps = setup
-    proxy = evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "proxy")
+    proxy = evaluate(_cfg(setup, prompt=ps.prompt, proxy_source_model=str(source_dir)), tmp_path / "proxy")
     assert read_predictions(tmp_path / "proxy") == read_predictions(tmp_path / "zs")
-    assert proxy["accuracy"] == zero_shot["accuracy"] and proxy["confusion_matrix"] == zero_shot["confusion_matrix"]
+    assert proxy.accuracy == zero_shot.accuracy and proxy.confusion_matrix == zero_shot.confusion_matrix
 
 
 def test_proxy_refuses_bad_setups(setup, tmp_path, monkeypatch):
@@ -108,10 +110,10 @@ def test_proxy_refuses_bad_setups(setup, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--proxy-source-model: needs --prompt"):
         _cfg(setup, proxy_source_model=str(source_dir))
     with pytest.raises(ConfigError, match="--allow-other-model"):
-        _cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir), allow_other_model=True)
+        _cfg(setup, prompt=ps.prompt, proxy_source_model=str(source_dir), allow_other_model=True)
     # the prompt must belong to the proxy source, not to the target
     with pytest.raises(PostError):
-        evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(target_dir)), tmp_path / "wrong")
+        evaluate(_cfg(setup, prompt=ps.prompt, proxy_source_model=str(target_dir)), tmp_path / "wrong")
     # another tokenizer
     calls = {"n": 0}
     orig = ev.load_configured_model
@@ -125,4 +127,4 @@ def test_proxy_refuses_bad_setups(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ev, "load_configured_model", other_vocab)
     with pytest.raises(PostError, match="same tokenizer"):
-        evaluate(_cfg(setup, prompt=ps["prompt"], proxy_source_model=str(source_dir)), tmp_path / "vocab")
+        evaluate(_cfg(setup, prompt=ps.prompt, proxy_source_model=str(source_dir)), tmp_path / "vocab")

@@ -358,7 +358,7 @@ def test_kill_between_checkpoint_files_leaves_a_consistent_checkpoint(files, tmp
     assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["step"] == 4  # one save behind
     monkeypatch.setattr(ckpt, "write_json", real)
     resumed = tune(cfg, tmp_path / "killed")
-    assert torch.equal(load_file(full["prompt"])["prompt"], load_file(resumed["prompt"])["prompt"])
+    assert torch.equal(load_file(full.prompt)["prompt"], load_file(resumed.prompt)["prompt"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other-parameters"])
@@ -385,7 +385,7 @@ def test_a_damaged_checkpoint_is_never_trusted(files, tmp_path, monkeypatch, cap
     with caplog.at_level("WARNING"):
         resumed = tune(cfg, tmp_path / "damaged")
     assert "ignoring unreadable checkpoint" in caplog.text
-    assert torch.equal(load_file(full["prompt"])["prompt"], load_file(resumed["prompt"])["prompt"])
+    assert torch.equal(load_file(full.prompt)["prompt"], load_file(resumed.prompt)["prompt"])
 
 
 def test_fault_counts():

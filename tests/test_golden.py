@@ -137,10 +137,10 @@ def tuned(data_csv, tmp_path_factory):
 
 def test_tune_golden(tuned):
     out, r = tuned
-    assert r["privacy"] is None
+    assert r.privacy is None
     check_golden("tune", {
-        "metrics": metrics_lines(out), "steps": r["steps"], "test_accuracy": r["test_accuracy"],
-        "prompt": prompt_digest(r["prompt"]),
+        "metrics": metrics_lines(out), "steps": r.steps, "test_accuracy": r.test_accuracy,
+        "prompt": prompt_digest(r.prompt),
     })
 
 
@@ -148,8 +148,8 @@ def test_dp_tune_with_dp_seed_golden(data_csv, tmp_path):
     """A DP run logs only validation points; its prompt, ε and curve are fixed by the explicit dp_seed."""
     r = tune(tune_config(data_csv, dp=True, noise_multiplier=1.0, max_grad_norm=1.0, dp_seed=5), tmp_path)
     check_golden("tune-dp", {
-        "metrics": metrics_lines(tmp_path, None), "steps": r["steps"], "epsilon": r["epsilon"],
-        "test_accuracy": r["test_accuracy"], "prompt": prompt_digest(r["prompt"]),
+        "metrics": metrics_lines(tmp_path, None), "steps": r.steps, "epsilon": r.epsilon,
+        "test_accuracy": r.test_accuracy, "prompt": prompt_digest(r.prompt),
     })
 
 
@@ -162,9 +162,9 @@ def test_distill_golden(tmp_path):
                         max_steps=8, lr=1e-3, held_out=4, log_every=2, seed=0, device="cpu")
     r = distill(cfg, tmp_path / "run")
     check_golden("distill", {
-        "metrics": metrics_lines(tmp_path / "run"), "distilled_quality": r["distilled_quality"],
-        "undistilled_quality": r["undistilled_quality"],
-        "student": weights_digest(Path(r["student_dir"]) / "model.safetensors"),
+        "metrics": metrics_lines(tmp_path / "run"), "distilled_quality": r.distilled_quality,
+        "undistilled_quality": r.undistilled_quality,
+        "student": weights_digest(Path(r.student_dir) / "model.safetensors"),
     })
 
 
@@ -173,13 +173,13 @@ def test_transfer_golden(tuned, tmp_path, mode):
     _, ps = tuned
     public = tmp_path / "public.txt"
     public.write_text("\n".join(["a good day", "bad service", "great flight", "awful delay", "ok trip"] * 8))
-    cfg = TransferConfig(source_model="tiny-llama", prompt=ps["prompt"], target_model="tiny-llama",
+    cfg = TransferConfig(source_model="tiny-llama", prompt=ps.prompt, target_model="tiny-llama",
                          public=str(public), mode=mode, steps=8, batch_size=4, lr=0.05, alpha=0.5, seed=0,
                          device="cpu")
     r = transfer(cfg, tmp_path / "run")
     check_golden(f"transfer-{mode}", {
-        "metrics": metrics_lines(tmp_path / "run"), "steps": r["steps"], "alpha": r["alpha"],
-        "prompt": prompt_digest(r["prompt"]),
+        "metrics": metrics_lines(tmp_path / "run"), "steps": r.steps, "alpha": r.alpha,
+        "prompt": prompt_digest(r.prompt),
     })
 
 

@@ -424,13 +424,13 @@ class ToyConfig:
     trust_remote_code: bool = False
 
 
-def toy_evaluate(cfg: ToyConfig, run_dir: Path) -> dict:
-    """A stage function that scores nothing: it writes an evaluation's result as post evaluate would."""
+def toy_evaluate(cfg: ToyConfig, run_dir: Path) -> EvaluateResult:
+    """A stage function that scores nothing: it writes and returns an evaluation's result as post evaluate would."""
     from post.rundir import RunDir
 
-    return RunDir(run_dir, stage="evaluate", config=cfg).finish({
+    return EvaluateResult.from_dict(RunDir(run_dir, stage="evaluate", config=cfg).finish({
         "model": cfg.model, "task": cfg.task, "split": "test", "prompt": None, "accuracy": 0.75, "n": 4,
-        "class_names": ["negative", "positive"]})
+        "class_names": ["negative", "positive"]}))
 
 
 TOY = Stage("evaluate", __name__, "ToyConfig", "toy_evaluate", EvaluateResult, "evaluate")

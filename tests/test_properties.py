@@ -225,7 +225,7 @@ def prompt_file(tmp_path_factory):
     r = tune(TuneConfig(model="tiny-llama", task=str(data), label_words="negative=bad;positive=good", n_tokens=2,
                         max_steps=1, batch_size=8, test=False, eval_limit=2, dp=True, noise_multiplier=1.0,
                         accountant="rdp", device="cpu"), root / "run")
-    return Path(r["prompt"])
+    return Path(r.prompt)
 
 
 def _read(path: Path) -> None:

@@ -27,19 +27,32 @@ LABEL_WORDS = "negative=bad;positive=good"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tune, an evaluation of its prompt and a transfer of it, on tiny-llama, each a few steps."""
+def stage_runs(tmp_path_factory):
+    """A tune, an evaluation of its prompt and a transfer of it, on tiny-llama, each a few steps; what each returned."""
     root = tmp_path_factory.mktemp("results")
     data = write_sentiment_csv(root / "d.csv", n=60)
     public = root / "public.txt"
     public.write_text("\n".join(["a good day", "bad service", "great flight", "awful delay"] * 5))
     ps = tune(TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=4, max_steps=2,
                          batch_size=8, test=False), root / "tune")
-    evaluate(EvaluateConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, prompt=ps["prompt"],
-                            limit=4), root / "evaluate")
-    transfer(TransferConfig(source_model="tiny-llama", prompt=ps["prompt"], target_model="tiny-llama",
-                            public=str(public), steps=2, batch_size=4, alpha=0.0, device="cpu"), root / "transfer")
-    return root
+    ev = evaluate(EvaluateConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, prompt=ps.prompt,
+                                 limit=4), root / "evaluate")
+    pt = transfer(TransferConfig(source_model="tiny-llama", prompt=ps.prompt, target_model="tiny-llama",
+                                  public=str(public), steps=2, batch_size=4, alpha=0.0, device="cpu"),
+                  root / "transfer")
+    return root, {"tune": ps, "evaluate": ev, "transfer": pt}
+
+
+@pytest.fixture(scope="module")
+def runs(stage_runs):
+    return stage_runs[0]
+
+
+@pytest.mark.parametrize("kind", [TuneResult, EvaluateResult, TransferResult])
+def test_a_stage_returns_the_result_its_directory_holds(stage_runs, kind):
+    root, returned = stage_runs
+    r = returned[kind.STAGE]
+    assert type(r) is kind and r == kind.from_dir(root / kind.STAGE)
 
 
 @pytest.mark.parametrize("kind", [TuneResult, EvaluateResult, TransferResult])
@@ -102,10 +115,11 @@ def test_other_stages_read_as_plain_results():
 
 def test_results_are_frozen():
     r = EvaluateResult.from_dict({"stage": "evaluate", "model": "m", "task": "t", "split": "test", "accuracy": 0.5,
-                                  "prompt": {"model": "m", "method": "tuned"}, "macro_f1": 0.4})
+                                  "prompt": {"model": "m", "method": "tuned"}, "macro_f1": 0.4,
+                                  "per_class_accuracy": {"negative": 0.5}})
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.accuracy = 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.prompt.method = "post"
     with pytest.raises(TypeError):
-        r.extra["macro_f1"] = 1.0  # the keys no field names are read-only too
+        r.extra["per_class_accuracy"] = {}  # the keys no field names are read-only too

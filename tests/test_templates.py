@@ -150,7 +150,7 @@ def test_public_data_must_be_a_named_set_other_than_the_task(tmp_path, monkeypat
 def student_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ct-student")
     r = make_student(StudentConfig(teacher="tiny-llama", keep_layers="0", device="cpu"), root / "student-run")
-    return r["model_dir"]
+    return r.model_dir
 
 
 def test_private_data_only_on_a_student_directory(tmp_path, monkeypatch, student_dir):

@@ -95,7 +95,7 @@ def setup(tmp_path_factory):
 
 def cfg(setup, **kw):
     root, data, public, source_dir, target_dir, ps = setup
-    base = dict(source_model=str(target_dir), prompt=ps["prompt"], target_model=str(target_dir), public=str(public),
+    base = dict(source_model=str(target_dir), prompt=ps.prompt, target_model=str(target_dir), public=str(public),
                 steps=60, batch_size=8, lr=0.05, alpha=0.0, checkpoint_every=20, device="cpu")
     return TransferConfig(**{**base, **kw})
 
@@ -109,13 +109,13 @@ def test_transfer_to_the_same_model_recovers_the_prompts_behaviour(setup, tmp_pa
     curve = losses(tmp_path)
     assert len(curve) == 60 and curve[-1] < 0.2 * curve[0]
     pf = json.loads((tmp_path / "result.json").read_text())
-    assert pf["alpha"] == 0.0 and r["steps"] == 60
+    assert pf["alpha"] == 0.0 and r.steps == 60
 
 
 def test_label_word_mode_and_watch_curve(setup, tmp_path):
     root, data, *_ = setup
     r = transfer(cfg(setup, mode="label-words", alpha=0.5, watch_task=str(data), watch_every=30), tmp_path)
-    assert [p["step"] for p in r["watch_curve"]] == [0, 30, 60]
+    assert [p["step"] for p in r.watch_curve] == [0, 30, 60]
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
@@ -125,8 +125,8 @@ def test_heuristic_alpha_needs_its_inputs(setup, tmp_path, caplog):
     with pytest.raises(ConfigError, match="source-accuracy"):
         cfg(setup, alpha=None, target_zero_shot=0.6)
     r = transfer(cfg(setup, alpha=None, target_zero_shot=0.6, source_accuracy=0.7, steps=2), tmp_path / "b")
-    assert r["alpha_source"].startswith("heuristic") and "private" in r["alpha_source"]
-    assert r["alpha"] == pytest.approx(heuristic_alpha(target_zero_shot=0.6, source_accuracy=0.7, num_classes=2))
+    assert r.alpha_source.startswith("heuristic") and "private" in r.alpha_source
+    assert r.alpha == pytest.approx(heuristic_alpha(target_zero_shot=0.6, source_accuracy=0.7, num_classes=2))
     assert "outside the DP guarantee" in caplog.text
 
 
@@ -147,17 +147,17 @@ def test_heuristic_alpha_from_public_labelled_data(setup, tmp_path):
             w.writerow([f"a good flight number {i}", "positive"])
             w.writerow([f"a bad delay number {i}", "negative"])
     r = transfer(cfg(setup, alpha=None, alpha_public=str(labelled), alpha_public_limit=40, steps=2), tmp_path)
-    assert r["alpha_source"].startswith("heuristic (Eq. 6) on public") and 0 <= r["alpha"] <= 1
+    assert r.alpha_source.startswith("heuristic (Eq. 6) on public") and 0 <= r.alpha <= 1
     # The two accuracies are the target's zero-shot and ps on the source, on 20 + 20 balanced public examples.
-    task = read_prompt(ps["prompt"]).task
+    task = read_prompt(ps.prompt).task
     texts, labels = public_labelled(str(labelled), task, limit=40, seed=0)
     assert sorted(labels) == [0] * 20 + [1] * 20 and all("number" in t for t in texts)
     target = load_model(str(target_dir))
-    assert r["target_zero_shot"] == pytest.approx(_accuracy(target, task, texts, labels, None, 128))
-    assert r["source_accuracy"] == pytest.approx(
-        _accuracy(target, task, texts, labels, read_prompt(ps["prompt"]).tensor, 128))
-    assert r["alpha"] == pytest.approx(heuristic_alpha(target_zero_shot=r["target_zero_shot"],
-                                                       source_accuracy=r["source_accuracy"], num_classes=2))
+    assert r.target_zero_shot == pytest.approx(_accuracy(target, task, texts, labels, None, 128))
+    assert r.source_accuracy == pytest.approx(
+        _accuracy(target, task, texts, labels, read_prompt(ps.prompt).tensor, 128))
+    assert r.alpha == pytest.approx(heuristic_alpha(target_zero_shot=r.target_zero_shot,
+                                                       source_accuracy=r.source_accuracy, num_classes=2))
 
 
 def test_vocab_mode_refuses_different_tokenizers(setup, tmp_path):
@@ -194,7 +194,7 @@ def test_transfer_resumes_after_interruption(setup, tmp_path, monkeypatch):
     resumed = transfer(cfg(setup), tmp_path / "resumed")
     from post.prompt import read_prompt
 
-    assert torch.equal(read_prompt(full["prompt"]).tensor, read_prompt(resumed["prompt"]).tensor)
+    assert torch.equal(read_prompt(full.prompt).tensor, read_prompt(resumed.prompt).tensor)
 
 
 def test_zst_recovers_relative_coordinates(setup, tmp_path):
@@ -202,10 +202,10 @@ def test_zst_recovers_relative_coordinates(setup, tmp_path):
     from post.zst import ZstConfig, relative_coordinates, zst
 
     root, data, public, source_dir, target_dir, ps = setup
-    r = zst(ZstConfig(source_model=str(target_dir), prompt=ps["prompt"], target_model=str(target_dir), anchors=64,
+    r = zst(ZstConfig(source_model=str(target_dir), prompt=ps.prompt, target_model=str(target_dir), anchors=64,
                       steps=500, device="cpu"), tmp_path)
-    assert r["final_loss"] < 1e-3
-    p, q = read_prompt(ps["prompt"]).tensor, read_prompt(r["prompt"]).tensor
+    assert r.final_loss < 1e-3
+    p, q = read_prompt(ps.prompt).tensor, read_prompt(r.prompt).tensor
     emb = tiny_model("llama").model.get_input_embeddings().weight.detach()
     rel_p, rel_q = relative_coordinates(p, emb[:64]), relative_coordinates(q, emb[:64])
     assert (rel_p - rel_q).abs().max() < 0.1
@@ -219,19 +219,19 @@ def test_results_table_places_every_run(setup, tmp_path):
     common = dict(task=str(data), label_words=LABEL_WORDS, n_tokens=4, epochs=1, batch_size=8, lr=0.1)
     ps_dp = tune(TuneConfig(model=str(source_dir), dp=True, noise_multiplier=1.0, **common), tmp_path / "ps-dp")
     tune(TuneConfig(model=str(target_dir), **common), tmp_path / "pt-target")
-    pt = transfer(cfg(setup, source_model=str(source_dir), prompt=ps_dp["prompt"], steps=5), tmp_path / "post-dp")
+    pt = transfer(cfg(setup, source_model=str(source_dir), prompt=ps_dp.prompt, steps=5), tmp_path / "post-dp")
     ev = dict(model=str(target_dir), task=str(data), label_words=LABEL_WORDS)
     evaluate(EvaluateConfig(**ev), tmp_path / "zs")
-    evaluate(EvaluateConfig(**ev, prompt=pt["prompt"]), tmp_path / "eval-post-dp")
-    evaluate(EvaluateConfig(**ev, prompt=ps_dp["prompt"], allow_other_model=True), tmp_path / "direct-dp")
+    evaluate(EvaluateConfig(**ev, prompt=pt.prompt), tmp_path / "eval-post-dp")
+    evaluate(EvaluateConfig(**ev, prompt=ps_dp.prompt, allow_other_model=True), tmp_path / "direct-dp")
     r = table(TableConfig(runs=[tmp_path], target=str(target_dir)), tmp_path / "table")
     rows = list(__import__("csv").DictReader(open(r["csv"])))
     placed = {(x["method"], x["dp"]) for x in rows}
     assert placed == {("zero-shot Φt", "False"), ("zero-shot Φt", "True"), ("PT on Φt", "False"),
                       ("PT on Φs", "True"), ("POST", "True"), ("direct transfer", "True")}
     post_row = next(x for x in rows if x["method"] == "POST")
-    assert float(post_row["epsilon"]) == pytest.approx(ps_dp["epsilon"])
-    assert float(post_row["seconds"]) >= ps_dp["train_seconds"]  # tuning on the source + the transfer
+    assert float(post_row["epsilon"]) == pytest.approx(ps_dp.epsilon)
+    assert float(post_row["seconds"]) >= ps_dp.train_seconds  # tuning on the source + the transfer
     assert "| " + data.name + " |" in (tmp_path / "table" / "table.md").read_text()
 
 
@@ -275,7 +275,7 @@ def test_transfer_two_processes_match_one(setup, tmp_path):
 
     root, data, public, source_dir, target_dir, ps = setup
     one = transfer(cfg(setup, steps=20), tmp_path / "one")
-    args = ["--source-model", str(target_dir), "--prompt", ps["prompt"], "--target-model", str(target_dir),
+    args = ["--source-model", str(target_dir), "--prompt", ps.prompt, "--target-model", str(target_dir),
             "--public", str(public), "--steps", "20", "--batch-size", "8", "--lr", "0.05", "--alpha", "0.0",
             "--checkpoint-every", "20", "--device", "cpu", "--out", str(tmp_path / "two")]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -284,6 +284,6 @@ def test_transfer_two_processes_match_one(setup, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert two["processes"] == 2 and one["processes"] == 1
-    torch.testing.assert_close(read_prompt(two["prompt"]).tensor, read_prompt(one["prompt"]).tensor,
+    assert two["processes"] == 2 and one.processes == 1
+    torch.testing.assert_close(read_prompt(two["prompt"]).tensor, read_prompt(one.prompt).tensor,
                                rtol=1e-4, atol=1e-5)

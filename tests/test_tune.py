@@ -36,13 +36,13 @@ def nonprivate(data_csv, tmp_path_factory):
 
 def test_nonprivate_prompt_learns(nonprivate):
     out, result = nonprivate
-    assert result["validation_curve"][0]["val_accuracy"] <= 0.6  # zero-shot starts near chance
-    assert result["test_accuracy"] >= 0.9
-    assert result["privacy"] is None and not (out / "privacy.json").exists()
+    assert result.validation_curve[0]["val_accuracy"] <= 0.6  # zero-shot starts near chance
+    assert result.test_accuracy >= 0.9
+    assert result.privacy is None and not (out / "privacy.json").exists()
     for name in ("config.yaml", "metrics.jsonl", "result.json", "prompt.safetensors"):
         assert (out / name).is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum("loss" in x for x in lines) == result["steps"]
+    assert sum("loss" in x for x in lines) == result.steps
 
 
 def test_enormous_noise_drowns_the_data(data_csv, tmp_path):
@@ -60,20 +60,20 @@ def test_enormous_noise_drowns_the_data(data_csv, tmp_path):
     a = tune(config(data_csv, dp_seed=3, **kw), tmp_path / "a")
     b = tune(config(flipped, dp_seed=3, **kw), tmp_path / "b")
     c = tune(config(data_csv, dp_seed=4, **kw), tmp_path / "c")
-    pa, pb, pc = (read_prompt(r["prompt"]).tensor for r in (a, b, c))
+    pa, pb, pc = (read_prompt(r.prompt).tensor for r in (a, b, c))
     assert not torch.equal(pa, pb)  # the data does reach the prompt ...
     assert (pa - pb).norm() < 1e-3 * (pa - pc).norm()  # ... but the noise swamps it
-    assert a["privacy"]["noise_multiplier"] == 1e4
-    assert a["epsilon"] < 0.01
+    assert a.privacy["noise_multiplier"] == 1e4
+    assert a.epsilon < 0.01
 
 
 def test_dp_run_writes_a_ledger_that_recomputes(data_csv, tmp_path):
     result = tune(config(data_csv, dp=True, epsilon=8.0, epochs=2, accountant="rdp"), tmp_path)
     ledger = PrivacyLedger.from_dict(json.loads((tmp_path / "privacy.json").read_text()))
-    assert ledger.steps == ledger.planned_steps == result["steps"]
+    assert ledger.steps == ledger.planned_steps == result.steps
     assert ledger.epsilon == pytest.approx(8.0, abs=0.01) and ledger.epsilon <= 8.0 + 1e-9
-    assert ledger.delta <= 0.1 / result["n_train"]  # δ ≪ 1/N by default
-    assert ledger.recompute_epsilon() == pytest.approx(result["epsilon"])
+    assert ledger.delta <= 0.1 / result.n_train  # δ ≪ 1/N by default
+    assert ledger.recompute_epsilon() == pytest.approx(result.epsilon)
     assert ledger.randomness == "secret"
     pf = read_prompt(tmp_path / "prompt.safetensors")
     assert pf.meta["privacy"] == ledger.public() and "dataset_size" not in pf.meta["privacy"]
@@ -91,7 +91,7 @@ def test_default_dp_runs_on_identical_inputs_give_different_prompts(data_csv, tm
     kw = dict(dp=True, noise_multiplier=1.0, epochs=1)
     a = tune(config(data_csv, **kw), tmp_path / "a")
     b = tune(config(data_csv, **kw), tmp_path / "b")
-    assert not torch.allclose(read_prompt(a["prompt"]).tensor, read_prompt(b["prompt"]).tensor)
+    assert not torch.allclose(read_prompt(a.prompt).tensor, read_prompt(b.prompt).tensor)
 
 
 def test_explicit_dp_seed_replays_and_says_the_guarantee_does_not_hold_against_its_holder(data_csv, tmp_path):
@@ -99,10 +99,10 @@ def test_explicit_dp_seed_replays_and_says_the_guarantee_does_not_hold_against_i
     a = tune(config(data_csv, dp_seed=5, **kw), tmp_path / "a")
     b = tune(config(data_csv, dp_seed=5, **kw), tmp_path / "b")
     c = tune(config(data_csv, dp_seed=6, **kw), tmp_path / "c")
-    pa, pb, pc = (read_prompt(r["prompt"]).tensor for r in (a, b, c))
+    pa, pb, pc = (read_prompt(r.prompt).tensor for r in (a, b, c))
     assert torch.equal(pa, pb)
     assert not torch.allclose(pa, pc)
-    ledger = PrivacyLedger.from_dict(read_prompt(a["prompt"]).meta["privacy"])
+    ledger = PrivacyLedger.from_dict(read_prompt(a.prompt).meta["privacy"])
     assert ledger.randomness == "seeded" and not ledger.holds_against_seed_holders
 
 
@@ -110,8 +110,8 @@ def test_secure_mode_runs_and_is_not_replayable(data_csv, tmp_path):
     kw = dict(dp=True, noise_multiplier=1.0, epochs=1, secure_mode=True)
     a = tune(config(data_csv, **kw), tmp_path / "a")
     b = tune(config(data_csv, **kw), tmp_path / "b")
-    assert not torch.allclose(read_prompt(a["prompt"]).tensor, read_prompt(b["prompt"]).tensor)
-    assert read_prompt(a["prompt"]).meta["privacy"]["randomness"] == "secure"
+    assert not torch.allclose(read_prompt(a.prompt).tensor, read_prompt(b.prompt).tensor)
+    assert read_prompt(a.prompt).meta["privacy"]["randomness"] == "secure"
     with pytest.raises(PostError, match="dp_seed|dp-seed"):
         config(data_csv, secure_mode=True, dp_seed=1, dp=True)
 
@@ -149,8 +149,8 @@ def test_killed_run_resumes_to_the_same_prompt(data_csv, tmp_path, monkeypatch, 
     twin = dict(dp_seed=_secret_seed(tmp_path / "resumed")) if dp else {}
     full = tune(config(data_csv, **kw, **twin), tmp_path / "full")
     resumed = tune(config(data_csv, **kw), tmp_path / "resumed")
-    assert torch.equal(read_prompt(full["prompt"]).tensor, read_prompt(resumed["prompt"]).tensor)
-    assert resumed["epsilon"] == full["epsilon"]
+    assert torch.equal(read_prompt(full.prompt).tensor, read_prompt(resumed.prompt).tensor)
+    assert resumed.epsilon == full.epsilon
 
 
 def test_prompt_file_holds_no_seed_private_accuracy_path_or_n(data_csv, tmp_path):
@@ -261,11 +261,11 @@ def test_peft_export_gives_identical_logits(data_csv, tmp_path, arch):
 
     model_dir = save_model(tiny_model(arch), tmp_path / "model")
     result = tune(config(data_csv, model=str(model_dir), epochs=1, test=False), tmp_path / "tune")
-    export_peft(ExportPeftConfig(prompt=result["prompt"], model=str(model_dir)), tmp_path / "adapter")
+    export_peft(ExportPeftConfig(prompt=result.prompt, model=str(model_dir)), tmp_path / "adapter")
     from post.models import load_model
 
     ours = load_model(str(model_dir))
-    prompt = read_prompt(result["prompt"]).tensor
+    prompt = read_prompt(result.prompt).tensor
     ids = ours.tokenizer(["a good film It was"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         emb = ours.model.get_input_embeddings()(ids)
@@ -317,7 +317,7 @@ def test_direct_transfer_needs_the_explicit_flag(nonprivate, data_csv, tmp_path)
     with pytest.raises(PostError, match="fingerprint"):
         evaluate(EvaluateConfig(**kw), tmp_path / "refused")
     r = evaluate(EvaluateConfig(**kw, allow_other_model=True), tmp_path / "direct")
-    assert r["prompt"]["model"] == "tiny-llama" and 0 <= r["accuracy"] <= 1
+    assert r.prompt.model == "tiny-llama" and 0 <= r.accuracy <= 1
 
 
 def test_micro_batches_are_length_sorted_with_the_same_gradients():
@@ -379,14 +379,14 @@ def test_patience_stops_at_a_plateau_and_a_resume_keeps_the_stop(data_csv, tmp_p
     # an lr too small to move the prompt: validation 1 equals validation 0, a plateau with patience 1
     frozen = config(data_csv, lr=1e-12, epochs=1, max_steps=6, eval_every=1, patience=1, test=False)
     result = tune(frozen, tmp_path / "a")
-    assert (result["steps"], result["planned_steps"], result["stopped_early"]) == (1, 6, True)
-    assert len(result["validation_curve"]) == 2
+    assert (result.steps, result.planned_steps, result.stopped_early) == (1, 6, True)
+    assert len(result.validation_curve) == 2
     full = tune(config(data_csv, lr=1e-12, epochs=1, max_steps=6, eval_every=1, test=False), tmp_path / "b")
-    assert (full["steps"], full["stopped_early"]) == (6, False)
+    assert (full.steps, full.stopped_early) == (6, False)
     # killed after the stop's checkpoint but before its result: the resume does not train on
     (tmp_path / "a" / "result.json").unlink()
     again = tune(frozen, tmp_path / "a")
-    assert (again["steps"], again["stopped_early"]) == (1, True)
+    assert (again.steps, again.stopped_early) == (1, True)
     with pytest.raises(ConfigError, match="patience"):
         config(data_csv, dp=True, patience=2)
 
@@ -394,7 +394,7 @@ def test_patience_stops_at_a_plateau_and_a_resume_keeps_the_stop(data_csv, tmp_p
 def test_a_run_that_finished_its_plan_is_not_reported_as_stopped_early_on_resume(data_csv, tmp_path):
     cfg = config(data_csv, lr=1e-12, epochs=1, max_steps=1, eval_every=1, patience=1, test=False)
     first = tune(cfg, tmp_path)
-    assert (first["steps"], first["stopped_early"]) == (1, False)  # flat, but it took every planned step
+    assert (first.steps, first.stopped_early) == (1, False)  # flat, but it took every planned step
     (tmp_path / "result.json").unlink()
     again = tune(cfg, tmp_path)
-    assert (again["steps"], again["stopped_early"]) == (1, False)
+    assert (again.steps, again.stopped_early) == (1, False)

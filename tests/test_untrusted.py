@@ -191,7 +191,7 @@ def tuned(tmp_path_factory):
                test=False, eval_limit=2, checkpoint_every=2, device="cpu")
     np_run = tune(TuneConfig(**cfg), root / "np")
     dp_run = tune(TuneConfig(**cfg, dp=True, noise_multiplier=1.0, accountant="rdp"), root / "dp")
-    return root, data, Path(np_run["prompt"]), Path(dp_run["prompt"])
+    return root, data, Path(np_run.prompt), Path(dp_run.prompt)
 
 
 def _rewrite_prompt(src: Path, dst: Path, edit) -> Path:

@@ -38,6 +38,7 @@ from post.config import require
 from post.errors import PostError
 from post.lira import Roc, epsilon_lower_bound, leave_one_out, leave_one_out_rmia, logit_confidence, plot_roc, roc
 from post.resolve import load_configured_model, load_task, subset
+from post.results import AttackResult
 from post.rundir import RunDir, read_json, write_json
 from post.tune import TuneConfig, saved_ledger, tune
 
@@ -199,18 +200,18 @@ def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: l
     if not idx_file.exists():
         write_json(idx_file, members)
     tuned = tune(_tune_config(cfg, idx_file, cfg.seed + 1 + s, **(overrides or {})), d / "tune")
-    out: dict[str, Any] = {"shadow": s, "source": _confidences(cfg.model, cfg, tuned["prompt"], pool),
-                           "tune_seconds": tuned["train_seconds"]}
+    out: dict[str, Any] = {"shadow": s, "source": _confidences(cfg.model, cfg, tuned.prompt, pool),
+                           "tune_seconds": tuned.train_seconds}
     if cfg.transfer_target:
         from post.transfer import TransferConfig, transfer
 
         moved = transfer(TransferConfig(
-            source_model=cfg.model, prompt=Path(tuned["prompt"]), target_model=cfg.transfer_target, public=cfg.public,
+            source_model=cfg.model, prompt=Path(tuned.prompt), target_model=cfg.transfer_target, public=cfg.public,
             public_limit=cfg.public_limit, steps=cfg.transfer_steps, lr=cfg.transfer_lr, alpha=cfg.transfer_alpha,
             mode=cfg.transfer_mode, max_length=cfg.max_length, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
             device=cfg.device, seed=cfg.seed + 1 + s), d / "transfer")
-        out["target"] = _confidences(cfg.transfer_target, cfg, moved["prompt"], pool)
-        out["transfer_seconds"] = moved["train_seconds"]
+        out["target"] = _confidences(cfg.transfer_target, cfg, moved.prompt, pool)
+        out["transfer_seconds"] = moved.train_seconds
     write_json(d / CONFIDENCE, out)
     return out
 
@@ -247,13 +248,13 @@ def _shadow_ledgers(shadows_dir: Path, n: int, ceiling: float) -> list[float]:
     return eps
 
 
-def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
+def attack(cfg: AttackConfig, run_dir: str | Path) -> AttackResult:
     """Train (or reuse) every shadow, score membership, and report the attack and the audit."""
     import time
 
     run = RunDir(run_dir, stage="attack-lira", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return AttackResult.from_dict(done, source=str(run.result_path))
     t0 = time.perf_counter()
     data = load_task(cfg)
     train = data.split("train")
@@ -316,7 +317,7 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> dict[str, Any]:
                       transferred_prompt_rmia=rmia_t, transferred_auc=figures_t["online"]["auc"],
                       transferred_rmia_auc=rmia_t["online"]["auc"],
                       roc_transferred_png=str(run.path / "roc-transferred.png"))
-    return run.finish(result)
+    return AttackResult.from_dict(run.finish(result), source=str(run.result_path))
 
 
 def _mechanism_note(plan: ShadowPlan, rates: list[float]) -> str:
@@ -330,17 +331,18 @@ def _mechanism_note(plan: ShadowPlan, rates: list[float]) -> str:
             f"steps and δ = {plan.delta:g}; {sigma}")
 
 
-def summarize(result: dict[str, Any]) -> str:
-    privacy = f"DP, ε={float(result['epsilon']):.2f}" if result["dp"] else "non-private"
-    lines = [f"LiRA and RMIA on {result['shadows']} shadow prompts ({privacy}), pool {result['pool']}, "
-             f"{result['wall_seconds']:.0f} s"]
-    for label, key in (("source prompt", "source_prompt"), ("transferred prompt", "transferred_prompt")):
-        if result.get(key):
-            for name, o in (("LiRA", result[key]["online"]), ("RMIA", result.get(f"{key}_rmia", {}).get("online"))):
+def summarize(result: AttackResult) -> str:
+    privacy = f"DP, ε={float(result.epsilon):.2f}" if result.dp else "non-private"
+    lines = [f"LiRA and RMIA on {result.shadows} shadow prompts ({privacy}), pool {result.pool}, "
+             f"{result.wall_seconds:.0f} s"]
+    for label, figures, rmia in (("source prompt", result.source_prompt, result.source_prompt_rmia),
+                                 ("transferred prompt", result.transferred_prompt, result.transferred_prompt_rmia)):
+        if figures:
+            for name, o in (("LiRA", figures["online"]), ("RMIA", (rmia or {}).get("online"))):
                 if o:
                     lines.append(f"  {label}, {name}: AUC {o['auc']:.3f}  TPR@1%FPR {o['tpr_at_1%_fpr']:.3f}  TPR@0.1%"
                                  f"FPR {o['tpr_at_0.1%_fpr']:.3f}  empirical ε ≥ {o['epsilon_lower_bound']:.2f}")
-    if result.get("mechanism_note"):
-        lines.append(f"  {result['mechanism_note']}; largest shadow ε {result['shadow_epsilon_max']:.3f}")
-    lines.append(f"ROC: {result['roc_png']}")
+    if result.mechanism_note:
+        lines.append(f"  {result.mechanism_note}; largest shadow ε {result.shadow_epsilon_max:.3f}")
+    lines.append(f"ROC: {result.roc_png}")
     return "\n".join(lines)

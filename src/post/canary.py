@@ -275,10 +275,10 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
              int(coins.sum()), len(train_idx), f"DP ε={cfg.epsilon:g}" if cfg.dp else "non-private")
     tuned = tune(_tune_config(cfg, task_file, data.task, delta, fixed_mechanism(cfg, len(train_idx), delta)),
                  run.path / "tune")
-    scores = canary_scores(cfg, tuned["prompt"], canaries["texts"], canaries["labels"])
+    scores = canary_scores(cfg, tuned.prompt, canaries["texts"], canaries["labels"])
     guess = guesses(scores, cfg.guesses_in, cfg.guesses_out)
     r, v = count_correct(guess, coins)
-    audit_delta = cfg.audit_delta if cfg.audit_delta is not None else (tuned["delta"] if cfg.dp else delta)
+    audit_delta = cfg.audit_delta if cfg.audit_delta is not None else (tuned.delta if cfg.dp else delta)
     write_json(run.path / SCORES, {"scores": scores.tolist(), "guesses": guess.tolist()})
     from post.lira import roc
 
@@ -289,8 +289,8 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
         "epsilon_lower_bound": one_run_epsilon(cfg.canaries, r, v, delta=audit_delta, confidence=cfg.confidence),
         "epsilon_lower_bound_pure": one_run_epsilon(cfg.canaries, r, v, delta=0.0, confidence=cfg.confidence),
         "canary_auc": roc(scores, coins).auc if 0 < coins.sum() < len(coins) else None,
-        "epsilon": tuned["epsilon"], "delta": tuned["delta"], "n_train": len(train_idx), "steps": tuned["steps"],
-        "val_accuracy": tuned["val_accuracy"], "tune_dir": str(run.path / "tune"),
+        "epsilon": tuned.epsilon, "delta": tuned.delta, "n_train": len(train_idx), "steps": tuned.steps,
+        "val_accuracy": tuned.val_accuracy, "tune_dir": str(run.path / "tune"),
         "wall_seconds": round(time.perf_counter() - t0, 3),
     }
     # A bound above the accounted ε means broken DP code or accounting (or a 1 − confidence chance event).

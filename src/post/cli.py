@@ -59,13 +59,17 @@ def _normalize_flags(argv: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class StageCommand:
-    """A CLI command backed by a stage function ``run(config, run_dir) -> result``."""
+    """A CLI command backed by a stage function ``run(config, run_dir) -> result``.
+
+    ``result`` is the stage's typed result (:mod:`post.results`), or the mapping it wrote for a stage
+    without one; ``summarize`` takes what ``run`` returns.
+    """
 
     name: str
     help: str
     config: type
-    run: Callable[[Any, Path], dict[str, Any]]
-    summarize: Callable[[dict[str, Any]], str]
+    run: Callable[[Any, Path], Any]
+    summarize: Callable[[Any], str]
 
 
 def _stage_commands() -> list[StageCommand]:

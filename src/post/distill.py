@@ -40,7 +40,8 @@ from post.errors import PostError
 from post.models import LoadedModel, save_model
 from post.parallel import open_distributed_run
 from post.resolve import load_configured_model
-from post.rundir import read_result
+from post.results import DistillResult
+from post.rundir import RESULT_FILE
 from post.scoring import backbone, head_logits
 from post.student import build_student, param_count, parse_keep_layers
 
@@ -342,11 +343,11 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
 
 
-def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
+def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     """Distil ``cfg.teacher`` into a student; save it to ``run_dir/student`` and report its quality."""
     acc, run, done = open_distributed_run(cfg, run_dir, "distill")
     if done is not None:
-        return done
+        return DistillResult.from_dict(done, source=str(Path(run_dir) / RESULT_FILE))
     main_process, run_path = acc.is_main_process, Path(run_dir)
 
     teacher = load_configured_model(cfg, cfg.teacher)
@@ -460,14 +461,14 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> dict[str, Any]:
             "teacher_quality": teacher_q, "undistilled_quality": before, "distilled_quality": after,
         })
     acc.wait_for_everyone()
-    return read_result(run_path)
+    return DistillResult.from_dir(run_path)
 
 
-def summarize(result: dict[str, Any]) -> str:
-    t, u, d = result["teacher_quality"], result["undistilled_quality"], result["distilled_quality"]
-    return (f"student (layers {result['keep_layers']}, {result['student_params'] / 1e6:.1f}M params) after "
-            f"{result['steps']} steps, {result['train_seconds']:.0f} s\n"
+def summarize(result: DistillResult) -> str:
+    t, u, d = result.teacher_quality, result.undistilled_quality, result.distilled_quality
+    return (f"student (layers {result.keep_layers}, {result.student_params / 1e6:.1f}M params) after "
+            f"{result.steps} steps, {result.train_seconds:.0f} s\n"
             f"held-out perplexity: teacher {t['perplexity']:.1f}  undistilled {u['perplexity']:.1f}  "
             f"distilled {d['perplexity']:.1f}\n"
             f"KL to teacher: undistilled {u['kl_to_teacher']:.3f}  distilled {d['kl_to_teacher']:.3f}\n"
-            f"student: {result['student_dir']}")
+            f"student: {result.student_dir}")

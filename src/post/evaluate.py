@@ -27,6 +27,7 @@ from post.config import ModelOptions, TaskOptions, check_split, require
 from post.errors import PostError
 from post.prompt import load_prompt
 from post.resolve import load_configured_model, load_task, subset
+from post.results import EvaluateResult
 from post.rundir import RunDir, read_json, write_json
 from post.scoring import Encoder, classification_metrics, predict_scores
 from post.tasks import Verbalizer
@@ -75,11 +76,11 @@ class EvaluateConfig(TaskOptions, ModelOptions):
                 "does not apply to proxy tuning (the prompt runs on --proxy-source-model, its own model).")
 
 
-def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
+def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluateResult:
     """Score ``cfg.model`` on ``cfg.split`` of ``cfg.task``; write and return the result."""
     run = RunDir(run_dir, stage="evaluate", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return EvaluateResult.from_dict(done, source=str(run.result_path))
     data = load_task(cfg)
     split = data.split(cfg.split)
     idx = subset(len(split), cfg.limit, cfg.seed)
@@ -115,10 +116,11 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> dict[str, Any]:
     run.log(split=cfg.split, **{k: metrics[k] for k in ("n", "accuracy", "macro_f1")},
             examples_per_second=len(texts) / max(elapsed, 1e-9))
     extra = {"method": "proxy", "proxy_source_model": cfg.proxy_source_model} if source is not None else {}
-    return run.finish({
+    written = run.finish({
         "model": cfg.model, "task": cfg.task, "split": cfg.split, "prompt": prompt_meta, **extra,
         **metrics, "scoring_seconds": round(elapsed, 3), "predictions": str(run.path / PREDICTIONS_FILE),
     })
+    return EvaluateResult.from_dict(written, source=str(run.result_path))
 
 
 def combine_proxy(target: np.ndarray, source_prompted: np.ndarray, source_plain: np.ndarray) -> np.ndarray:
@@ -182,7 +184,7 @@ def read_predictions(run_path: str | Path) -> dict[int, tuple[int, int]] | None:
                         "the evaluation.") from None
 
 
-def summarize(result: dict[str, Any]) -> str:
-    how = f" (proxy tuning via {result['proxy_source_model']})" if result.get("proxy_source_model") else ""
-    return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  on {result['n']} "
-            f"{result['split']} examples of {result['task']} with {result['model']}{how} ({result['seconds']:.1f} s)")
+def summarize(result: EvaluateResult) -> str:
+    how = f" (proxy tuning via {result.proxy_source_model})" if result.proxy_source_model else ""
+    return (f"accuracy {result.accuracy:.4f}  macro-F1 {result.macro_f1:.4f}  on {result.n} "
+            f"{result.split} examples of {result.task} with {result.model}{how} ({result.seconds:.1f} s)")

@@ -31,9 +31,13 @@ stay lists), so what a reader computes from them is unchanged; only ``prompt`` o
 file is lost, and figures no reader uses yet need no field.
 
 Frozen means the attributes cannot be reassigned; nested figures (dicts, lists) are the parsed JSON and
-are to be treated as read-only. The stage functions still return plain dicts; these types are for
-reading results back. Optional fields that only the CLI's summaries and the tests read
-(``val_accuracy``, ``macro_f1``, ...) are None in results that lack them.
+are to be treated as read-only.
+
+Each stage function returns its type too (``tune`` a :class:`TuneResult`, ``evaluate`` an
+:class:`EvaluateResult`, ...): the object :meth:`StageResult.from_dict` makes of the mapping it has just
+written to ``result.json`` (or found there, for a finished run), so a caller reads the same attributes
+whether it ran the stage or reads its directory later. Optional fields that only the CLI's summaries and
+the tests read (``val_accuracy``, ``macro_f1``, ...) are None in results that lack them.
 """
 
 from __future__ import annotations

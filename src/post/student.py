@@ -15,7 +15,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from post.config import ModelOptions, require
 from post.errors import ConfigError, PostError
 from post.models import LoadedModel, save_model
 from post.resolve import load_configured_model
+from post.results import StudentResult
 from post.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -142,21 +142,22 @@ class StudentConfig(ModelOptions):
         require(bool(self.teacher), "teacher", "must name a model.")
 
 
-def make_student(cfg: StudentConfig, run_dir: str | Path) -> dict[str, Any]:
+def make_student(cfg: StudentConfig, run_dir: str | Path) -> StudentResult:
     """Save the undistilled student to ``run_dir/model`` (an ordinary HF model directory)."""
     run = RunDir(run_dir, stage="student", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return StudentResult.from_dict(done, source=str(run.result_path))
     teacher = load_configured_model(cfg, cfg.teacher)
     student = build_student(teacher, cfg.keep_layers)
     out = save_model(student, run.path / "model")
     n_t = getattr(teacher.model.config, _layer_count_key(teacher.model.config))
     keep = parse_keep_layers(cfg.keep_layers, n_t)
-    return run.finish({"teacher": cfg.teacher, "model_dir": str(out), "keep_layers": keep, "teacher_layers": n_t,
-                       "teacher_params": param_count(teacher.model), "student_params": param_count(student.model)})
+    written = run.finish({"teacher": cfg.teacher, "model_dir": str(out), "keep_layers": keep, "teacher_layers": n_t,
+                          "teacher_params": param_count(teacher.model), "student_params": param_count(student.model)})
+    return StudentResult.from_dict(written, source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    return (f"student with layers {result['keep_layers']} of {result['teacher_layers']} "
-            f"({result['student_params'] / 1e6:.1f}M of {result['teacher_params'] / 1e6:.1f}M parameters): "
-            f"{result['model_dir']}")
+def summarize(result: StudentResult) -> str:
+    return (f"student with layers {result.keep_layers} of {result.teacher_layers} "
+            f"({result.student_params / 1e6:.1f}M of {result.teacher_params / 1e6:.1f}M parameters): "
+            f"{result.model_dir}")

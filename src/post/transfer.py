@@ -47,7 +47,8 @@ from post.models import LoadedModel
 from post.parallel import open_distributed_run
 from post.prompt import PromptFile, init_prompt, load_prompt, save_prompt
 from post.resolve import load_configured_model, subset
-from post.rundir import RunDir, read_result
+from post.results import TransferResult
+from post.rundir import RESULT_FILE, RunDir
 from post.scoring import Encoder, answer_hidden, classification_metrics, head_logits, length_buckets, predict_scores
 from post.tasks import Task, Verbalizer
 
@@ -266,11 +267,11 @@ def resolve_alpha(cfg: TransferConfig, ps: PromptFile, task: Task, source: Loade
     return alpha, {"alpha_source": how, "target_zero_shot": zs, "source_accuracy": c}
 
 
-def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
+def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
     """Train pt on the target so that Φt(pt) behaves like Φs(ps); write the target prompt file."""
     acc, run, done = open_distributed_run(cfg, run_dir, "transfer")
     if done is not None:
-        return done
+        return TransferResult.from_dict(done, source=str(Path(run_dir) / RESULT_FILE))
     main_process, run_path = acc.is_main_process, Path(run_dir)
 
     source = load_configured_model(cfg, cfg.source_model)
@@ -357,7 +358,7 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> dict[str, Any]:
             "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None,
         })
     acc.wait_for_everyone()
-    return read_result(run_path)
+    return TransferResult.from_dir(run_path)
 
 
 class _Watch:
@@ -386,8 +387,8 @@ class _Watch:
         return {"step": step, "accuracy": acc}
 
 
-def summarize(result: dict[str, Any]) -> str:
-    curve = result.get("watch_curve") or []
+def summarize(result: TransferResult) -> str:
+    curve = result.watch_curve or []
     watch = f"  watch accuracy {curve[0]['accuracy']:.4f} -> {curve[-1]['accuracy']:.4f}" if curve else ""
-    return (f"transferred to {result['target_model']} in {result['steps']} steps (α={result['alpha']:.3f}, "
-            f"{result['mode']}, {result['train_seconds']:.0f} s){watch}\nprompt: {result['prompt']}")
+    return (f"transferred to {result.target_model} in {result.steps} steps (α={result.alpha:.3f}, "
+            f"{result.mode}, {result.train_seconds:.0f} s){watch}\nprompt: {result.prompt}")

@@ -55,6 +55,7 @@ from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import init_prompt, save_prompt
 from post.resolve import load_configured_model, load_task, subset
+from post.results import TuneResult
 from post.rundir import RunDir, read_json, to_plain, write_json
 from post.scoring import Encoder, class_scores, classification_metrics, micro_batches, predict_scores
 from post.tasks import Verbalizer
@@ -384,11 +385,11 @@ def plateaued(history: list[dict[str, Any]], patience: int | None) -> bool:
     return all(p["val_accuracy"] <= best_before for p in history[-patience:])
 
 
-def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
+def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
     """Tune a prompt; write prompt file, ledger, metrics and result into ``run_dir``."""
     run = RunDir(run_dir, stage="tune", config=cfg)
     if (done := run.existing_result()) is not None:
-        return _check_finished(run, done)
+        return TuneResult.from_dict(_check_finished(run, done), source=str(run.result_path))
     data = load_task(cfg)
     train = data.split("train")
     tr_idx = training_indices(cfg, len(train))
@@ -530,12 +531,12 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> dict[str, Any]:
     save_prompt(run.path / PROMPT_FILE, prompt, loaded=loaded, task=data.task,
                 privacy=ledger.public() if ledger else None)
     result["prompt"] = str(run.path / PROMPT_FILE)
-    return run.finish(result)
+    return TuneResult.from_dict(run.finish(result), source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    priv = f"  ε={float(result['epsilon']):.3f} δ={result['delta']:g}" if result.get("epsilon") is not None else ""
-    test = f"test accuracy {result['test_accuracy']:.4f}  " if result.get("test_accuracy") is not None else ""
-    return (f"{test}validation accuracy {result['val_accuracy']:.4f}  ({result['n_tokens']}-token prompt on "
-            f"{result['model']}, {result['steps']} steps, {result['train_seconds']:.0f} s){priv}\n"
-            f"prompt: {result['prompt']}")
+def summarize(result: TuneResult) -> str:
+    priv = f"  ε={float(result.epsilon):.3f} δ={result.delta:g}" if result.epsilon is not None else ""
+    test = f"test accuracy {result.test_accuracy:.4f}  " if result.test_accuracy is not None else ""
+    return (f"{test}validation accuracy {result.val_accuracy:.4f}  ({result.n_tokens}-token prompt on "
+            f"{result.model}, {result.steps} steps, {result.train_seconds:.0f} s){priv}\n"
+            f"prompt: {result.prompt}")

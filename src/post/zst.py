@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import load_prompt, save_prompt
 from post.resolve import load_configured_model
+from post.results import ZstResult
 from post.rundir import RunDir
 
 
@@ -95,10 +95,10 @@ class ZstConfig(ModelOptions):
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}.")
 
 
-def zst(cfg: ZstConfig, run_dir: str | Path) -> dict[str, Any]:
+def zst(cfg: ZstConfig, run_dir: str | Path) -> ZstResult:
     run = RunDir(run_dir, stage="zst", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return ZstResult.from_dict(done, source=str(run.result_path))
     source = load_configured_model(cfg, cfg.source_model)
     ps = load_prompt(cfg.prompt, source)
     target = load_configured_model(cfg, cfg.target_model)
@@ -111,11 +111,13 @@ def zst(cfg: ZstConfig, run_dir: str | Path) -> dict[str, Any]:
     path = save_prompt(run.path / "prompt.safetensors", pt, loaded=target, task=ps.task, privacy=ps.meta.get("privacy"),
                        extra={"transferred_from": {"model": ps.meta["model"], "method": "zst", "anchors": len(ids_s)}})
     ledger = ps.meta.get("privacy")
-    return run.finish({"source_model": cfg.source_model, "target_model": cfg.target_model, "prompt": str(path),
-                       "anchors": len(ids_s), "final_loss": loss,
-                       "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None})
+    written = run.finish({"source_model": cfg.source_model, "target_model": cfg.target_model, "prompt": str(path),
+                          "anchors": len(ids_s), "final_loss": loss,
+                          "epsilon": ledger["epsilon"] if ledger else None,
+                          "delta": ledger["delta"] if ledger else None})
+    return ZstResult.from_dict(written, source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    return (f"zero-shot transfer to {result['target_model']} with {result['anchors']} anchors "
-            f"(relative-coordinate loss {result['final_loss']:.2e})\nprompt: {result['prompt']}")
+def summarize(result: ZstResult) -> str:
+    return (f"zero-shot transfer to {result.target_model} with {result.anchors} anchors "
+            f"(relative-coordinate loss {result.final_loss:.2e})\nprompt: {result.prompt}")

@@ -22,7 +22,7 @@ from post.errors import ConfigError, PostError
 from post.pipeline.config import PipelineConfig
 from post.pipeline.steps import EVALUATE, StepDecl, check_steps
 from post.progress import duration
-from post.results import StageResult, load_result, result_from_dict
+from post.results import StageResult, load_result
 from post.rundir import RESULT_FILE, read_json, to_plain, write_json
 
 STATE_FILE = "pipeline.json"
@@ -91,7 +91,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         keys[step.name] = key  # before running: an interrupted step resumes under the same key
         write_json(state_path, {"keys": keys})
         t0 = time.perf_counter()
-        results[step.name] = result_from_dict(step.run(config, d), source=f"step {step.name}'s result")
+        results[step.name] = step.run(config, d)
         took = time.perf_counter() - t0
         timings[step.name] = {"party": step.party, "seconds": round(took, 3), "skipped": False}
         say(f"{'':7} {step.name:<24} finished in {duration(took)} (pipeline {duration(time.perf_counter() - t_start)})")

@@ -63,6 +63,7 @@ from post.results import (
     TransferResult,
     TuneResult,
     ZstResult,
+    result_from_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Stage:
     result: type[StageResult]  # what its result.json is read back as
     command: str  # ``post <command> --help`` lists its options
 
-    def load(self) -> tuple[type, Callable[[Any, Path], dict[str, Any]]]:
+    def load(self) -> tuple[type, Callable[[Any, Path], StageResult | dict[str, Any]]]:
         mod = importlib.import_module(self.module)
         return getattr(mod, self.config), getattr(mod, self.function)
 
@@ -508,9 +509,13 @@ class Step:
         config_cls, _ = self.decl.stage.load()
         return _make(config_cls, self.decl.section or self.decl.stage.name, self.decl.stage, self.options(results))
 
-    def run(self, config: Any, run_dir: Path) -> dict[str, Any]:
+    def run(self, config: Any, run_dir: Path) -> StageResult:
+        """Run the stage; its typed result (one that returns its ``result.json`` as a mapping is read as one)."""
         _, function = self.decl.stage.load()
-        return function(config, run_dir)
+        result = function(config, run_dir)
+        if isinstance(result, StageResult):
+            return result
+        return result_from_dict(result, source=f"step {self.name}'s result")
 
 
 def _deps(decl: StepDecl, cfg: PipelineConfig, mode: str) -> list[str]:

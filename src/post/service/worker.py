@@ -106,7 +106,7 @@ def run_job(cfg: ServiceConfig, job_id: str, owner: str) -> int:
             if row is None or row.status != "running" or row.owner != owner:
                 log.warning("job %s was taken over or cancelled; its result is not recorded here", job_id)
                 return 0
-            out = register_output(s, data_dir, Path(result["prompt"]), id=output_prompt_id(job_id),
+            out = register_output(s, data_dir, Path(result.prompt), id=output_prompt_id(job_id),
                                   tenant_id=row.tenant_id, job_id=job_id)
             row.status, row.result_prompt_id, row.finished_at, row.owner = "done", out.id, time.time(), None
     log.info("job %s done: prompt %s", job_id, output_prompt_id(job_id))
