@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from post.evaluate import EvaluateConfig, evaluate, read_predictions
-from post.rundir import RESULT_FILE, read_result
+from post.results import EvaluateResult, StageResult, TransferResult
+from post.rundir import RESULT_FILE
 from post.stats import accuracy_interval, format_p, paired_mcnemar
 from post.transfer import TransferConfig, heuristic_alpha, transfer
 
@@ -46,16 +47,17 @@ def _config(cls: type, run: Path, **changes: Any) -> Any:
     return cls(**{**values, **changes})
 
 
-def _run(stage: Any, cfg: Any, run: Path) -> dict[str, Any]:
-    return read_result(run) if (run / RESULT_FILE).is_file() else stage(cfg, run)
+def _run(stage: Any, kind: type[StageResult], cfg: Any, run: Path) -> Any:
+    """The stage's result in ``run``: read back if it has finished there, else run it (a ``kind``)."""
+    return kind.from_dir(run) if (run / RESULT_FILE).is_file() else stage(cfg, run)
 
 
 def _row(label: str, alpha: float, run: Path, reference: dict[int, tuple[int, int]] | None) -> str:
-    r = read_result(run)
-    low, high = accuracy_interval(r["accuracy"], r["n"])
+    r = EvaluateResult.from_dir(run)
+    low, high = accuracy_interval(r.accuracy, r.n)
     test = paired_mcnemar(read_predictions(run) or {}, reference or {})
     p = "–" if test is None else format_p(float(test["p_value"]))
-    return (f"| {label} | {alpha:.2f} | {100 * r['accuracy']:.1f} [{100 * low:.1f}–{100 * high:.1f}] | {r['n']} "
+    return (f"| {label} | {alpha:.2f} | {100 * r.accuracy:.1f} [{100 * low:.1f}–{100 * high:.1f}] | {r.n} "
             f"| {p} |")
 
 
@@ -75,27 +77,29 @@ def main() -> None:
         out = args.out / (sfx.lstrip("-") or "non-private")
         # The user's side of the old private-query α: Φt zero-shot and ps on Φs, on private validation text.
         ev = _config(EvaluateConfig, post_run, split="validation", limit=VALIDATION_LIMIT)
-        zs = _run(evaluate, dataclasses.replace(ev, model=base.target_model, prompt=None), out / "zero-shot-val")
-        c = _run(evaluate, dataclasses.replace(ev, model=base.source_model, prompt=base.prompt), out / "source-val")
-        variants = [("private queries", {"alpha_public": None, "target_zero_shot": zs["accuracy"],
-                                         "source_accuracy": c["accuracy"]})]
+        zs = _run(evaluate, EvaluateResult, dataclasses.replace(ev, model=base.target_model, prompt=None),
+                  out / "zero-shot-val")
+        c = _run(evaluate, EvaluateResult, dataclasses.replace(ev, model=base.source_model, prompt=base.prompt),
+                 out / "source-val")
+        variants = [("private queries", {"alpha_public": None, "target_zero_shot": zs.accuracy,
+                                         "source_accuracy": c.accuracy})]
         variants += [(f"given α = {float(a):g}", {"alpha": float(a)}) for a in args.alphas.split(",") if a.strip()]
-        public = read_result(tr_run)
+        public = TransferResult.from_dir(tr_run)
         reference = read_predictions(post_run)
         mode = sfx.lstrip("-") or "non-private"
-        lines.append(_row(f"{mode}: public {public['alpha_source'].split(' on public ')[-1]} (default)",
-                          public["alpha"], post_run, None))
+        lines.append(_row(f"{mode}: public {public.alpha_source.split(' on public ')[-1]} (default)",
+                          public.alpha, post_run, None))
         for label, change in variants:
             name = label.replace(" ", "-").replace("=", "").replace("--", "-")
-            t = _run(transfer, dataclasses.replace(base, **change), out / f"transfer-{name}")
-            e = _config(EvaluateConfig, post_run, prompt=Path(t["prompt"]))
-            _run(evaluate, e, out / f"eval-{name}")
-            extra = (f" (ZS {zs['accuracy']:.3f}, C {c['accuracy']:.3f} on {zs['n']} validation sentences; "
-                     f"Eq. 6 gives {heuristic_alpha(target_zero_shot=zs['accuracy'], source_accuracy=c['accuracy'], num_classes=len(zs['class_names'])):.2f})"  # noqa: E501
+            t = _run(transfer, TransferResult, dataclasses.replace(base, **change), out / f"transfer-{name}")
+            e = _config(EvaluateConfig, post_run, prompt=Path(t.prompt))
+            _run(evaluate, EvaluateResult, e, out / f"eval-{name}")
+            extra = (f" (ZS {zs.accuracy:.3f}, C {c.accuracy:.3f} on {zs.n} validation sentences; "
+                     f"Eq. 6 gives {heuristic_alpha(target_zero_shot=zs.accuracy, source_accuracy=c.accuracy, num_classes=len(zs.class_names)):.2f})"  # noqa: E501
                      if label == "private queries" else "")
-            lines.append(_row(f"{mode}: {label}{extra}", t["alpha"], out / f"eval-{name}", reference))
-        lines.append(f"| {mode}: public α's ZS, C on public data | | ZS {public['target_zero_shot']:.3f}, "
-                     f"C {public['source_accuracy']:.3f} | | |")
+            lines.append(_row(f"{mode}: {label}{extra}", t.alpha, out / f"eval-{name}", reference))
+        lines.append(f"| {mode}: public α's ZS, C on public data | | ZS {public.target_zero_shot:.3f}, "
+                     f"C {public.source_accuracy:.3f} | | |")
     table = ["| α from | α | POST test accuracy % [95% CI] | n | McNemar p vs public α |", "|---|---|---|---|---|",
              *lines]
     print("\n".join(table))

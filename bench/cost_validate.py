@@ -30,7 +30,7 @@ def _stage(name: str, out: Path) -> None:
     from post.transfer import TransferConfig, transfer
     from post.tune import TuneConfig, tune
 
-    student = make_student(StudentConfig(teacher=TEACHER, keep_layers=KEEP), out / "student")["model_dir"]
+    student = make_student(StudentConfig(teacher=TEACHER, keep_layers=KEEP), out / "student").model_dir
     tune_kw = {"task": "mr", "max_length": 64, "n_tokens": 10, "eval_limit": 32, "test": False}
     if name == "tune-source":
         tune(TuneConfig(model=student, batch_size=32, max_steps=12, **tune_kw), out / name)
