@@ -87,14 +87,14 @@ def _config(files, *prompts, **kw):
 
 def test_a_prompt_made_of_a_training_sentence_is_caught(files, tmp_path):
     result = reconstruct(_config(files, files["leaky"], files["clean"]), tmp_path)
-    leaky, clean, ref = result["prompts"]
+    leaky, clean, ref = result.prompts
     assert not leaky["reference"] and ref["reference"]
     assert leaky["longest_run"] == leaky["words"] >= 8  # the whole sentence, read back
     assert leaky["mean_top1_cosine"] > 0.99
     assert leaky["ngrams"]["3"]["private_only"] >= 1
     assert clean["ngrams"]["3"]["private_only"] == 0  # public words are not private-only
     assert ref["ngrams"]["2"]["private_only"] == 0
-    assert "MORE than a prompt tuned on public data" in result["verdict"]
+    assert "MORE than a prompt tuned on public data" in result.verdict
     md = (tmp_path / "reconstruct.md").read_text()
     assert "lighthouse" in md and "reference (public)" in md
     assert json.loads((tmp_path / "result.json").read_text())["prompts"][0]["longest_run"] == leaky["longest_run"]
@@ -102,7 +102,7 @@ def test_a_prompt_made_of_a_training_sentence_is_caught(files, tmp_path):
 
 def test_clean_prompts_pass(files, tmp_path):
     result = reconstruct(_config(files, files["clean"]), tmp_path)
-    assert "no more than a prompt tuned on public data" in result["verdict"]
+    assert "no more than a prompt tuned on public data" in result.verdict
 
 
 def test_cli_and_bad_inputs(files, tmp_path, capsys):

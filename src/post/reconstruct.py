@@ -34,6 +34,7 @@ from post.errors import PostError
 from post.models import LoadedModel
 from post.prompt import check_compatible, read_prompt
 from post.resolve import load_configured_model, load_task
+from post.results import ReconstructResult
 from post.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,11 @@ def _excluded_ids(loaded: LoadedModel) -> list[int]:
     return sorted(set(loaded.tokenizer.all_special_ids) | set(range(len(loaded.tokenizer), rows)))
 
 
-def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> dict[str, Any]:
+def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> ReconstructResult:
     """Project every prompt and reference onto its vocabulary; write and return the counts."""
     run = RunDir(run_dir, stage="reconstruct", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return ReconstructResult.from_dict(done, source=str(run.result_path))
     data = load_task(cfg)
     private_texts = list(data.split(cfg.split).texts)
     public_texts = load_texts(cfg.public, limit=cfg.public_limit, cache_dir=cfg.cache_dir) if cfg.public else []
@@ -239,8 +240,10 @@ def reconstruct(cfg: ReconstructConfig, run_dir: str | Path) -> dict[str, Any]:
     result = {"task": cfg.task, "split": cfg.split, "private_texts": len(private_texts),
               "public": cfg.public, "public_texts": len(public_texts), "max_n": cfg.max_n, "prompts": rows,
               "verdict": verdict(rows)}
-    (Path(run_dir) / "reconstruct.md").write_text(markdown(result), encoding="utf-8")
-    return run.finish(result)
+    # the check's Markdown before its result: a directory with result.json has both
+    (Path(run_dir) / "reconstruct.md").write_text(markdown(ReconstructResult(stage=run.stage, **result)),
+                                                  encoding="utf-8")
+    return ReconstructResult.from_dict(run.finish(result), source=str(run.result_path))
 
 
 def private_only_multigrams(counts: dict[str, dict[str, int]]) -> int:
@@ -261,26 +264,26 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
                                 if worse else "no more than a prompt tuned on public data."))
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: ReconstructResult) -> str:
     """The check as a Markdown table plus each prompt's nearest-token reading."""
-    ns = [str(n) for n in range(1, int(result["max_n"]) + 1)]
+    ns = [str(n) for n in range(1, int(result.max_n) + 1)]
     head = ("| prompt | model | kind | ε | mean top-1 cos | " + " | ".join(f"{n}-grams in private / private-only"
                                                                         for n in ns) + " | longest run |")
-    lines = [f"# Prompt reconstruction check: {result['task']} ({result['private_texts']} {result['split']} texts"
-             + (f", public {result['public']} {result['public_texts']} texts" if result["public"] else "") + ")",
+    lines = [f"# Prompt reconstruction check: {result.task} ({result.private_texts} {result.split} texts"
+             + (f", public {result.public} {result.public_texts} texts" if result.public else "") + ")",
              "", head, "|" + "---|" * (6 + len(ns))]
-    for r in result["prompts"]:
+    for r in result.prompts:
         eps = f"{r['epsilon']:.2f}" if r.get("epsilon") is not None else "∞"
         cells = " | ".join(f"{r['ngrams'][n]['in_private']}/{r['ngrams'][n]['projected']} / "
                            f"{r['ngrams'][n]['private_only']}" for n in ns)
         kind = "reference (public)" if r["reference"] else r["method"]
         lines.append(f"| {Path(str(r['path'])).parent.name or r['path']} | {r['model']} | {kind} | {eps} | "
                      f"{r['mean_top1_cosine']:.3f} | {cells} | {r['longest_run']} |")
-    lines += ["", result["verdict"], ""]
-    for r in result["prompts"]:
+    lines += ["", result.verdict, ""]
+    for r in result.prompts:
         lines.append(f"- `{r['path']}`: {r['projection']!r}")
     return "\n".join(lines) + "\n"
 
 
-def summarize(result: dict[str, Any]) -> str:
+def summarize(result: ReconstructResult) -> str:
     return markdown(result)

@@ -36,7 +36,7 @@ from post.pipeline.steps import (
     steps_of,
 )
 from post.progress import duration
-from post.results import AttackResult, DistillResult, StageResult, TransferResult
+from post.results import AttackResult, DistillResult, ReconstructResult, StageResult, TransferResult
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
 from post.stats import at_chance, format_p
 
@@ -387,10 +387,8 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
                               f"{o['tpr_at_0.1%_fpr']:.3f} | {o['tpr_at_1%_fpr']:.3f} | "
                               f"{o['epsilon_lower_bound']:.2f} | {eps} |")
         md.append("")
-    if (out / RECONSTRUCT.name / RESULT_FILE).is_file():  # read as a whole by post.reconstruct, which owns its layout
+    if (recon := _maybe(out / RECONSTRUCT.name, ReconstructResult)) is not None:  # rendered by post.reconstruct
         from post.reconstruct import markdown as reconstruct_md
-
-        recon = read_result(out / RECONSTRUCT.name)
 
         md += ["Prompt reconstruction check (each prompt vector read as its nearest vocabulary token; cells: "
                "n-grams found in the private texts / projected / found in no public text, init text or template):",

@@ -3,17 +3,18 @@
 Each stage writes its figures with :meth:`post.rundir.RunDir.finish`; the pipeline, the table and the
 report read them back through these types, by attribute, instead of by the keys of the JSON layout:
 
-========================  =================  ============================================================
-type                      ``stage``          read by
-========================  =================  ============================================================
-:class:`DistillResult`    ``distill``        pipeline (the student), table (its cost), report (quality)
-:class:`StudentResult`    ``student``        pipeline (the undistilled layers), table (which source)
-:class:`TuneResult`       ``tune``           pipeline (prompt, n_train), table (PT cells and costs)
-:class:`TransferResult`   ``transfer``       pipeline (the prompt), table (costs), report (α, loss)
-:class:`ZstResult`        ``zst``            pipeline (the prompt), table (costs)
-:class:`EvaluateResult`   ``evaluate``       table (every test-split cell)
-:class:`AttackResult`     ``attack-lira``    report (the LiRA audit)
-========================  =================  ============================================================
+===========================  =================  ============================================================
+type                         ``stage``          read by
+===========================  =================  ============================================================
+:class:`DistillResult`       ``distill``        pipeline (the student), table (its cost), report (quality)
+:class:`StudentResult`       ``student``        pipeline (the undistilled layers), table (which source)
+:class:`TuneResult`          ``tune``           pipeline (prompt, n_train), table (PT cells and costs)
+:class:`TransferResult`      ``transfer``       pipeline (the prompt), table (costs), report (α, loss)
+:class:`ZstResult`           ``zst``            pipeline (the prompt), table (costs)
+:class:`EvaluateResult`      ``evaluate``       table (every test-split cell)
+:class:`AttackResult`        ``attack-lira``    report (the LiRA audit)
+:class:`ReconstructResult`   ``reconstruct``    report (the nearest-token reading of every prompt)
+===========================  =================  ============================================================
 
 Reading a result:
 
@@ -317,9 +318,30 @@ class AttackResult(StageResult):
     mechanism_note: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReconstructResult(StageResult):
+    """``post attack reconstruct``: every prompt's nearest-token reading and the verdict on them.
+
+    ``prompts`` holds one row per prompt file (the private prompts, then the references): its summary,
+    ``reference``, ``projection``, ``mean_top1_cosine``, ``nearest``, ``ngrams`` (by n) and
+    ``longest_run``; :func:`post.reconstruct.markdown` renders them.
+    """
+
+    STAGE: ClassVar[str | None] = "reconstruct"
+
+    task: str
+    split: str
+    private_texts: int
+    public: str | None
+    public_texts: int
+    max_n: int
+    prompts: list[dict[str, Any]]
+    verdict: str
+
+
 RESULT_TYPES: dict[str, type[StageResult]] = {
     t.STAGE: t for t in (DistillResult, StudentResult, TuneResult, TransferResult, ZstResult, EvaluateResult,
-                         AttackResult) if t.STAGE is not None}
+                         AttackResult, ReconstructResult) if t.STAGE is not None}
 
 
 def result_from_dict(d: Mapping[str, Any], *, source: str | None = None) -> StageResult:

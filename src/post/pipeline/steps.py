@@ -58,6 +58,7 @@ from post.results import (
     AttackResult,
     DistillResult,
     EvaluateResult,
+    ReconstructResult,
     StageResult,
     StudentResult,
     TransferResult,
@@ -100,8 +101,8 @@ TRANSFER_STAGE = Stage("transfer", "post.transfer", "TransferConfig", "transfer"
 ZST_STAGE = Stage("zst", "post.zst", "ZstConfig", "zst", ZstResult, "zst")
 EVALUATE = Stage("evaluate", "post.evaluate", "EvaluateConfig", "evaluate", EvaluateResult, "evaluate")
 ATTACK_STAGE = Stage("attack-lira", "post.attack", "AttackConfig", "attack", AttackResult, "attack lira")
-RECONSTRUCT_STAGE = Stage("attack-reconstruct", "post.reconstruct", "ReconstructConfig", "reconstruct", StageResult,
-                          "attack reconstruct")
+RECONSTRUCT_STAGE = Stage("attack-reconstruct", "post.reconstruct", "ReconstructConfig", "reconstruct",
+                          ReconstructResult, "attack reconstruct")
 
 
 # --------------------------------------------------------------------------- inputs
