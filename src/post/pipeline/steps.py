@@ -77,7 +77,7 @@ Results = Mapping[str, StageResult]  # earlier steps' typed results by step name
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage function as the pipeline runs it: ``function(config, run_dir)`` in ``module``.
+    """A stage function as the pipeline runs it: ``function(config, run_dir)`` in ``module``, returning a ``result``.
 
     The module is imported when a step is built (so reading the table imports no model code).
     """
