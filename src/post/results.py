@@ -3,18 +3,22 @@
 Each stage writes its figures with :meth:`post.rundir.RunDir.finish`; the pipeline, the table and the
 report read them back through these types, by attribute, instead of by the keys of the JSON layout:
 
-===========================  =================  ============================================================
-type                         ``stage``          read by
-===========================  =================  ============================================================
-:class:`DistillResult`       ``distill``        pipeline (the student), table (its cost), report (quality)
-:class:`StudentResult`       ``student``        pipeline (the undistilled layers), table (which source)
-:class:`TuneResult`          ``tune``           pipeline (prompt, n_train), table (PT cells and costs)
-:class:`TransferResult`      ``transfer``       pipeline (the prompt), table (costs), report (α, loss)
-:class:`ZstResult`           ``zst``            pipeline (the prompt), table (costs)
-:class:`EvaluateResult`      ``evaluate``       table (every test-split cell)
-:class:`AttackResult`        ``attack-lira``    report (the LiRA audit)
-:class:`ReconstructResult`   ``reconstruct``    report (the nearest-token reading of every prompt)
-===========================  =================  ============================================================
+=============================  ===================  ============================================================
+type                           ``stage``            read by
+=============================  ===================  ============================================================
+:class:`DistillResult`         ``distill``          pipeline (the student), table (its cost), report (quality)
+:class:`StudentResult`         ``student``          pipeline (the undistilled layers), table (which source)
+:class:`TuneResult`            ``tune``             pipeline (prompt, n_train), table (PT cells and costs)
+:class:`TransferResult`        ``transfer``         pipeline (the prompt), table (costs), report (α, loss)
+:class:`ZstResult`             ``zst``              pipeline (the prompt), table (costs)
+:class:`EvaluateResult`        ``evaluate``         table (every test-split cell)
+:class:`AttackResult`          ``attack-lira``      report (the LiRA audit)
+:class:`ReconstructResult`     ``reconstruct``      report (the nearest-token reading of every prompt)
+:class:`CanaryResult`          ``attack-canary``    the CLI's summary (the one-run ε lower bound)
+:class:`TableResult`           ``table``            pipeline (the Markdown table in its summary), the CLI
+:class:`ExportPeftResult`      ``export-peft``      the CLI's summary (where the adapter is)
+:class:`ChooseTemplateResult`  ``choose-template``  the CLI's summary (the winner and its override)
+=============================  ===================  ============================================================
 
 Reading a result:
 
@@ -339,9 +343,102 @@ class ReconstructResult(StageResult):
     verdict: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class CanaryResult(StageResult):
+    """``post attack canary``: the one-run audit's guesses and the ε lower bounds they give.
+
+    ``guesses`` of the ``canaries`` were made (``guesses_in`` + ``guesses_out``), ``correct`` of them right;
+    ``epsilon_lower_bound`` is the bound at ``audit_delta`` and ``confidence``, ``epsilon_lower_bound_pure``
+    at δ = 0. ``epsilon`` and ``delta`` are the audited tuning run's ledger (None without DP), ``steps`` and
+    ``val_accuracy`` its figures, ``tune_dir`` its directory; ``canary_auc`` is None when every coin fell
+    the same way.
+    """
+
+    STAGE: ClassVar[str | None] = "attack-canary"
+
+    model: str
+    task: str
+    dp: bool
+    canaries: int
+    canaries_in: int
+    guesses_in: int
+    guesses_out: int
+    guesses: int
+    correct: int
+    precision: float
+    confidence: float
+    audit_delta: float
+    epsilon_lower_bound: float
+    epsilon_lower_bound_pure: float
+    canary_auc: float | None
+    epsilon: float | None
+    delta: float | None
+    n_train: int
+    steps: int | None
+    val_accuracy: float | None
+    tune_dir: str
+    wall_seconds: float
+    exceeds_accounted_epsilon: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableResult(StageResult):
+    """``post table``: how many cells, the Markdown and CSV files, and the Markdown ``table`` itself."""
+
+    STAGE: ClassVar[str | None] = "table"
+
+    cells: int
+    markdown: str
+    csv: str
+    table: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportPeftResult(StageResult):
+    """``post export-peft``: the adapter directory, the prompt and model it was made from, its PEFT task type."""
+
+    STAGE: ClassVar[str | None] = "export-peft"
+
+    adapter_dir: str
+    prompt: str
+    model: str
+    n_tokens: int
+    task_type: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChooseTemplateResult(StageResult):
+    """``post user choose-template``: the ranking of templates × label words and its winner.
+
+    ``data`` names what was ranked on (``public:<name>`` or ``private:<task>``); ``ranking`` holds one row
+    per candidate, best first (template, words, label_words, n, accuracy, ci_low, ci_high,
+    balanced_accuracy, macro_f1, rank, p_value_vs_winner, ...); ``winner`` is its first row, ``override``
+    the ``template`` and ``label_words`` options that select it; ``table`` is the ranking as Markdown.
+    """
+
+    STAGE: ClassVar[str | None] = "choose-template"
+
+    model: str
+    task: str
+    data: str
+    split: str
+    classes: list[str]
+    class_counts: list[int]
+    n: int
+    primary_key: str
+    winner: Mapping[str, Any]
+    override: Mapping[str, Any]
+    ranking: list[dict[str, Any]]
+    markdown: str
+    csv: str
+    table: str
+    scoring_seconds: float
+
+
 RESULT_TYPES: dict[str, type[StageResult]] = {
     t.STAGE: t for t in (DistillResult, StudentResult, TuneResult, TransferResult, ZstResult, EvaluateResult,
-                         AttackResult, ReconstructResult) if t.STAGE is not None}
+                         AttackResult, ReconstructResult, CanaryResult, TableResult, ExportPeftResult,
+                         ChooseTemplateResult) if t.STAGE is not None}
 
 
 def result_from_dict(d: Mapping[str, Any], *, source: str | None = None) -> StageResult:
