@@ -132,11 +132,11 @@ def test_stage_end_to_end_non_private(data, tmp_path):
     train_texts = [r["text"] for r in rows if r["split"] == "train"]
     assert len(train_texts) == 40 + len(included) and set(included) <= set(train_texts)
     assert not set(canaries["texts"]) - set(included) & set(train_texts)  # an excluded canary is never trained on
-    assert result["canaries"] == 24 and result["canaries_in"] == len(included)
-    assert result["guesses"] == 8 and 0 <= result["correct"] <= 8
-    assert result["epsilon"] is None and result["epsilon_lower_bound"] >= 0
-    assert result["epsilon_lower_bound"] == one_run_epsilon(24, 8, result["correct"], delta=result["audit_delta"])
-    assert json.loads((tmp_path / "a" / "result.json").read_text())["correct"] == result["correct"]
+    assert result.canaries == 24 and result.canaries_in == len(included)
+    assert result.guesses == 8 and 0 <= result.correct <= 8
+    assert result.epsilon is None and result.epsilon_lower_bound >= 0
+    assert result.epsilon_lower_bound == one_run_epsilon(24, 8, result.correct, delta=result.audit_delta)
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["correct"] == result.correct
     assert canary_audit(cfg, tmp_path / "a") == result  # a finished audit is read back, not re-run
 
 
@@ -152,21 +152,21 @@ def test_stage_scores_line_up_with_the_coins(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(canary, "canary_scores", oracle)
     result = canary_audit(_config(data, canary_seed=None), tmp_path / "o")  # secret coins: any split of 24
-    n_in = result["canaries_in"]
-    assert result["guesses"] == 8 and result["correct"] == min(4, n_in) + min(4, 24 - n_in)
-    assert result["canary_auc"] == (1.0 if 0 < n_in < 24 else None)
+    n_in = result.canaries_in
+    assert result.guesses == 8 and result.correct == min(4, n_in) + min(4, 24 - n_in)
+    assert result.canary_auc == (1.0 if 0 < n_in < 24 else None)
     if 4 <= n_in <= 20:  # all but 2.8e-4 of draws
-        assert result["epsilon_lower_bound_pure"] == pytest.approx(one_run_epsilon(24, 8, 8), abs=1e-6)
-        assert result["epsilon_lower_bound_pure"] > 0.5
+        assert result.epsilon_lower_bound_pure == pytest.approx(one_run_epsilon(24, 8, 8), abs=1e-6)
+        assert result.epsilon_lower_bound_pure > 0.5
 
 
 def test_stage_dp_run_reports_its_ledger(data, tmp_path):
     result = canary_audit(_config(data, dp=True, epsilon=4.0, accountant="rdp", max_steps=3), tmp_path / "d")
     ledger = json.loads((tmp_path / "d" / "tune" / "privacy.json").read_text())
-    assert result["epsilon"] == pytest.approx(ledger["epsilon"]) and result["epsilon"] <= 4.0 + 1e-9
+    assert result.epsilon == pytest.approx(ledger["epsilon"]) and result.epsilon <= 4.0 + 1e-9
     # One δ whatever the coins: below 1/N for the training set with every canary in.
-    assert result["delta"] == ledger["delta"] == result["audit_delta"] and ledger["delta"] < 1 / (120 * 0.8 + 24)
-    assert result["steps"] == 3 and not result["exceeds_accounted_epsilon"]
+    assert result.delta == ledger["delta"] == result.audit_delta and ledger["delta"] < 1 / (120 * 0.8 + 24)
+    assert result.steps == 3 and not result.exceeds_accounted_epsilon
 
 
 def test_cli_runs_the_audit_and_names_a_bad_flag(data, tmp_path, capsys):

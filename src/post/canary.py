@@ -44,6 +44,7 @@ import numpy as np
 from scipy import stats
 
 from post.config import require
+from post.results import CanaryResult
 from post.tune import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def _tune_config(cfg: CanaryConfig, task_file: Path, task: Any, delta: float | N
     return TuneConfig(**values)
 
 
-def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
+def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> CanaryResult:
     """Tune once with secret canaries, guess them, and report the one-run ε lower bound."""
     from post.accounting import default_delta
     from post.resolve import load_task
@@ -259,7 +260,7 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
 
     run = RunDir(run_dir, stage="attack-canary", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return CanaryResult.from_dict(done, source=str(run.result_path))
     t0 = time.perf_counter()
     data = load_task(cfg)
     train = data.split("train")
@@ -299,12 +300,12 @@ def canary_audit(cfg: CanaryConfig, run_dir: str | Path) -> dict[str, Any]:
     if result["exceeds_accounted_epsilon"]:
         log.warning("the canary audit's lower bound ε ≥ %.3f exceeds the run's accounted ε = %.3f: check the DP "
                     "implementation and its accounting", result["epsilon_lower_bound"], result["epsilon"])
-    return run.finish(result)
+    return CanaryResult.from_dict(run.finish(result), source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    privacy = f"DP, ε={float(result['epsilon']):.2f}" if result["dp"] else "non-private"
-    return (f"one-run canary audit ({privacy}): {result['correct']} of {result['guesses']} guesses right on "
-            f"{result['canaries']} canaries; empirical ε ≥ {result['epsilon_lower_bound']:.3f} at δ = "
-            f"{result['audit_delta']:g} (pure ε ≥ {result['epsilon_lower_bound_pure']:.3f}), "
-            f"{result['confidence']:.0%} confidence, {result['wall_seconds']:.0f} s")
+def summarize(result: CanaryResult) -> str:
+    privacy = f"DP, ε={float(result.epsilon):.2f}" if result.dp else "non-private"  # type: ignore[arg-type]
+    return (f"one-run canary audit ({privacy}): {result.correct} of {result.guesses} guesses right on "
+            f"{result.canaries} canaries; empirical ε ≥ {result.epsilon_lower_bound:.3f} at δ = "
+            f"{result.audit_delta:g} (pure ε ≥ {result.epsilon_lower_bound_pure:.3f}), "
+            f"{result.confidence:.0%} confidence, {result.wall_seconds:.0f} s")
