@@ -120,7 +120,7 @@ def test_old_runs_without_n_keep_working(tmp_path):
 def test_table_stage_writes_the_csv(runs, tmp_path):
     root, ok = runs
     r = table(TableConfig(runs=[root], target=TARGET), tmp_path / "table")
-    assert r["cells"] == 6 and "p_value_vs_pt_source" in (tmp_path / "table" / "table.csv").read_text()
+    assert r.cells == 6 and "p_value_vs_pt_source" in (tmp_path / "table" / "table.csv").read_text()
 
 
 def _goal_cells(pt_acc, pt_n=N):

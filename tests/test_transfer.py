@@ -225,7 +225,7 @@ def test_results_table_places_every_run(setup, tmp_path):
     evaluate(EvaluateConfig(**ev, prompt=pt.prompt), tmp_path / "eval-post-dp")
     evaluate(EvaluateConfig(**ev, prompt=ps_dp.prompt, allow_other_model=True), tmp_path / "direct-dp")
     r = table(TableConfig(runs=[tmp_path], target=str(target_dir)), tmp_path / "table")
-    rows = list(__import__("csv").DictReader(open(r["csv"])))
+    rows = list(__import__("csv").DictReader(open(r.csv)))
     placed = {(x["method"], x["dp"]) for x in rows}
     assert placed == {("zero-shot Φt", "False"), ("zero-shot Φt", "True"), ("PT on Φt", "False"),
                       ("PT on Φs", "True"), ("POST", "True"), ("direct transfer", "True")}

@@ -29,6 +29,7 @@ from post.results import (
     DistillResult,
     EvaluateResult,
     StudentResult,
+    TableResult,
     TransferResult,
     TuneResult,
     ZstResult,
@@ -381,7 +382,7 @@ def build_table(cells: list[Cell], distill_seconds: float | None = None) -> tupl
     return "\n".join(md), buf.getvalue()
 
 
-def table(cfg: TableConfig, run_dir: str | Path) -> dict[str, Any]:
+def table(cfg: TableConfig, run_dir: str | Path) -> TableResult:
     run = RunDir(run_dir, stage="table", config=cfg)
     dirs = _result_dirs(cfg.runs)
     cells = [c for d in dirs if (c := classify(d, cfg.target)) is not None]
@@ -393,9 +394,10 @@ def table(cfg: TableConfig, run_dir: str | Path) -> dict[str, Any]:
     md, csv_text = build_table(cells, sum(distills) if distills else None)
     (run.path / "table.md").write_text(md, encoding="utf-8")
     (run.path / "table.csv").write_text(csv_text, encoding="utf-8")
-    return run.finish({"cells": len(cells), "markdown": str(run.path / "table.md"), "csv": str(run.path / "table.csv"),
-                       "table": md})
+    return TableResult.from_dict(run.finish({"cells": len(cells), "markdown": str(run.path / "table.md"),
+                                             "csv": str(run.path / "table.csv"), "table": md}),
+                                 source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    return f"{result['table']}\n{result['cells']} cells; {result['markdown']}, {result['csv']}"
+def summarize(result: TableResult) -> str:
+    return f"{result.table}\n{result.cells} cells; {result.markdown}, {result.csv}"

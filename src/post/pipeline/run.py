@@ -109,7 +109,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
     summary = {"out": str(out), "target": cfg.target, "task": cfg.task, "public": cfg.public,
                "steps": {s.name: {"party": s.party, "stage": s.stage, "key": new_keys[s.name],
                                   "what": s.what, **timings.get(s.name, {})} for s in steps},
-               "seconds": round(time.perf_counter() - t_start, 3), "table": tab["table"]}
+               "seconds": round(time.perf_counter() - t_start, 3), "table": tab.table}
     summary["report"] = str(write_report(out, summary))
     write_json(out / PIPELINE_RESULT, summary)  # once, with the report: a pipeline-result.json marks a finished run
     return summary
