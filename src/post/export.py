@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from post.config import ModelOptions, require
 from post.prompt import load_prompt
 from post.resolve import load_configured_model
+from post.results import ExportPeftResult
 from post.rundir import RunDir
 
 
@@ -37,7 +37,7 @@ class ExportPeftConfig(ModelOptions):
         require(bool(self.model), "model", "must name the model the prompt was tuned on.")
 
 
-def export_peft(cfg: ExportPeftConfig, run_dir: str | Path) -> dict[str, Any]:
+def export_peft(cfg: ExportPeftConfig, run_dir: str | Path) -> ExportPeftResult:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``run_dir``."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
@@ -55,10 +55,12 @@ def export_peft(cfg: ExportPeftConfig, run_dir: str | Path) -> dict[str, Any]:
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(pf.tensor)
     peft_model.save_pretrained(str(run.path))
-    return run.finish({"adapter_dir": str(run.path), "prompt": str(cfg.prompt), "model": cfg.model,
-                       "n_tokens": pf.n_tokens, "task_type": str(peft_cfg.task_type)})
+    return ExportPeftResult.from_dict(run.finish({"adapter_dir": str(run.path), "prompt": str(cfg.prompt),
+                                                  "model": cfg.model, "n_tokens": pf.n_tokens,
+                                                  "task_type": str(peft_cfg.task_type)}),
+                                      source=str(run.result_path))
 
 
-def summarize(result: dict[str, Any]) -> str:
-    return (f"PEFT adapter ({result['n_tokens']} virtual tokens) in {result['adapter_dir']}; load it with "
-            f"PeftModel.from_pretrained(base_model, {result['adapter_dir']!r})")
+def summarize(result: ExportPeftResult) -> str:
+    return (f"PEFT adapter ({result.n_tokens} virtual tokens) in {result.adapter_dir}; load it with "
+            f"PeftModel.from_pretrained(base_model, {result.adapter_dir!r})")
