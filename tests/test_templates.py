@@ -124,13 +124,13 @@ def test_public_ranking_on_the_target_writes_the_winner(tmp_path, monkeypatch):
                                templates=["{text} It was {mask}.", "Review: {text}\nSentiment: {mask}"],
                                label_word_sets=["negative=bad;positive=good", "negative=terrible;positive=great"])
     r = choose_template(cfg, tmp_path / "ct")
-    assert seen == ["airline"] and r["classes"] == ["negative", "positive"] and r["class_counts"] == [10, 10]
-    assert r["data"] == "public:airline" and r["primary_key"] == "balanced_accuracy" and len(r["ranking"]) == 4
-    assert r["winner"] == r["ranking"][0]
-    assert r["override"]["template"] == r["winner"]["template"]
-    assert r["override"]["label_words"] == label_words_spec(r["winner"]["label_words"])
+    assert seen == ["airline"] and r.classes == ["negative", "positive"] and r.class_counts == [10, 10]
+    assert r.data == "public:airline" and r.primary_key == "balanced_accuracy" and len(r.ranking) == 4
+    assert r.winner == r.ranking[0]
+    assert r.override["template"] == r.winner["template"]
+    assert r.override["label_words"] == label_words_spec(r.winner["label_words"])
     saved = json.loads((tmp_path / "ct" / "result.json").read_text())
-    assert saved["winner"]["template"] == r["winner"]["template"]
+    assert saved["winner"]["template"] == r.winner["template"]
     assert (tmp_path / "ct" / "table.csv").read_text().startswith("rank,template,words,label_words,n,")
     assert "| 1 | `" in (tmp_path / "ct" / "table.md").read_text()
 
@@ -171,7 +171,7 @@ def test_private_data_only_on_a_student_directory(tmp_path, monkeypatch, student
     r = choose_template(ChooseTemplateConfig(model=student_dir, task=str(data), label_words=words, private=True,
                                              limit=6, device="cpu", templates=["{text} It was {mask}."]),
                         tmp_path / "ok")
-    assert read == [str(data)] and r["data"] == f"private:{data}" and r["n"] == 6 and r["split"] == "validation"
+    assert read == [str(data)] and r.data == f"private:{data}" and r.n == 6 and r.split == "validation"
 
 
 def test_cli_user_command(tmp_path, monkeypatch, capsys):

@@ -43,6 +43,7 @@ from post.data import LabelledDataset, default_task, is_dataset_name, load_label
 from post.errors import PostError
 from post.models import LoadedModel
 from post.resolve import load_configured_model, load_task
+from post.results import ChooseTemplateResult
 from post.rundir import RESULT_FILE, RunDir, read_result
 from post.scoring import Encoder, answer_hidden, classification_metrics, head_logits
 from post.stats import format_p, mcnemar_exact, wilson_interval
@@ -297,11 +298,11 @@ def _ranking_data(cfg: ChooseTemplateConfig, classes: tuple[str, ...]) -> tuple[
     return f"public:{public}", texts, labels
 
 
-def choose_template(cfg: ChooseTemplateConfig, run_dir: str | Path) -> dict[str, Any]:
+def choose_template(cfg: ChooseTemplateConfig, run_dir: str | Path) -> ChooseTemplateResult:
     """Rank every candidate on the allowed data; write table.md, table.csv and result.json (with the winner)."""
     run = RunDir(run_dir, stage="choose-template", config=cfg)
     if (done := run.existing_result()) is not None:
-        return done
+        return ChooseTemplateResult.from_dict(done, source=str(run.result_path))
     classes = task_classes(cfg)
     sets = word_sets(cfg, classes)
     templates = list(cfg.templates) if cfg.templates is not None else list(SENTIMENT_TEMPLATES)
@@ -325,14 +326,14 @@ def choose_template(cfg: ChooseTemplateConfig, run_dir: str | Path) -> dict[str,
     (run.path / "table.csv").write_text(csv_text, encoding="utf-8")
     best = rows[0]
     run.log(candidates=len(rows), n=len(texts), best_balanced_accuracy=best["balanced_accuracy"])
-    return run.finish({
+    return ChooseTemplateResult.from_dict(run.finish({
         "model": cfg.model, "task": cfg.task, "data": source, "split": cfg.split, "classes": list(classes),
         "class_counts": counts, "n": len(texts), "primary_key": "balanced_accuracy",
         "winner": best, "override": {"template": best["template"], "label_words": label_words_spec(
             best["label_words"])},
         "ranking": rows, "markdown": str(run.path / "table.md"), "csv": str(run.path / "table.csv"),
         "table": md, "scoring_seconds": round(elapsed, 3),
-    })
+    }), source=str(run.result_path))
 
 
 def _show_template(template: str) -> str:
@@ -360,8 +361,8 @@ def ranking_table(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def summarize(result: dict[str, Any]) -> str:
-    w = result["winner"]
-    return (f"{result['table']}\nwinner on {result['n']} {result['split']} examples of {result['data']} "
+def summarize(result: ChooseTemplateResult) -> str:
+    w = result.winner
+    return (f"{result.table}\nwinner on {result.n} {result.split} examples of {result.data} "
             f"(balanced accuracy {100 * w['balanced_accuracy']:.1f}%): --template {w['template']!r} "
-            f"--label-words '{result['override']['label_words']}'")
+            f"--label-words '{result.override['label_words']}'")
