@@ -128,3 +128,55 @@ def test_proxy_refuses_bad_setups(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "load_configured_model", other_vocab)
     with pytest.raises(PostError, match="same tokenizer"):
         evaluate(_cfg(setup, prompt=ps.prompt, proxy_source_model=str(source_dir)), tmp_path / "vocab")
+
+
+def test_calibrate_by_hand():
+    scores = np.array([[2.0, 0.0], [0.0, 0.5]])
+    public = np.array([[1.0, 0.0], [3.0, 0.0]])  # the model leans to class 0 on public text
+    got, prior = ev.calibrate(scores, public)
+    p_pub = np.exp(public) / np.exp(public).sum(1, keepdims=True)
+    want_prior = p_pub.mean(0)
+    np.testing.assert_allclose(prior, want_prior)
+    logp = scores - np.log(np.exp(scores).sum(1, keepdims=True))
+    np.testing.assert_allclose(got, logp - np.log(want_prior))
+    assert got.argmax(1).tolist() == [0, 1] and scores.argmax(1).tolist() == [0, 1]
+    # a bias towards class 0 is removed: a mild class-0 lean becomes class 1 once divided by the prior
+    mild = np.array([[0.4, 0.0]])
+    assert ev.calibrate(mild, public)[0].argmax(1).tolist() == [1]
+    # an even prior leaves the argmax as it is
+    assert ev.calibrate(mild, np.zeros((3, 2)))[0].argmax(1).tolist() == [0]
+    with pytest.raises(PostError, match="calibration needs"):
+        ev.calibrate(scores, np.zeros((3, 3)))
+
+
+def test_calibrated_evaluation_divides_by_the_public_prior(setup, tmp_path):
+    root, data, target_dir, source_dir, ps = setup
+    public = root / "public.txt"
+    public.write_text("\n".join(["a plain day", "the weather", "it rained", "some news", "a long list"]) + "\n")
+    zs = evaluate(_cfg(setup), tmp_path / "zs")
+    cal = evaluate(_cfg(setup, calibrate_public=str(public), calibrate_limit=4), tmp_path / "cal")
+    raw = read_result(tmp_path / "cal")
+    assert cal.method == "calibrated" and raw["calibrate_public"] == str(public) and raw["calibration_texts"] == 4
+    assert sum(raw["class_prior"]) == pytest.approx(1.0, abs=1e-5)
+    # the same predictions computed by hand from the target's scores
+    target = load_model(str(target_dir))
+    from post.data import load_labelled, load_texts
+
+    task = load_labelled(str(data), label_words=LABEL_WORDS).task
+    texts = list(load_labelled(str(data), label_words=LABEL_WORDS).split("test").texts)
+    enc, verb = Encoder(task, target.tokenizer, target.kind, 128), Verbalizer.build(task, target.tokenizer)
+    pub = load_texts(str(public))
+    pub_scores = predict_scores(target.model, enc, verb, [pub[i] for i in subset(len(pub), 4, 0)])
+    want, prior = ev.calibrate(predict_scores(target.model, enc, verb, texts), pub_scores)
+    np.testing.assert_allclose(raw["class_prior"], prior, atol=1e-6)
+    got = read_predictions(tmp_path / "cal")
+    assert [got[i][1] for i in range(len(texts))] == want.argmax(1).tolist()
+    assert zs.n == cal.n
+
+
+def test_calibration_refuses_bad_options(setup):
+    with pytest.raises(ConfigError, match="calibrate_limit|calibrate-limit"):
+        _cfg(setup, calibrate_public="airline", calibrate_limit=0)
+    root, data, target_dir, source_dir, ps = setup
+    with pytest.raises(ConfigError, match="does not combine with proxy"):
+        _cfg(setup, calibrate_public="airline", prompt=ps.prompt, proxy_source_model=str(source_dir))

@@ -470,3 +470,17 @@ def test_a_declared_step_runs_and_fills_the_table_and_the_report(tmp_path):
     assert [(c["method"], c["accuracy"], Path(c["run"]).name) for c in cells] == [
         ("zero-shot Φt", "0.7500", "toy-zero-shot")]
     assert "| toy-zero-shot | user | a toy score of Φt (non-private) |" in (out / "report.md").read_text()
+
+
+def test_the_calibrated_baseline_is_one_declared_step_on_the_public_texts(tmp_path):
+    path = tiny_config(tmp_path, attack=None, undistilled=False, reconstruct=None,
+                       baselines=["zero-shot", "calibrated"])
+    cfg = load_pipeline_config(path)
+    configs = dry_run(cfg)
+    cal = configs["eval-calibrated"]
+    assert cal.calibrate_public == cfg.public and cal.model == cfg.target and cal.split == "test"
+    assert cal.prompt is None and "eval-calibrated-dp" not in configs  # nothing private: once for every mode
+    (tmp_path / "b").mkdir()
+    plain = dry_run(load_pipeline_config(tiny_config(tmp_path / "b", attack=None, undistilled=False,
+                                                     reconstruct=None, baselines=["zero-shot"])))
+    assert "eval-calibrated" not in plain  # only when asked for

@@ -247,3 +247,23 @@ def test_settings_key_on_the_epsilon_asked_for():
         [0.5, 0.55, 0.25]
     assert setting_of(True, 7.9995, None) == 8.0 and setting_of(True, 0.0399, None) == 0.0399  # σ given: 3 digits
     assert setting_of(False, None, None) is None and setting_of(True, None, None) == float("inf")
+
+
+def test_calibrated_zero_shot_is_its_own_untrained_column_in_every_setting(runs):
+    root, ok = runs
+    cal_ok = [True] * 28 + [False] * 12  # 70%
+    cal = _run(root, "eval-calibrated", _eval(0.7, method="calibrated", calibrate_public="airline"), cal_ok)
+    cell = classify(cal, TARGET)
+    assert cell.method == "calibrated zero-shot Φt" and cell.user_seconds == 0.0 and cell.provider_seconds == 0.0
+    dp_post = _run(root, "eval-post-dp", _eval(0.75, _prompt("post", model=TARGET, eps=8.0)), ok["post"])
+    cells = [classify(root / d, TARGET) for d in ("zero-shot", "eval-post")] + [cell, classify(dp_post, TARGET)]
+    md, text = build_table(cells)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    cal_rows = [r for r in rows if r["method"] == "calibrated zero-shot Φt"]
+    assert len(cal_rows) == 2  # heads the non-private and the DP table alike, like zero-shot
+    for post in (r for r in rows if r["method"] == "POST"):
+        assert float(post["p_value_vs_calibrated_zero_shot_target"]) == pytest.approx(
+            mcnemar_exact(ok["post"], cal_ok)["p_value"], rel=1e-5)
+    assert md.count("| task | zero-shot Φt | calibrated zero-shot Φt | ") == 2  # right after zero-shot, both tables
+    # absent runs leave the column out (it is optional)
+    assert "calibrated zero-shot Φt" not in build_table([classify(root / "eval-post", TARGET)])[0]

@@ -11,6 +11,13 @@ class's score is the mean of its label words' logits, a linear map, so adding th
 class scores is the same as adding their label-word logits first. Each model's per-position logit
 offset is shared by all words and cancels in the argmax, so raw logits can be added. The target
 never sees the prompt; the user must run Φs next to every query.
+
+**Calibrated zero-shot** (a baseline that needs no private data; after Zhao et al. 2021, "Calibrate
+before use", with the model's mean answer over unlabelled public text as its prior):
+``--calibrate-public NAME`` scores ``--calibrate-limit`` unlabelled texts of a public set the same
+way (same template, same prompt if any), takes the mean class distribution over them as the model's
+prior, and predicts ``argmax_c log p(c | x) − log prior(c)``. It removes a model's bias towards one
+label word, which is most of what a prompt that only learned the task's label balance can add.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from post.config import ModelOptions, TaskOptions, check_split, require
+from post.data import load_texts
 from post.errors import PostError
 from post.prompt import load_prompt
 from post.resolve import load_configured_model, load_task, subset
@@ -52,6 +60,10 @@ class EvaluateConfig(TaskOptions, ModelOptions):
             transfer", a baseline); without it such a prompt is refused.
         proxy_source_model: Proxy tuning (a baseline): the small model --prompt was tuned on; the
             target's label-word logits get Φs(prompt; x) − Φs(x) added. Needs the same tokenizer.
+        calibrate_public: Calibrated scoring (a baseline): divide the model's class distribution by
+            its mean over unlabelled texts of this public set (a dataset name or file, as for
+            --public); no labels and no private data are used.
+        calibrate_limit: How many public texts (a seeded sample) estimate that mean.
     """
 
     model: str
@@ -62,6 +74,8 @@ class EvaluateConfig(TaskOptions, ModelOptions):
     seed: int = 0
     allow_other_model: bool = False
     proxy_source_model: str | None = None
+    calibrate_public: str | None = None
+    calibrate_limit: int = 400
 
     def __post_init__(self) -> None:
         TaskOptions.__post_init__(self)
@@ -74,6 +88,9 @@ class EvaluateConfig(TaskOptions, ModelOptions):
                 "needs --prompt: the prompt tuned on that model, whose effect is added to the target's logits.")
         require(self.proxy_source_model is None or not self.allow_other_model, "allow_other_model",
                 "does not apply to proxy tuning (the prompt runs on --proxy-source-model, its own model).")
+        require(self.calibrate_limit >= 1, "calibrate_limit", f"must be at least 1, got {self.calibrate_limit}.")
+        require(self.calibrate_public is None or self.proxy_source_model is None, "calibrate_public",
+                "does not combine with proxy tuning; run them as two evaluations.")
 
 
 def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluateResult:
@@ -110,17 +127,43 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluateResult:
     else:
         scores = predict_scores(loaded.model, encoder, verbalizer, texts, batch_size=cfg.batch_size, prompt=prompt,
                                 desc=f"evaluate {cfg.split}")
+    calibration: dict[str, Any] = {}
+    if cfg.calibrate_public is not None:
+        public = load_texts(cfg.calibrate_public, cache_dir=cfg.cache_dir)
+        if not public:
+            raise PostError(f"{cfg.calibrate_public} gives no texts to calibrate on.")
+        pidx = subset(len(public), cfg.calibrate_limit, cfg.seed)
+        log.info("calibrating on %d unlabelled texts of %s", len(pidx), cfg.calibrate_public)
+        public_scores = predict_scores(loaded.model, encoder, verbalizer, [public[i] for i in pidx],
+                                       batch_size=cfg.batch_size, prompt=prompt, desc="calibrate")
+        scores, prior = calibrate(scores, public_scores)
+        calibration = {"method": "calibrated", "calibrate_public": cfg.calibrate_public,
+                       "calibration_texts": len(pidx), "class_prior": [round(float(v), 6) for v in prior]}
     elapsed = time.perf_counter() - t0
     metrics = classification_metrics(scores, labels, data.class_names)
     write_predictions(run.path, cfg.split, [int(i) for i in idx], labels, scores)
     run.log(split=cfg.split, **{k: metrics[k] for k in ("n", "accuracy", "macro_f1")},
             examples_per_second=len(texts) / max(elapsed, 1e-9))
-    extra = {"method": "proxy", "proxy_source_model": cfg.proxy_source_model} if source is not None else {}
+    extra = {"method": "proxy", "proxy_source_model": cfg.proxy_source_model} if source is not None else calibration
     written = run.finish({
         "model": cfg.model, "task": cfg.task, "split": cfg.split, "prompt": prompt_meta, **extra,
         **metrics, "scoring_seconds": round(elapsed, 3), "predictions": str(run.path / PREDICTIONS_FILE),
     })
     return EvaluateResult.from_dict(written, source=str(run.result_path))
+
+
+def _log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def calibrate(scores: np.ndarray, public_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) calibrated log-scores ``log p(c|x) − log prior(c)`` and the (C,) prior: the mean of
+    ``p(c|x')`` over the (M, C) class scores of public texts x' (softmax over classes)."""
+    if scores.ndim != 2 or public_scores.ndim != 2 or scores.shape[1] != public_scores.shape[1]:
+        raise PostError(f"calibration needs (N, C) and (M, C) scores, got {scores.shape} and {public_scores.shape}.")
+    prior = np.exp(_log_softmax(public_scores.astype(np.float64))).mean(axis=0)
+    return _log_softmax(scores.astype(np.float64)) - np.log(prior), prior
 
 
 def combine_proxy(target: np.ndarray, source_prompted: np.ndarray, source_plain: np.ndarray) -> np.ndarray:

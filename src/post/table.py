@@ -38,13 +38,17 @@ from post.results import (
 from post.rundir import RESULT_FILE, RunDir
 from post.stats import accuracy_interval, format_p, paired_mcnemar
 
-METHODS = ("zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "proxy tuning", "POST",
-           "PT on Φs, undistilled", "POST, undistilled Φs")
-OPTIONAL = ("proxy tuning", "PT on Φs, undistilled", "POST, undistilled Φs")  # shown only when some run fills them
+METHODS = ("zero-shot Φt", "calibrated zero-shot Φt", "PT on Φt", "PT on Φs", "direct transfer", "ZST", "proxy tuning",
+           "POST", "PT on Φs, undistilled", "POST, undistilled Φs")
+# shown only when some run fills them
+OPTIONAL = ("calibrated zero-shot Φt", "proxy tuning", "PT on Φs, undistilled", "POST, undistilled Φs")
 # ASCII keys of the methods, for CSV column names (p_value_vs_<key>).
-METHOD_KEYS = {"zero-shot Φt": "zero_shot_target", "PT on Φt": "pt_target", "PT on Φs": "pt_source",
+METHOD_KEYS = {"zero-shot Φt": "zero_shot_target", "calibrated zero-shot Φt": "calibrated_zero_shot_target",
+               "PT on Φt": "pt_target", "PT on Φs": "pt_source",
                "direct transfer": "direct", "ZST": "zst", "proxy tuning": "proxy", "POST": "post",
                "PT on Φs, undistilled": "pt_source_undistilled", "POST, undistilled Φs": "post_undistilled"}
+# no prompt trained, no privacy cost: one figure heads every setting's table
+UNTRAINED = ("zero-shot Φt", "calibrated zero-shot Φt")
 TESTED = ("POST", "POST, undistilled Φs")  # the methods whose cells get McNemar p-values against the others
 
 
@@ -252,7 +256,8 @@ def _evaluate_cell(r: EvaluateResult, run: Path, target: str) -> Cell | None:
     if r.model != target:
         return None
     if p is None:  # nothing trained: no cost to produce it (evaluation is not counted for any method)
-        return Cell(r.task, "zero-shot Φt", False, r.accuracy, None, None, 0.0, str(run), user_seconds=0.0,
+        name = "calibrated zero-shot Φt" if r.method == "calibrated" else "zero-shot Φt"
+        return Cell(r.task, name, False, r.accuracy, None, None, 0.0, str(run), user_seconds=0.0,
                     provider_seconds=0.0)
     direct = None if _same_model(p.model, target) else "direct transfer"
     method = {"post": "POST", "zst": "ZST"}.get(p.method or "", direct)
@@ -320,9 +325,9 @@ def cost_lines(cells: list[Cell], distill_seconds: float | None) -> list[str]:
            "| task | setting | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:
         for s in settings:
-            cells_here = [grid.get((t, m, s)) or (grid.get((t, m, None)) if m == "zero-shot Φt" else None)
+            cells_here = [grid.get((t, m, s)) or (grid.get((t, m, None)) if m in UNTRAINED else None)
                           for m in methods]
-            if not any(c is not None and c.method != "zero-shot Φt" for c in cells_here):
+            if not any(c is not None and c.method not in UNTRAINED for c in cells_here):
                 continue
             out.append(f"| {_label(t)} | {setting_title(s)} | " + " | ".join(
                 "–" if c is None else f"{c.user_seconds / 60:.1f} + {c.provider_seconds / 60:.1f}"
@@ -341,9 +346,9 @@ def build_table(cells: list[Cell], distill_seconds: float | None = None) -> tupl
     grid: dict[tuple[str, str, float | None], Cell] = {}
     for c in cells:
         grid[(c.task, c.method, c.setting)] = c  # later runs of the same cell win
-    settings = settings_order({k[2] for k in grid if k[1] != "zero-shot Φt"} or {None})
+    settings = settings_order({k[2] for k in grid if k[1] not in UNTRAINED} or {None})
     for c in cells:
-        if c.method == "zero-shot Φt":  # no training, no privacy cost: the same figure heads every table
+        if c.method in UNTRAINED:  # no training, no privacy cost: the same figure heads every table
             for s in settings:
                 grid.setdefault((c.task, c.method, s), c)
     methods = [m for m in METHODS if m not in OPTIONAL or any(k[1] == m for k in grid)]

@@ -57,8 +57,8 @@ class PipelineConfig(TaskOptions, ModelOptions):
             the mode as suffix, e.g. tune-source-dp-eps1).
         undistilled: Also run the same layers without distillation as a source (isolates what
             distillation buys).
-        baselines: Baselines to run besides POST: zero-shot, target-tuning, source-tuning,
-            direct, zst.
+        baselines: Baselines to run besides POST: zero-shot, calibrated (zero-shot calibrated on
+            the public texts), target-tuning, source-tuning, direct, zst, proxy.
         attack_transfer: Also attack the shadows' transferred prompts through the target.
         seed: Seed of every stage.
         distill: Options of post distill (teacher = target).
@@ -112,7 +112,7 @@ class PipelineConfig(TaskOptions, ModelOptions):
                 "modes", "dp-eps<E> calibrates σ to each ε, but the dp section fixes noise_multiplier; remove one.")
         require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
                 f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
-        known = ("zero-shot", "target-tuning", "source-tuning", "direct", "zst", "proxy")
+        known = ("zero-shot", "calibrated", "target-tuning", "source-tuning", "direct", "zst", "proxy")
         bad = [b for b in self.baselines if b not in known]
         require(not bad, "baselines", f"unknown {bad}; choose from {', '.join(known)}.")
         for name in SECTIONS:

@@ -365,6 +365,9 @@ DISTILL = declare("distill", "provider", DISTILL_STAGE, "distil the target into 
 UNDISTILLED = declare("undistilled", "provider", STUDENT_STAGE, "the same layers, not distilled", when=_undistilled,
                       options=lambda c: {"teacher": c.target, "keep_layers": _keep_layers(c)})
 ZERO_SHOT = _evaluation("zero-shot", "user", TARGET, None, "Φt zero-shot on test", when=_baseline("zero-shot"))
+# Φt zero-shot divided by its mean answer on the public texts: what an even label prior alone is worth.
+EVAL_CALIBRATED = _evaluation("eval-calibrated", "user", TARGET, None, "Φt zero-shot, calibrated on public texts",
+                              when=_baseline("calibrated"), calibrate_public=Of(lambda c: c.public))
 TUNE_SOURCE = _tuning("tune-source", "user", STUDENT, "ps on Φs ({mode})")
 EVAL_SOURCE = _evaluation("eval-source", "user", STUDENT, prompt_of(TUNE_SOURCE), "Φs with ps ({mode})",
                           when=_baseline("source-tuning"))
