@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 
 from post.config import ModelOptions, TaskOptions, check_split, require
 from post.data import load_texts
@@ -152,18 +153,13 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluateResult:
     return EvaluateResult.from_dict(written, source=str(run.result_path))
 
 
-def _log_softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def calibrate(scores: np.ndarray, public_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) calibrated log-scores ``log p(c|x) − log prior(c)`` and the (C,) prior: the mean of
     ``p(c|x')`` over the (M, C) class scores of public texts x' (softmax over classes)."""
     if scores.ndim != 2 or public_scores.ndim != 2 or scores.shape[1] != public_scores.shape[1]:
         raise PostError(f"calibration needs (N, C) and (M, C) scores, got {scores.shape} and {public_scores.shape}.")
-    prior = np.exp(_log_softmax(public_scores.astype(np.float64))).mean(axis=0)
-    return _log_softmax(scores.astype(np.float64)) - np.log(prior), prior
+    prior = np.exp(log_softmax(public_scores.astype(np.float64), axis=1)).mean(axis=0)
+    return log_softmax(scores.astype(np.float64), axis=1) - np.log(prior), prior
 
 
 def combine_proxy(target: np.ndarray, source_prompted: np.ndarray, source_plain: np.ndarray) -> np.ndarray:
