@@ -265,5 +265,9 @@ def test_calibrated_zero_shot_is_its_own_untrained_column_in_every_setting(runs)
         assert float(post["p_value_vs_calibrated_zero_shot_target"]) == pytest.approx(
             mcnemar_exact(ok["post"], cal_ok)["p_value"], rel=1e-5)
     assert md.count("| task | zero-shot Φt | calibrated zero-shot Φt | ") == 2  # right after zero-shot, both tables
+    # a calibrated evaluation of a prompt is no cell: it must not stand in for that prompt's own (POST) cell
+    prompted = _run(root, "eval-post-calibrated", _eval(0.9, _prompt("post", model=TARGET), method="calibrated",
+                                                        calibrate_public="airline"), cal_ok)
+    assert classify(prompted, TARGET) is None
     # absent runs leave the column out (it is optional)
     assert "calibrated zero-shot Φt" not in build_table([classify(root / "eval-post", TARGET)])[0]

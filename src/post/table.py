@@ -241,11 +241,20 @@ def _tune_cell(r: TuneResult, run: Path, target: str) -> Cell | None:
                 target_epsilon=(r.privacy or {}).get("target_epsilon"))
 
 
+def _untrained_cell(r: EvaluateResult, method: str, run: Path) -> Cell:
+    """Nothing trained: no cost to produce it (evaluation is not counted for any method), no privacy cost."""
+    return Cell(r.task, method, False, r.accuracy, None, None, 0.0, str(run), user_seconds=0.0, provider_seconds=0.0)
+
+
 def _evaluate_cell(r: EvaluateResult, run: Path, target: str) -> Cell | None:
     """A test-split evaluation: zero-shot Φt, a PT cell, or a transferred prompt's cell (by the prompt's origin)."""
     if r.split != "test":
         return None
     p = r.prompt
+    if r.method == "calibrated":  # Φt divided by its mean answer on public texts: a baseline without a prompt only
+        if r.model != target or p is not None:
+            return None
+        return _untrained_cell(r, "calibrated zero-shot Φt", run)
     if r.method == "proxy":  # the target plus the prompt's change on the small model, at query time
         if r.model != target or p is None:
             return None
@@ -255,10 +264,8 @@ def _evaluate_cell(r: EvaluateResult, run: Path, target: str) -> Cell | None:
         return _prompt_cell(r, _pt_method(r.model, target), run, target)
     if r.model != target:
         return None
-    if p is None:  # nothing trained: no cost to produce it (evaluation is not counted for any method)
-        name = "calibrated zero-shot Φt" if r.method == "calibrated" else "zero-shot Φt"
-        return Cell(r.task, name, False, r.accuracy, None, None, 0.0, str(run), user_seconds=0.0,
-                    provider_seconds=0.0)
+    if p is None:
+        return _untrained_cell(r, "zero-shot Φt", run)
     direct = None if _same_model(p.model, target) else "direct transfer"
     method = {"post": "POST", "zst": "ZST"}.get(p.method or "", direct)
     # Prompt files name a local source only as local:NAME; the transfer run's config holds its directory.
