@@ -127,19 +127,33 @@ def _goal_cells(pt_acc, pt_n=N):
     lo, hi = wilson_interval(round(pt_acc * pt_n), pt_n)
     base = {"task": "mr", "dp": "False", "num_classes": "2"}
     return [{**base, "method": "POST", "accuracy": "0.75", "n": str(N), "ci_low": "0.6", "ci_high": "0.86",
-             "p_value_vs_pt_source": "0.0078", "p_value_vs_zero_shot_target": "0.01", "p_value_vs_pt_target": ""},
+             "p_value_vs_pt_source": "0.0078", "p_value_vs_zero_shot_target": "0.01", "p_value_vs_pt_target": "",
+             "p_value_vs_calibrated_zero_shot_target": "0.086"},
             {**base, "method": "PT on Φs", "accuracy": "0.55", "n": str(N)},
             {**base, "method": "zero-shot Φt", "accuracy": "0.5", "n": str(N)},
+            {**base, "method": "calibrated zero-shot Φt", "accuracy": "0.7", "n": str(N)},
             {**base, "method": "PT on Φt", "accuracy": str(pt_acc), "n": str(pt_n), "ci_low": str(lo),
              "ci_high": str(hi)}]
 
 
 def test_goals_flag_a_baseline_at_chance():
     failed = goals(_goal_cells(0.55))  # 22 of 40: the interval holds 0.5
-    assert failed[0]["PT on Φt failed"] is True and failed[0]["≥ 90% of PT on Φt"] is True
+    assert failed[0]["PT on Φt failed"] is True and failed[0]["≥ 95% of PT on Φt"] is True
     fine = goals(_goal_cells(0.8))
-    assert fine[0]["PT on Φt failed"] is False and fine[0]["≥ 90% of PT on Φt"] is True
+    assert fine[0]["PT on Φt failed"] is False and fine[0]["≥ 95% of PT on Φt"] is False  # 0.75 < 0.95 × 0.8
+    assert goals(_goal_cells(0.78))[0]["≥ 95% of PT on Φt"] is True  # 0.75 ≥ 0.741
     assert fine[0]["p_value_vs_pt_source"] == pytest.approx(0.0078) and fine[0]["n"] == N
+
+
+def test_goals_count_a_beat_only_when_it_is_significant():
+    """POST 75% vs calibrated 70% is higher, but p = 0.086: not the significant gain the bar asks for."""
+    g = goals(_goal_cells(0.8))[0]
+    assert g["beats calibrated zero-shot Φt"] is True and g["significant_vs_calibrated_zero_shot_target"] is False
+    assert g["beats zero-shot Φt"] is True and g["significant_vs_zero_shot_target"] is True  # p = 0.01
+    no_p = goals([{**c, "p_value_vs_zero_shot_target": ""} for c in _goal_cells(0.8)])[0]
+    assert no_p["beats zero-shot Φt"] is True and no_p["significant_vs_zero_shot_target"] is None
+    lower = goals([{**c, "accuracy": "0.9"} if c["method"] == "zero-shot Φt" else c for c in _goal_cells(0.8)])[0]
+    assert lower["beats zero-shot Φt"] is False and lower["significant_vs_zero_shot_target"] is False
 
 
 def _pipeline_dir(root, cells):
@@ -157,12 +171,12 @@ def test_report_says_baseline_failed_instead_of_yes(tmp_path):
     write_report(_pipeline_dir(tmp_path / "a", _goal_cells(0.55)))
     md = (tmp_path / "a" / "report.md").read_text()
     goal = next(line for line in md.splitlines() if line.startswith("| mr | non-private"))
-    assert "75.0 [60.0–86.0] n=40" in goal and "yes (p 0.008)" in goal
+    assert "75.0 [60.0–86.0] n=40 | yes (p 0.008) | yes (p 0.010) | higher, not significant (p 0.086) |" in goal
     assert goal.endswith("| baseline failed | baseline failed |")
-    write_report(_pipeline_dir(tmp_path / "b", _goal_cells(0.8)))
+    write_report(_pipeline_dir(tmp_path / "b", _goal_cells(0.78)))
     goal = next(line for line in (tmp_path / "b" / "report.md").read_text().splitlines()
                 if line.startswith("| mr | non-private"))
-    assert "baseline failed" not in goal and goal.endswith("| 94% | yes |")
+    assert "baseline failed" not in goal and goal.endswith("| 96% | yes |")
 
 
 def test_each_dp_epsilon_gets_its_own_table_tests_and_curve(tmp_path):

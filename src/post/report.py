@@ -39,6 +39,7 @@ from post.progress import duration
 from post.results import AttackResult, DistillResult, ReconstructResult, StageResult, TransferResult
 from post.rundir import RESULT_FILE, read_json, read_metrics, read_result, write_json
 from post.stats import at_chance, format_p
+from post.table import METHOD_KEYS
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -66,13 +67,20 @@ def _num(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
+#: The goals' comparisons: (column, the method POST must beat); a beat counts at McNemar p < SIGNIFICANCE.
+BEATS = (("beats PT on Φs", "PT on Φs"), ("beats zero-shot Φt", "zero-shot Φt"),
+         ("beats calibrated zero-shot Φt", "calibrated zero-shot Φt"))
+SIGNIFICANCE = 0.05
+
+
 def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Per task and privacy setting: POST against PT on Φs, zero-shot Φt and 90% of PT on Φt.
+    """Per task and privacy setting: POST against PT on Φs, (calibrated) zero-shot Φt and 95% of PT on Φt.
 
     Each row carries POST's n and Wilson 95% interval where the table has them, the exact McNemar
-    p-value of each comparison where both runs saved predictions on the same sentences, and
+    p-value of each comparison where both runs saved predictions on the same sentences,
+    ``significant_vs_<method>`` (POST higher with p < 0.05; None without a p-value), and
     ``PT on Φt failed``: True when the PT-on-Φt baseline's interval contains chance (1 / classes),
-    so "POST reaches 90% of it" would be a statement about a failed baseline.
+    so "POST reaches 95% of it" would be a statement about a failed baseline.
     """
     by = {(c["task"], c["method"], _setting(c)): c for c in cells}
     rows = []
@@ -83,15 +91,17 @@ def goals(cells: list[dict[str, str]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"task": task, "dp": dp != "non-private", "setting": dp, "post": post,
                                "n": _num(cell.get("n")),
                                "ci_low": _num(cell.get("ci_low")), "ci_high": _num(cell.get("ci_high"))}
-        for name, ref_method, key in (("beats PT on Φs", "PT on Φs", "pt_source"),
-                                      ("beats zero-shot Φt", "zero-shot Φt", "zero_shot_target")):
+        for name, ref_method in BEATS:
+            key = METHOD_KEYS[ref_method]
             ref = by.get((task, ref_method, dp))
+            p = _num(cell.get(f"p_value_vs_{key}"))
             row[name] = None if ref is None else post > float(ref["accuracy"])
-            row[f"p_value_vs_{key}"] = _num(cell.get(f"p_value_vs_{key}"))
+            row[f"p_value_vs_{key}"] = p
+            row[f"significant_vs_{key}"] = None if row[name] is None or p is None else row[name] and p < SIGNIFICANCE
         full_cell = by.get((task, "PT on Φt", dp))
         full = None if full_cell is None else float(full_cell["accuracy"])
         row["of PT on Φt"] = None if full is None else post / full
-        row["≥ 90% of PT on Φt"] = None if full is None else post >= 0.9 * full
+        row["≥ 95% of PT on Φt"] = None if full is None else post >= 0.95 * full
         row["p_value_vs_pt_target"] = _num(cell.get("p_value_vs_pt_target"))
         row["PT on Φt failed"] = _baseline_failed(full_cell)
         rows.append(row)
@@ -284,10 +294,16 @@ def _md_tables_to_html(md: str) -> str:
 
 
 def _yes(v: Any, p: float | None = None, failed: bool | None = False) -> str:
-    """A goal's cell: "yes"/"no"/a ratio, with its McNemar p; "baseline failed" when the reference is at chance."""
+    """A goal's cell: "yes"/"no"/a ratio, with its McNemar p; "baseline failed" when the reference is at chance.
+
+    A higher accuracy whose McNemar p is not below 0.05 reads "higher, not significant": the bar is
+    a significant gain, and a bare "yes" would claim it.
+    """
     if failed:
         return "baseline failed"
     text = "–" if v is None else ("yes" if v is True else "no" if v is False else f"{100 * v:.0f}%")
+    if v is True and p is not None and p >= SIGNIFICANCE:
+        text = "higher, not significant"
     return text + (f" (p {format_p(p)})" if p is not None and v is not None else "")
 
 
@@ -349,15 +365,15 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
     md += _transfer_lines(out, steps)
     if goal_rows:
         md += ["## Goals", "", "POST: test accuracy % [Wilson 95% interval] n = test sentences; p: exact McNemar "
-               "test against that method on the same sentences; \"baseline failed\": PT on Φt is within its 95% "
+               "test against that method on the same sentences; a beat counts at p < 0.05 (\"higher, not "
+               "significant\" otherwise); \"baseline failed\": PT on Φt is within its 95% "
                "interval of chance (1 / classes), so no ratio to it means anything.", "",
-               "| task | setting | POST | beats PT on Φs | beats zero-shot Φt | POST ÷ PT on Φt "
-               "| ≥ 90% of PT on Φt |", "|---|---|---|---|---|---|---|"]
+               "| task | setting | POST | " + " | ".join(name for name, _ in BEATS) + " | POST ÷ PT on Φt "
+               "| ≥ 95% of PT on Φt |", "|---|---|---|" + "---|" * len(BEATS) + "---|---|"]
         md += [f"| {g['task']} | {g['setting']} | {_post_cell(g)} | "
-               f"{_yes(g['beats PT on Φs'], g['p_value_vs_pt_source'])} | "
-               f"{_yes(g['beats zero-shot Φt'], g['p_value_vs_zero_shot_target'])} | "
-               f"{_yes(g['of PT on Φt'], failed=g['PT on Φt failed'])} | "
-               f"{_yes(g['≥ 90% of PT on Φt'], failed=g['PT on Φt failed'])} |"
+               + "".join(f"{_yes(g[name], g['p_value_vs_' + METHOD_KEYS[ref]])} | " for name, ref in BEATS)
+               + f"{_yes(g['of PT on Φt'], failed=g['PT on Φt failed'])} | "
+               f"{_yes(g['≥ 95% of PT on Φt'], failed=g['PT on Φt failed'])} |"
                for g in goal_rows]
         md.append("")
     curve_md, curve_png = privacy_curve(cells)
