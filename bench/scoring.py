@@ -2,13 +2,14 @@
 
     python bench/scoring.py [--model smollm2-135m] [--n 128] [--batch-size 32] [--threads 1] [--clock wall]
 
-All three run in this one process on the same texts, interleaved in rounds (the best round of each
+All of them run in this one process on the same texts, interleaved in rounds (the best round of each
 counts), so drift in the machine's load hits them alike. "batched" is :func:`post.scoring.predict_scores`
-(length-bucketed batches: sorted by length, each padded to its own longest, results put back in input
-order); "loop" scores one text per call; "raw forward" is the plain
-``model(input_ids, attention_mask, use_cache=False)`` over the same bucketed batches (full-vocabulary
-logits at every position), i.e. what scoring would cost done naively; "unsorted" is batched scoring
-without the bucketing (batches in input order). ``--clock cpu`` times this process's CPU seconds instead
+(for a causal LM: examples packed end to end in rows, no padding between them, results put back in
+input order); "bucketed" is the padded alternative (sorted by length, each batch padded to its own
+longest); "loop" scores one text per call; "raw forward" is the plain
+``model(input_ids, attention_mask, use_cache=False)`` over the bucketed batches (full-vocabulary
+logits at every position), i.e. what scoring would cost done naively; "not bucketed" is padded
+batches in input order. ``--clock cpu`` times this process's CPU seconds instead
 of the wall clock (on a machine shared with other jobs). Targets: batched ≥ 3× the loop and ≥ 0.8× the
 raw forward.
 """
@@ -23,7 +24,7 @@ import torch
 
 from post.data import load_labelled
 from post.models import load_model
-from post.scoring import Encoder, class_scores, predict_scores
+from post.scoring import Encoder, class_scores, packs, predict_scores, score_groups, tight_rows
 from post.tasks import Verbalizer
 
 
@@ -53,6 +54,12 @@ def main() -> None:
     seqs, answers = enc.encode(texts)
     unsorted = [enc.collate(seqs[i : i + args.batch_size], answers[i : i + args.batch_size])
                 for i in range(0, len(seqs), args.batch_size)]
+    packing = packs(model, enc)
+    packed_tokens = 0
+    for g in score_groups([len(q) for q in seqs], args.batch_size, packing=packing):
+        rows = tight_rows([len(seqs[i]) for i in g]) if packing else [[i] for i in range(len(g))]
+        widths = [sum(len(seqs[g[j]]) for j in row) for row in rows]
+        packed_tokens += len(rows) * max(widths)
 
     def batched() -> None:
         predict_scores(model, enc, verb, texts, batch_size=args.batch_size, progress=False)
@@ -71,9 +78,14 @@ def main() -> None:
         for b in unsorted:
             class_scores(model, b, verb)
 
+    @torch.no_grad()
+    def bucketed() -> None:
+        for b in batches:
+            class_scores(model, b, verb)
+
     predict_scores(model, enc, verb, texts[:8], batch_size=8, progress=False)  # warm-up
     jobs = {"batched scoring": batched, "one-at-a-time loop": loop, "raw model forward": raw,
-            "batched, not bucketed": no_buckets}
+            "padded, bucketed": bucketed, "padded, not bucketed": no_buckets}
     best = dict.fromkeys(jobs, float("inf"))
     for _ in range(args.rounds):
         for name, fn in jobs.items():
@@ -82,9 +94,10 @@ def main() -> None:
             best[name] = min(best[name], clock() - t0)
     best["one-at-a-time loop"] *= len(texts) / len(loop_texts)
     n_tok = int(sum(int(b.attention_mask.sum()) for b in batches))
-    bucketed = sum(b.input_ids.numel() for b in batches)
-    padded = {"batched scoring": bucketed, "one-at-a-time loop": n_tok, "raw model forward": bucketed,
-              "batched, not bucketed": sum(b.input_ids.numel() for b in unsorted)}
+    run = sum(b.input_ids.numel() for b in batches)
+    padded = {"batched scoring": packed_tokens, "one-at-a-time loop": n_tok,
+              "raw model forward": run, "padded, bucketed": run,
+              "padded, not bucketed": sum(b.input_ids.numel() for b in unsorted)}
     print(f"model {args.model}  n={len(texts)}  tokens={n_tok}  batch={args.batch_size}  threads={args.threads}  "
           f"clock={args.clock}  best of {args.rounds} interleaved rounds")
     print(f"{'method':<26}{'seconds':>10}{'examples/s':>14}{'tokens run':>12}")
@@ -93,7 +106,9 @@ def main() -> None:
     t_b = best["batched scoring"]
     print(f"batched / loop throughput: {best['one-at-a-time loop'] / t_b:.2f}x  (target >= 3)")
     print(f"batched / raw forward throughput: {best['raw model forward'] / t_b:.2f}x  (target >= 0.8)")
-    print(f"bucketed / not bucketed throughput: {best['batched, not bucketed'] / t_b:.2f}x")
+    print(f"batched (packed) / padded bucketed throughput: {best['padded, bucketed'] / t_b:.2f}x"
+          f"  (packed: {packing})")
+    print(f"bucketed / not bucketed throughput: {best['padded, not bucketed'] / best['padded, bucketed']:.2f}x")
     assert np.isfinite(t_b)
 
 

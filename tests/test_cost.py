@@ -159,19 +159,45 @@ def test_calibrate_measures_positive_rates():
     assert rates.forward > 0 and rates.backward > 0 and rates.source_forward > 0 and rates.dp_overhead > 0
 
 
-def _record_micro_batches(monkeypatch) -> list[tuple[int, int]]:
-    """(rows, padded width) of every micro-batch tuning runs from now on."""
+def _tokens_run(batch, prompt) -> Tokens:
+    """What one forward over ``batch`` runs: padded rows (prompt in front), or packed rows (prompt slots inside)."""
+    from post.scoring import PackedBatch
+
+    rows, width = batch.input_ids.shape
+    if isinstance(batch, PackedBatch):
+        return Tokens(len(batch), rows * width, rows * width**2)
+    width += 0 if prompt is None else prompt.shape[-2]
+    return Tokens.uniform(rows, width)
+
+
+def _record_forwards(monkeypatch, owner, method: str) -> list[Tokens]:
+    """The tokens of every forward run inside ``owner.method`` from now on (one entry per call of it)."""
+    import post.scoring as scoring
+
+    seen: list[Tokens] = []
+    inside: list[Tokens] = []
+    real_hidden, real = scoring.answer_hidden, getattr(owner, method)
+
+    def hidden_spy(model, batch, prompt=None):
+        inside.append(_tokens_run(batch, prompt))
+        return real_hidden(model, batch, prompt)
+
+    def spy(self, *a, **kw):
+        inside.clear()
+        out = real(self, *a, **kw)
+        seen.append(sum(inside, Tokens()))
+        return out
+
+    monkeypatch.setattr(scoring, "answer_hidden", hidden_spy)
+    monkeypatch.setattr(owner, method, spy)
+    return seen
+
+
+def _record_micro_batches(monkeypatch) -> list[Tokens]:
+    """The tokens of every micro-batch tuning runs from now on."""
     from post import tune
 
-    seen: list[tuple[int, int]] = []
-    real = tune.PromptTrainer._losses
-
-    def spy(self, idx, prompt):
-        seen.append((len(idx), max(len(self.seqs[int(i)]) for i in idx) + prompt.shape[-2]))
-        return real(self, idx, prompt)
-
-    monkeypatch.setattr(tune.PromptTrainer, "_losses", spy)
-    return seen
+    return _record_forwards(monkeypatch, tune.PromptTrainer, "_losses")
 
 
 def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatch):
@@ -186,7 +212,7 @@ def test_compare_run_dirs_rebuilds_the_batches_the_run_took(tmp_path, monkeypatc
                                   batch_size=8, micro_batch_size=3, eval_limit=5, test=False, dp=dp,
                                   noise_multiplier=1.0), out)
         stage = cost.tune_run_cost(out)
-        train = sum((Tokens.uniform(b, w) for b, w in seen), Tokens())
+        train = sum(seen, Tokens())
         if not dp:  # the exact batches: same seed, same order, same micro-batches
             assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)
         else:  # DP sampling is secret: a stand-in Poisson sample of the same rate
@@ -264,11 +290,24 @@ def test_padding_by_hand_follows_the_sorted_micro_batches_and_buckets():
     assert cost._padded(seqs, groups, 1) == Tokens(5, 2 * 11 + 2 * 4 + 10, 2 * 121 + 2 * 16 + 100)  # + prompt
     assert cost._micro_batches(seqs, [3, 1], 2) == [[3, 1]]  # one micro-batch: input order
     assert cost._micro_batches(seqs, [], 2) == []
-    # Constants (and validation): all texts by length, longest first: (10, 9, 7, 3) and (2): 4·10 + 2 = 42
+    # Constants (and validation), padded: all texts by length, longest first: (10, 9, 7, 3) and (2): 4·10 + 2 = 42
     # tokens instead of input order's (10, 3, 7, 2) and (9): 4·10 + 9 = 49.
-    assert cost._buckets(seqs, 4) == [[0, 4, 2, 1], [3]]
-    assert cost._padded(seqs, cost._buckets(seqs, 4), 0) == Tokens(5, 42, 4 * 100 + 4)
-    assert cost._buckets(seqs, 2) == [[0, 4], [2, 1], [3]]
+    assert cost._buckets(seqs, 4, 0, False) == [[0, 4, 2, 1], [3]]
+    assert cost._padded(seqs, cost._buckets(seqs, 4, 0, False), 0) == Tokens(5, 42, 4 * 100 + 4)
+    assert cost._buckets(seqs, 2, 0, False) == [[0, 4], [2, 1], [3]]
+    assert cost._run(seqs, [[0, 2], [4]], 0, False) == cost._padded(seqs, [[0, 2], [4]], 0)
+    # Packed: rows of 10 (the longest), best fit longest first: 10 | 9 | 7 + 3 | 2 (9's row has 1 left).
+    # Groups of about 4 examples' tokens (4 × 6.2 → 25): (10, 9) = 19, then 7 + 3 would pass 25: (7, 3, 2).
+    assert cost._buckets(seqs, 4, 0, True) == [[0, 4], [2, 1, 3]]
+    # Each group repacked in its tightest rows (at most twice the longest): 10 + 9 in one row of 19 (two rows
+    # of 10 would run 20 tokens), 7 + 3 + 2 in one of 12 (two of 7: 14). Attention runs over a whole row.
+    assert cost._run(seqs, [[0, 4], [2, 1, 3]], 0, True) == Tokens(5, 19 + 12, 19**2 + 12**2)
+    # With a 1-token prompt per example: 11 + 10 and 8 + 4 + 3.
+    assert cost._run(seqs, [[0, 4], [2, 1, 3]], 1, True) == Tokens(5, 21 + 15, 21**2 + 15**2)
+    # 10, 3 and 2: one row of 15 (15 tokens) beats rows of 10 (10 | 3 + 2: 20 tokens).
+    assert cost._run(seqs, [[0, 1, 3]], 0, True) == Tokens(3, 15, 15**2)
+    # 10, 3, 7 and 9: rows of 10 (10 | 9 | 7 + 3: 30 tokens) beat rows of 19 (10 + 9 | 7 + 3: 38) or 29 (too long).
+    assert cost._run(seqs, [[0, 1, 2, 4]], 0, True) == Tokens(4, 30, 3 * 10**2)
 
 
 def test_micro_batches_and_buckets_are_the_ones_the_code_runs():
@@ -278,8 +317,8 @@ def test_micro_batches_and_buckets_are_the_ones_the_code_runs():
     from post.tune import PromptTrainer
 
     class Recorder:  # stands in for a Scorer's model: records the batches constants() runs
-        def __init__(self, seqs):
-            self.seqs, self.batches = seqs, []
+        def __init__(self, seqs, packing):
+            self.seqs, self.batches, self.packing = seqs, [], packing
 
         def __call__(self, idx, prompt):
             self.batches.append(list(map(int, idx)))
@@ -293,9 +332,10 @@ def test_micro_batches_and_buckets_are_the_ones_the_code_runs():
         micro = 1 + trial % 7
         chunks = PromptTrainer._chunks(SimpleNamespace(seqs=seqs, micro=micro), idx)
         assert cost._micro_batches(seqs, idx.tolist(), micro) == [idx[pos].tolist() for pos in chunks]
-        scorer = Recorder(seqs)
-        Scorer.constants(scorer, None, micro)
-        assert cost._buckets(seqs, micro) == scorer.batches
+        for packing in (False, True):
+            scorer = Recorder(seqs, packing)
+            Scorer.constants(scorer, None, micro)
+            assert cost._buckets(seqs, micro, 0, packing) == scorer.batches
 
 
 def test_transfer_run_cost_counts_the_tokens_the_transfer_ran(tmp_path, monkeypatch):
@@ -309,29 +349,27 @@ def test_transfer_run_cost_counts_the_tokens_the_transfer_ran(tmp_path, monkeypa
     public.write_text("\n".join(["bad", "the flight was late and the crew was rude , never again with them", "good",
                                   "ok", "an amazing crew and a great flight , on time all the way", "awful delay",
                                   "fine", "the food was cold and the staff ignored us for the whole trip", "great"]))
-    seen = {"source": [], "target": []}
-    real = transfer.Scorer.__call__
+    calls = _record_forwards(monkeypatch, transfer.Scorer, "__call__")  # the tokens of each call, in order
+    roles, scorers = [], []
+    real_call, real_init = transfer.Scorer.__call__, transfer.Scorer.__init__
 
-    def spy(self, idx, prompt):
-        extra = 0 if prompt is None else prompt.shape[-2]
-        role = "source" if self is scorers[0] else "target"
-        seen[role].append(Tokens.uniform(len(idx), max(len(self.seqs[int(i)]) for i in idx) + extra))
-        return real(self, idx, prompt)
-
-    scorers = []
-    real_init = transfer.Scorer.__init__
+    def call(self, idx, prompt):
+        roles.append("source" if self is scorers[0] else "target")
+        return real_call(self, idx, prompt)
 
     def init(self, *a, **kw):
         real_init(self, *a, **kw)
         scorers.append(self)
 
-    monkeypatch.setattr(transfer.Scorer, "__call__", spy)
+    monkeypatch.setattr(transfer.Scorer, "__call__", call)
     monkeypatch.setattr(transfer.Scorer, "__init__", init)
     steps = 4
     transfer.transfer(transfer.TransferConfig(source_model="tiny-llama", target_model="tiny-llama",
                                               prompt=ps.prompt, public=str(public), steps=steps, batch_size=3,
                                               mode="label-words", alpha=0.0, device="cpu"), tmp_path / "transfer")
     step_part, const = cost.transfer_run_cost(tmp_path / "transfer")
+    seen = {r: [t for t, role in zip(calls, roles, strict=True) if role == r] for r in ("source", "target")}
+    assert all(s.packing for s in scorers)  # tiny llama packs: the tokens counted are the packed rows
     arch = resolve_arch("tiny-llama")
     cols = 6  # LABEL_WORDS: three label words per class
     src = sum(seen["source"], Tokens())  # Φs(ps;x) and Φs(x) over every text
@@ -340,7 +378,7 @@ def test_transfer_run_cost_counts_the_tokens_the_transfer_ran(tmp_path, monkeypa
     assert const.parts[0].flops == forward_flops(arch, src, head_cols=cols)
     assert const.parts[1].flops == forward_flops(arch, tgt_consts, head_cols=cols)
     assert step_part.parts[0].flops == prompt_step_flops(arch, tgt_steps, head_cols=cols)
-    # The constants ran in length buckets: fewer tokens than input-order batches would have padded to.
+    # The constants ran packed: fewer tokens than input-order batches would have padded to.
     seqs = scorers[1].seqs
     in_order = cost._padded(seqs, [list(range(i, min(i + 3, len(seqs)))) for i in range(0, len(seqs), 3)], 0)
     assert tgt_consts.tokens < in_order.tokens
@@ -358,6 +396,6 @@ def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatc
                                        test=False), out)
     assert (result.steps, result.planned_steps) == (1, 6)
     stage = cost.tune_run_cost(out)
-    train = sum((Tokens.uniform(b, w) for b, w in seen), Tokens())
+    train = sum(seen, Tokens())
     assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)
     assert stage.note.startswith("1 steps, 1 validation")

@@ -1,5 +1,7 @@
 """Verbalized scoring on tiny causal and masked LMs: answer index, padding, truncation, scores."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,113 @@ def test_predict_scores_rows_follow_the_input_order(tiny):
     shuffled = predict_scores(tiny.model, enc, verb, texts, batch_size=2, progress=False)
     np.testing.assert_allclose(shuffled, base[perm], rtol=1e-4, atol=1e-5)
     assert not np.allclose(base[0], base[2])  # rows differ, so a mix-up would show
+
+
+def test_pack_rows_cover_every_index_fill_rows_and_respect_the_budget():
+    from post.scoring import length_buckets, pack_rows, packed_rows
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(3.3, 0.5, size=200).astype(int), 3, 128).tolist()  # a long tail, as sentences
+    rows = packed_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # nothing lost or repeated
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)  # no row longer than the longest example
+    padded = len(rows) * max(lengths)
+    bucketed = sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths, 16))
+    assert padded < 1.05 * sum(lengths) and padded < bucketed  # bucketed batches pad the long tail (8% here)
+    groups = pack_rows(lengths, 16)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    budget = round(16 * np.mean(lengths))
+    assert all(sum(lengths[i] for i in g) <= budget for g in groups) and len(groups) <= len(lengths) / 16 + 2
+    assert pack_rows([], 4) == [] and packed_rows([]) == [] and pack_rows([7], 4)[0].tolist() == [0]
+    from post.scoring import tight_rows
+
+    assert packed_rows([34, 8, 29]) == [[0], [2], [1]]  # rows of 34: 8 fits beside neither
+    assert tight_rows([34, 8, 29]) == [[0, 1], [2]]  # rows of 42: 84 tokens, not 102 (one row of 71: too long)
+    assert tight_rows([10, 10, 10]) == [[0], [1], [2]] and tight_rows([]) == []
+    with pytest.raises(PostError, match="batch size"):
+        pack_rows(lengths, 0)
+
+
+def _padded_hidden(tiny, enc, seqs, answers, idx, prompt):
+    from post.scoring import answer_hidden
+
+    return answer_hidden(tiny.model, enc.collate([seqs[i] for i in idx], [answers[i] for i in idx]), prompt)
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 4])
+def test_packed_examples_score_as_padded_ones(tiny, prompt_tokens):
+    from post.scoring import examples_hidden, packed_rows, packs
+
+    task = Task()
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    assert packs(tiny.model, enc) == (tiny.kind == "causal")  # a masked LM attends both ways: never packed
+    prompt = None
+    if prompt_tokens:
+        prompt = tiny.model.get_input_embeddings()(torch.arange(5, 5 + prompt_tokens)).detach() + 0.1
+    texts = TEXTS * 3
+    seqs, answers = enc.encode(texts)
+    idx = [7, 2, 0, 16, 5, 11, 3, 9]
+    assert max(len(r) for r in packed_rows([len(seqs[i]) + prompt_tokens for i in idx])) >= 2  # rows shared
+    with torch.no_grad():
+        got = examples_hidden(tiny.model, enc, seqs, answers, idx, prompt)
+        want = _padded_hidden(tiny, enc, seqs, answers, idx, prompt)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    padded = np.zeros((len(texts), 2), dtype=np.float32)
+    with torch.no_grad():
+        for i, b in enc.batches(texts, 4):
+            padded[i] = class_scores(tiny.model, b, verb, prompt).numpy()
+    np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt,
+                                              progress=False), padded, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])  # the causal ones: a masked LM is never packed
+def test_packed_per_example_gradients_stay_per_example(arch):
+    """DP clips each example's gradient: with examples packed in shared rows, example j's loss must still
+    depend on its own prompt copy and tokens only. The gradient of Σ loss_j over per-example copies (the
+    DP path) equals, row by row, each example's gradient computed alone."""
+    from post.scoring import examples_hidden, packed_rows, packs
+
+    tiny = tiny_model(arch)
+    task = Task()
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    seqs, answers = enc.encode(TEXTS * 2)
+    idx = [2, 6, 1, 3, 0, 9, 4, 8]  # the long text makes the rows wide enough to share
+    base = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
+    assert packs(tiny.model, enc)
+    assert max(len(r) for r in packed_rows([len(seqs[i]) + 4 for i in idx])) >= 2  # examples do share rows
+
+    def loss(copies, which):
+        h = examples_hidden(tiny.model, enc, seqs, answers, which, copies)
+        return verb.class_scores(head_logits(tiny.model, h, verb.token_ids)).logsumexp(-1)
+
+    copies = base.expand(len(idx), -1, -1).clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(copies, idx).sum(), copies)
+    for j, i in enumerate(idx):
+        one = base.unsqueeze(0).clone().requires_grad_(True)
+        (alone,) = torch.autograd.grad(loss(one, [i]).sum(), one)
+        torch.testing.assert_close(g[j], alone[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_that_does_not_pack_exactly_is_scored_padded(monkeypatch):
+    """A backbone that ignores position ids would let packed examples attend to each other: the check
+    catches it and scoring falls back to padded batches, with the same scores."""
+    import post.scoring as scoring
+
+    tiny = tiny_model("llama")
+    body = tiny.model.model
+
+    class Leaky(type(body)):
+        def forward(self, *args, position_ids=None, **kw):
+            return super().forward(*args, **kw)
+
+    monkeypatch.setattr(body, "__class__", Leaky)
+    monkeypatch.setattr(scoring, "_PACKS", weakref.WeakKeyDictionary())
+    enc = Encoder(Task(), tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(Task(), tiny.tokenizer)
+    assert not scoring.packs(tiny.model, enc)
+    got = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False)
+    monkeypatch.setattr(body, "__class__", Leaky.__mro__[1])
+    np.testing.assert_allclose(got, predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False),
+                               rtol=1e-4, atol=1e-5)

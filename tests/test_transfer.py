@@ -52,31 +52,44 @@ RAGGED = ["bad", "the flight was late , the crew was rude and the seat was broke
 
 
 @pytest.mark.parametrize(("name", "mode"), [("tiny-llama", "vocab"), ("tiny-roberta", "label-words")])
-def test_constants_are_length_bucketed_and_in_input_order(name, mode):
+def test_constants_are_packed_or_length_bucketed_and_in_input_order(name, mode, monkeypatch):
+    """A causal model runs the constants packed (texts end to end, no padding between them), a masked one
+    in length-sorted padded batches; either way row i is text i, as one text at a time gives it."""
+    import post.scoring as scoring
+
     loaded = load_model(name)
     scorer = Scorer(loaded, Task(), RAGGED, mode=mode, max_length=64)
-    widths = []  # (batch size, padded width) of every batch the constants ran
-    collate = scorer.encoder.collate
+    assert scorer.packing == (name == "tiny-llama")
+    run = []  # tokens of every forward the constants ran, the prompt's included
+    real = scoring.answer_hidden
 
-    def spy(seqs, answers):
-        widths.append((len(seqs), max(len(s) for s in seqs)))
-        return collate(seqs, answers)
+    def spy(model, batch, prompt=None):
+        rows, width = batch.input_ids.shape
+        packed = isinstance(batch, scoring.PackedBatch)
+        run.append(rows * (width + (0 if packed or prompt is None else prompt.shape[-2])))
+        return real(model, batch, prompt)
 
-    scorer.encoder.collate = spy
+    monkeypatch.setattr(scoring, "answer_hidden", spy)
     torch.manual_seed(0)
     prompt = torch.randn(3, loaded.model.config.hidden_size) * 0.1
     for p in (prompt, None):
-        widths.clear()
+        run.clear()
         got = scorer.constants(p, 3)
-        padded = sum(b * w for b, w in widths)
+        ran = sum(run)
         # One text at a time: no padding at all, and row i is text i.
         with torch.no_grad():
             alone = torch.cat([scorer(np.array([i]), p) for i in range(len(RAGGED))])
         assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5, rtol=1e-5)
-        lengths = sorted((len(s) for s in scorer.seqs), reverse=True)
-        assert padded == sum(max(lengths[i:i + 3]) * len(lengths[i:i + 3]) for i in range(0, len(lengths), 3))
-        in_order = [len(s) for s in scorer.seqs]
-        assert padded < sum(max(in_order[i:i + 3]) * len(in_order[i:i + 3]) for i in range(0, len(in_order), 3))
+        n = 0 if p is None else p.shape[0]
+        real_tokens = sum(len(s) + n for s in scorer.seqs)
+        lengths = sorted((len(s) + n for s in scorer.seqs), reverse=True)
+        bucketed = sum(max(lengths[i:i + 3]) * len(lengths[i:i + 3]) for i in range(0, len(lengths), 3))
+        in_order = [len(s) + n for s in scorer.seqs]
+        assert bucketed < sum(max(in_order[i:i + 3]) * len(in_order[i:i + 3]) for i in range(0, len(in_order), 3))
+        if scorer.packing:
+            assert real_tokens <= ran < bucketed
+        else:
+            assert ran == bucketed
 
 
 @pytest.fixture(scope="module")

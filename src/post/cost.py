@@ -860,12 +860,29 @@ def _padded(seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], extr
     return out
 
 
-def _buckets(seqs: Sequence[Sequence[int]], size: int) -> list[list[int]]:
-    """Indices of the length-sorted batches of ``size`` that scoring (``Encoder.batches``) and the transfer's
-    cached constants (``Scorer.constants``) run: :func:`post.scoring.length_buckets`, longest first."""
-    from post.scoring import length_buckets
+def _run(seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], extra: int, packing: bool) -> Tokens:
+    """The tokens the forwards over ``groups`` run, each group as :func:`post.scoring.examples_hidden` runs it:
+    packed rows (each as wide as the group's widest row; attention over a whole row) or one padded batch."""
+    if not packing:
+        return _padded(seqs, groups, extra)
+    from post.scoring import tight_rows
 
-    return [b.tolist() for b in length_buckets([len(s) for s in seqs], size)]
+    out = Tokens()
+    for g in groups:
+        if len(g):
+            lengths = [len(seqs[i]) + extra for i in g]
+            rows = tight_rows(lengths)
+            width = max(sum(lengths[j] for j in row) for row in rows)
+            out = out + Tokens(len(g), len(rows) * width, len(rows) * width**2)
+    return out
+
+
+def _buckets(seqs: Sequence[Sequence[int]], size: int, extra: int, packing: bool) -> list[list[int]]:
+    """Indices of the groups that scoring (``predict_scores``) and the transfer's cached constants
+    (``Scorer.constants``) run together: :func:`post.scoring.score_groups`."""
+    from post.scoring import score_groups
+
+    return [b.tolist() for b in score_groups([len(s) for s in seqs], size, extra, packing=packing)]
 
 
 def _micro_batches(seqs: Sequence[Sequence[int]], idx: Sequence[int], micro: int) -> list[list[int]]:
@@ -919,8 +936,10 @@ def tune_run_cost(run: Path) -> StageCost:
     from post.tasks import Verbalizer
 
     cols = len(Verbalizer.build(data.task, tok).token_ids)
-    train_tok = _padded(seqs, groups, cfg.n_tokens)
-    eval_tok = _padded(val_seqs, _buckets(val_seqs, cfg.micro_batch_size), cfg.n_tokens).scale(n_evals)
+    packing = enc.kind == "causal"  # what post.scoring.packs finds for every built-in causal model
+    train_tok = _run(seqs, groups, cfg.n_tokens, packing)
+    eval_tok = _run(val_seqs, _buckets(val_seqs, cfg.micro_batch_size, cfg.n_tokens, packing), cfg.n_tokens,
+                    packing).scale(n_evals)
     return StageCost(run.name, "user", tune_parts(arch, _role(run), train_tok, eval_tok, cols, False),
                      f"{steps} steps, {n_evals} validation(s)", dp=cfg.dp)
 
@@ -957,8 +976,10 @@ def transfer_run_cost(run: Path) -> tuple[StageCost, StageCost]:
     texts = [public[i] for i in subset(len(public), cfg.public_limit, cfg.seed)]
     tgt_tok, src_tok = _tokenizer(cfg.target_model, cfg.cache_dir), _tokenizer(cfg.source_model, cfg.cache_dir)
     target, source = _arch_of(cfg.target_model, cfg.cache_dir), _arch_of(cfg.source_model, cfg.cache_dir)
-    t_seqs, _ = Encoder(task, tgt_tok, _kind(cfg.target_model, cfg.cache_dir), cfg.max_length).encode(texts)
-    s_seqs, _ = Encoder(task, src_tok, _kind(cfg.source_model, cfg.cache_dir), cfg.max_length).encode(texts)
+    t_enc = Encoder(task, tgt_tok, _kind(cfg.target_model, cfg.cache_dir), cfg.max_length)
+    s_enc = Encoder(task, src_tok, _kind(cfg.source_model, cfg.cache_dir), cfg.max_length)
+    (t_seqs, _), (s_seqs, _) = t_enc.encode(texts), s_enc.encode(texts)
+    t_pack, s_pack = t_enc.kind == "causal", s_enc.kind == "causal"
     groups = []
     for step in range(cfg.steps):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -966,12 +987,15 @@ def transfer_run_cost(run: Path) -> tuple[StageCost, StageCost]:
     cols_t = target.vocab if cfg.mode == "vocab" else len(Verbalizer.build(task, tgt_tok).token_ids)
     cols_s = source.vocab if cfg.mode == "vocab" else len(Verbalizer.build(task, src_tok).token_ids)
     steps = StageCost(f"{run.name} (steps)", "provider", [Part(prompt_step_flops(
-        target, _padded(t_seqs, groups, n_tokens), head_cols=cols_t), "target")], f"{cfg.steps} steps")
-    s_groups, t_groups = _buckets(s_seqs, cfg.batch_size), _buckets(t_seqs, cfg.batch_size)  # Scorer.constants
+        target, _run(t_seqs, groups, n_tokens, t_pack), head_cols=cols_t), "target")], f"{cfg.steps} steps")
+
+    def const(arch: Arch, seqs: list[list[int]], extra: int, packing: bool, cols: int) -> Flops:  # Scorer.constants
+        groups = _buckets(seqs, cfg.batch_size, extra, packing)
+        return forward_flops(arch, _run(seqs, groups, extra, packing), head_cols=cols)
+
     consts = StageCost(f"{run.name} (constants)", "provider", [
-        Part(forward_flops(source, _padded(s_seqs, s_groups, n_tokens), head_cols=cols_s)
-             + forward_flops(source, _padded(s_seqs, s_groups, 0), head_cols=cols_s), "source"),
-        Part(forward_flops(target, _padded(t_seqs, t_groups, 0), head_cols=cols_t), "target")],
+        Part(const(source, s_seqs, n_tokens, s_pack, cols_s) + const(source, s_seqs, 0, s_pack, cols_s), "source"),
+        Part(const(target, t_seqs, 0, t_pack, cols_t), "target")],
         f"{len(texts)} public texts")
     return steps, consts
 

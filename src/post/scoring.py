@@ -13,12 +13,19 @@ C classes.
 - A soft prompt (n, d) or (B, n, d) is prepended to the input embeddings produced by the model's
   own embedding layer (so models that scale embeddings, like Gemma, stay right); the attention
   mask grows by n and the answer index shifts by n.
+- Causal LMs run examples packed end to end in rows, with no padding between them
+  (:class:`PackedBatch`, :func:`examples_hidden`): position ids restart at each example, and
+  transformers turns them into a block-diagonal causal mask, so each example's hidden states (and
+  gradients) are those it gets alone. Padded batches of length-sorted examples remain for masked
+  LMs and for any model that fails the exactness check (:func:`packs`).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +51,36 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_index.to(device))
+
+
+@dataclass
+class PackedBatch:
+    """Several examples per row, no padding between them (causal LMs only).
+
+    input_ids/position_ids: (R, L); the position ids restart at 0 for each example, which is how
+    transformers tells packed examples apart: attention stays inside each example (a block-diagonal
+    causal mask), so every example's hidden states are those it gets alone. Each example occupies
+    ``n`` soft-prompt slots (``prompt_row``/``prompt_col``, (k·n,), example-major; their ids are
+    padding, replaced by the prompt's vectors) followed by its tokens. ``answer_row``/``answer_col``
+    (k,): where each example's answer is read. A row's tail after its last example is padding with
+    its own position ids (a separate block nobody reads).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    answer_row: torch.Tensor
+    answer_col: torch.Tensor
+    prompt_row: torch.Tensor
+    prompt_col: torch.Tensor
+    prompt_tokens: int
+
+    def __len__(self) -> int:
+        return int(self.answer_row.shape[0])
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        t = [x.to(device) for x in (self.input_ids, self.position_ids, self.answer_row, self.answer_col,
+                                    self.prompt_row, self.prompt_col)]
+        return PackedBatch(*t, self.prompt_tokens)
 
 
 def _find_sublist(haystack: Sequence[int], needle: Sequence[int]) -> int:
@@ -127,6 +164,30 @@ class Encoder:
         for idx in length_buckets([len(s) for s in seqs], batch_size):
             yield idx, self.collate([seqs[i] for i in idx], [answers[i] for i in idx])
 
+    def collate_packed(self, rows: Sequence[Sequence[int]], seqs: Sequence[Sequence[int]],
+                       answers: Sequence[int], prompt_tokens: int) -> PackedBatch:
+        """A packed batch: ``rows`` lists, per row, the examples (indices into ``seqs``) laid end to end."""
+        n = prompt_tokens
+        width = max(sum(len(seqs[i]) + n for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        a_row, a_col, p_row, p_col = [], [], [], []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                s = seqs[i]
+                end = at + n + len(s)
+                ids[r, at + n : end] = torch.tensor(s, dtype=torch.long)
+                pos[r, at:end] = torch.arange(n + len(s))
+                p_row += [r] * n
+                p_col += range(at, at + n)
+                a_row.append(r)
+                a_col.append(at + n + answers[i])
+                at = end
+            pos[r, at:] = torch.arange(width - at)
+        as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return PackedBatch(ids, pos, as_t(a_row), as_t(a_col), as_t(p_row), as_t(p_col), n)
+
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Indices of batches of similar length: longest first, each padded to its own longest (ties keep input order).
@@ -138,6 +199,86 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
         raise PostError(f"batch size must be at least 1, got {batch_size}.")
     order = np.argsort([-int(n) for n in lengths], kind="stable")
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def packed_rows(lengths: Sequence[int], cap: int | None = None) -> list[list[int]]:
+    """Examples (indices) laid end to end in rows of ``cap`` tokens (default: the longest example's length):
+    best fit, longest first (each example goes to the fullest row it fits in), so no example is cut and
+    the rows come out nearly full."""
+    if not len(lengths):
+        return []
+    cap = max(max(int(n) for n in lengths), int(cap or 0))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the first with enough room is the best fit
+    for i in np.argsort([-int(n) for n in lengths], kind="stable"):
+        need = int(lengths[i])
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            left, r = free.pop(at)
+        else:
+            left, r = cap, len(rows)
+            rows.append([])
+        rows[r].append(int(i))
+        if left - need > 0:
+            bisect.insort(free, (left - need, r))
+    return rows
+
+
+def tight_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """:func:`packed_rows` at the row length that runs the fewest tokens (rows × the widest row).
+
+    A few examples rarely fill rows of the longest one's length (34, 29 and 8 make three rows of 34;
+    rows of 42 hold them in two), so longer rows are tried too: the longest plus each other length,
+    and lengths that would spread the total evenly, up to twice the longest (attention runs over a
+    whole row, so much longer rows would cost more than the padding they save).
+    """
+    if not len(lengths):
+        return []
+    ints = [int(n) for n in lengths]
+    longest, total = max(ints), sum(ints)
+    caps = {longest} | {longest + n for n in set(ints)} | {-(-total // k) for k in range(1, len(ints) + 1)}
+    best: tuple[int, int, list[list[int]]] | None = None
+    for cap in sorted(c for c in caps if longest <= c <= 2 * longest):
+        rows = packed_rows(ints, cap)
+        width = max(sum(ints[i] for i in row) for row in rows)
+        if best is None or len(rows) * width < best[0] * best[1]:
+            best = (len(rows), width, rows)
+    assert best is not None  # the longest itself is always a candidate
+    return best[2]
+
+
+def pack_rows(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Examples grouped for packed forwards, each group as indices: rows of :func:`packed_rows`, taken in
+    order until a group holds about ``batch_size`` examples' worth of tokens (``batch_size`` × the mean
+    length), so a packed forward costs about what a padded batch of ``batch_size`` would, without the
+    padding."""
+    if batch_size < 1:
+        raise PostError(f"batch size must be at least 1, got {batch_size}.")
+    if not len(lengths):
+        return []
+    budget = max(max(int(n) for n in lengths), round(batch_size * float(np.mean(lengths))))
+    out: list[list[int]] = []
+    group: list[int] = []
+    used = 0
+    for row in packed_rows(lengths):
+        size = sum(int(lengths[i]) for i in row)
+        if group and used + size > budget:
+            out.append(group)
+            group, used = [], 0
+        group += row
+        used += size
+    if group:
+        out.append(group)
+    return [np.array(g, dtype=np.int64) for g in out]
+
+
+def score_groups(lengths: Sequence[int], batch_size: int, prompt_tokens: int = 0, *, packing: bool) -> list[np.ndarray]:
+    """The examples scored together in one forward, each as indices: with ``packing``, :func:`pack_rows`'
+    batches (about ``batch_size`` examples' tokens, end to end; ``lengths`` without the prompt), else
+    :func:`length_buckets` (``batch_size`` examples of similar length, padded to their longest)."""
+    if packing:
+        return pack_rows([int(n) + prompt_tokens for n in lengths], batch_size)
+    return length_buckets(lengths, batch_size)
 
 
 def micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[np.ndarray]:
@@ -200,18 +341,104 @@ def prepend_prompt(model: nn.Module, batch: Batch, prompt: torch.Tensor | None) 
             "attention_mask": torch.cat([ones, batch.attention_mask], dim=1)}
 
 
-def answer_hidden(model: nn.Module, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
+def packed_inputs(model: nn.Module, batch: PackedBatch, prompt: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Model inputs for a packed batch: ids and position ids, or with a prompt (n, d) or (k, n, d) embeddings
+    with its vectors in each example's prompt slots. No attention mask: the position ids delimit the examples."""
+    n = 0 if prompt is None else prompt.shape[-2]
+    if n != batch.prompt_tokens:
+        raise PostError(f"this batch was packed for a {batch.prompt_tokens}-token prompt, got {n} tokens.")
+    if prompt is None:
+        return {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    k = len(batch)
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(k, -1, -1)
+    if prompt.shape[0] != k or prompt.shape[-1] != embeds.shape[-1]:
+        raise PostError(f"prompt of shape {tuple(prompt.shape)} does not fit a batch of {k} "
+                        f"inputs of width {embeds.shape[-1]}.")
+    vectors = prompt.reshape(k * n, -1).to(embeds.dtype)
+    return {"inputs_embeds": embeds.index_put((batch.prompt_row, batch.prompt_col), vectors),
+            "position_ids": batch.position_ids}
+
+
+def answer_hidden(model: nn.Module, batch: Batch | PackedBatch, prompt: torch.Tensor | None = None) -> torch.Tensor:
     """(B, d) last hidden state at each example's answer position (shifted past the prompt)."""
     batch = batch.to(model.device)
-    inputs = prepend_prompt(model, batch, prompt)
+    packed = isinstance(batch, PackedBatch)
+    inputs = packed_inputs(model, batch, prompt) if packed else prepend_prompt(model, batch, prompt)
     body = backbone(model)
     if _takes_use_cache(body):  # a KV cache costs 5-7x on CPU and is useless outside generation
         inputs["use_cache"] = False
     out = body(**inputs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    if packed:
+        return hidden[batch.answer_row, batch.answer_col]
     shift = 0 if prompt is None else prompt.shape[-2]
     rows = torch.arange(len(batch), device=hidden.device)
     return hidden[rows, batch.answer_index + shift]
+
+
+def examples_hidden(model: nn.Module, encoder: Encoder, seqs: Sequence[Sequence[int]], answers: Sequence[int],
+                    idx: Sequence[int] | torch.Tensor | np.ndarray, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, d) answer-position hidden states of the encoded examples ``idx``, in that order, in one forward.
+
+    ``prompt`` is (n, d) for all or (b, n, d), row j for ``idx[j]`` (per-example copies for DP). Packed
+    (:func:`packs`) where the model scores packed examples exactly as alone, else one padded batch;
+    either way example j's output depends only on its own tokens and prompt row, so per-example
+    gradients stay per example.
+    """
+    idx = [int(i) for i in idx]
+    if not packs(model, encoder):
+        return answer_hidden(model, encoder.collate([seqs[i] for i in idx], [answers[i] for i in idx]), prompt)
+    n = 0 if prompt is None else prompt.shape[-2]
+    rows = tight_rows([len(seqs[i]) + n for i in idx])
+    flat = torch.tensor([j for row in rows for j in row], dtype=torch.long)
+    batch = encoder.collate_packed([[idx[j] for j in row] for row in rows], seqs, answers, n)
+    if prompt is not None and prompt.dim() == 3:
+        prompt = prompt[flat.to(prompt.device)]
+    hidden = answer_hidden(model, batch, prompt)
+    return hidden[torch.argsort(flat).to(hidden.device)]
+
+
+def packs(model: nn.Module, encoder: Encoder) -> bool:
+    """Whether ``model`` scores packed batches exactly as padded ones (checked once per model class).
+
+    Causal LMs whose backbone takes position ids and builds its attention mask from them (transformers'
+    packed-sequence masks: Llama, Gemma 3, GPT-2 here) do. The check runs two short random sequences
+    packed in one row and alone, and compares the hidden states (once per model object); a model that
+    fails it runs padded batches.
+    """
+    if encoder.kind != "causal" or "position_ids" not in _forward_params(type(backbone(model))):
+        return False
+    if model not in _PACKS:
+        _PACKS[model] = _packs_like_alone(model)
+    return _PACKS[model]
+
+
+_PACKS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _packs_like_alone(model: nn.Module) -> bool:
+    body = backbone(model)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (m,), generator=g) for m in (5, 3))
+    kw = {"use_cache": False} if _takes_use_cache(body) else {}
+
+    def run(ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if pos is None else {"position_ids": pos.unsqueeze(0).to(model.device)}
+        out = body(input_ids=ids.unsqueeze(0).to(model.device), **extra, **kw)
+        return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0].float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        both = run(torch.cat([a, b]), torch.cat([torch.arange(5), torch.arange(3)]))
+        alone = torch.cat([run(a), run(b)])
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(both, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max()) + 1e-5))
 
 
 @functools.cache
@@ -223,18 +450,33 @@ def _takes_use_cache(body: nn.Module) -> bool:
     return "use_cache" in _forward_params(type(body))
 
 
-def class_scores(model: nn.Module, batch: Batch, verbalizer: Verbalizer,
+def class_scores(model: nn.Module, batch: Batch | PackedBatch, verbalizer: Verbalizer,
                  prompt: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C) class scores: mean label-word logit per class at the answer position."""
     hidden = answer_hidden(model, batch, prompt)
     return verbalizer.class_scores(head_logits(model, hidden, verbalizer.token_ids))
 
 
+def hidden_batches(model: nn.Module, encoder: Encoder, texts: Sequence[str], batch_size: int,
+                   prompt: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(indices, (b, d) answer-position hidden states) for ``texts``, a forward at a time (:func:`score_groups`:
+    packed where the model packs, else length-sorted padded batches); ``prompt`` (n, d) is in front of each."""
+    seqs, answers = encoder.encode(texts)
+    n = 0 if prompt is None else prompt.shape[-2]
+    for idx in score_groups([len(s) for s in seqs], batch_size, n, packing=packs(model, encoder)):
+        yield idx, examples_hidden(model, encoder, seqs, answers, idx, prompt)
+
+
 @torch.no_grad()
 def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, texts: Sequence[str], *,
                    batch_size: int = 32, prompt: torch.Tensor | None = None, progress: bool | None = None,
                    desc: str = "scoring") -> np.ndarray:
-    """(N, C) class scores for ``texts`` in their original order."""
+    """(N, C) class scores for ``texts`` in their original order, with one ``prompt`` (n, d) for all.
+
+    Causal LMs that pack (:func:`packs`) score about ``batch_size`` texts' worth of tokens per forward,
+    end to end with no padding between them (:func:`pack_rows`); others score length-sorted batches
+    of ``batch_size``, each padded to its own longest (:func:`length_buckets`).
+    """
     from tqdm.auto import tqdm
 
     out = np.zeros((len(texts), verbalizer.class_matrix.shape[1]), dtype=np.float32)
@@ -243,8 +485,8 @@ def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, t
     try:
         with tqdm(total=len(texts), desc=desc, unit="ex", disable=True if progress is False else None,
                   leave=False) as bar:
-            for idx, batch in encoder.batches(texts, batch_size):
-                out[idx] = class_scores(model, batch, verbalizer, prompt).float().numpy()
+            for idx, hidden in hidden_batches(model, encoder, texts, batch_size, prompt):
+                out[idx] = verbalizer.class_scores(head_logits(model, hidden, verbalizer.token_ids)).float().numpy()
                 bar.update(len(idx))
     finally:
         model.train(was_training)

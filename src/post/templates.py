@@ -45,7 +45,7 @@ from post.models import LoadedModel
 from post.resolve import load_configured_model, load_task
 from post.results import ChooseTemplateResult
 from post.rundir import RESULT_FILE, RunDir, read_result
-from post.scoring import Encoder, answer_hidden, classification_metrics, head_logits
+from post.scoring import Encoder, classification_metrics, head_logits, hidden_batches
 from post.stats import format_p, mcnemar_exact, wilson_interval
 from post.tasks import SENTIMENT_WORDS, Task, Verbalizer, parse_label_words
 
@@ -210,8 +210,7 @@ def answer_states(loaded: LoadedModel, template: str, texts: Sequence[str], max_
     probe = Task(template=template, label_words={"a": (" a",), "b": (" b",)})  # the encoder reads the template only
     encoder = Encoder(probe, loaded.tokenizer, loaded.kind, max_length)
     out: torch.Tensor | None = None
-    for idx, batch in encoder.batches(texts, batch_size):
-        h = answer_hidden(loaded.model, batch)
+    for idx, h in hidden_batches(loaded.model, encoder, texts, batch_size):
         if out is None:
             out = torch.zeros(len(texts), h.shape[-1], dtype=h.dtype, device=h.device)
         out[torch.as_tensor(idx, device=h.device)] = h

@@ -49,7 +49,15 @@ from post.prompt import PromptFile, init_prompt, load_prompt, save_prompt
 from post.resolve import load_configured_model, subset
 from post.results import TransferResult
 from post.rundir import RESULT_FILE, RunDir
-from post.scoring import Encoder, answer_hidden, classification_metrics, head_logits, length_buckets, predict_scores
+from post.scoring import (
+    Encoder,
+    classification_metrics,
+    examples_hidden,
+    head_logits,
+    packs,
+    predict_scores,
+    score_groups,
+)
 from post.tasks import Task, Verbalizer
 
 log = logging.getLogger(__name__)
@@ -167,12 +175,12 @@ class Scorer:
         self.encoder = Encoder(task, loaded.tokenizer, loaded.kind, max_length)
         self.verbalizer = Verbalizer.build(task, loaded.tokenizer)
         self.seqs, self.answers = self.encoder.encode(texts)
+        self.packing = packs(loaded.model, self.encoder)
 
     def __call__(self, idx: torch.Tensor | np.ndarray, prompt: torch.Tensor | None) -> torch.Tensor:
-        batch = self.encoder.collate([self.seqs[i] for i in idx], [self.answers[i] for i in idx])
         model = self.loaded.model
         p = None if prompt is None else prompt.to(model.device, next(model.parameters()).dtype)
-        hidden = answer_hidden(model, batch, p)
+        hidden = examples_hidden(model, self.encoder, self.seqs, self.answers, idx, p)
         if self.mode == "vocab":
             return head_logits(model, hidden).float()
         return self.verbalizer.class_scores(head_logits(model, hidden, self.verbalizer.token_ids)).float()
@@ -181,12 +189,14 @@ class Scorer:
     def constants(self, prompt: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Scores of every text (N, K) in input order, computed once: they do not depend on the trained prompt.
 
-        Texts are grouped by length (``length_buckets``) so each batch is padded only to its own longest
-        (256 airline tweets at batch 8: 1.42x the real tokens in input order, 1.03x bucketed); padding is masked, so
-        the scores equal an input-order computation up to float noise.
+        A model that packs (:func:`post.scoring.packs`) runs about ``batch_size`` texts' worth of tokens per
+        forward with the texts end to end (:func:`post.scoring.pack_rows`); others run batches grouped by length
+        (``length_buckets``), each padded only to its own longest (256 airline tweets at batch 8: 1.42x the real
+        tokens in input order, 1.03x bucketed). Either way the scores equal one text at a time up to float noise.
         """
         out: torch.Tensor | None = None
-        for idx in length_buckets([len(s) for s in self.seqs], batch_size):
+        n = 0 if prompt is None else prompt.shape[-2]
+        for idx in score_groups([len(s) for s in self.seqs], batch_size, n, packing=self.packing):
             scores = self(idx, prompt).cpu()
             if out is None:
                 out = scores.new_empty((len(self.seqs), *scores.shape[1:]))

@@ -57,7 +57,7 @@ from post.prompt import init_prompt, save_prompt
 from post.resolve import load_configured_model, load_task, subset
 from post.results import TuneResult
 from post.rundir import RunDir, read_json, to_plain, write_json
-from post.scoring import Encoder, class_scores, classification_metrics, micro_batches, predict_scores
+from post.scoring import Encoder, classification_metrics, examples_hidden, head_logits, micro_batches, predict_scores
 from post.tasks import Verbalizer
 
 log = logging.getLogger(__name__)
@@ -277,19 +277,22 @@ class PromptTrainer:
     def _chunks(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Positions in ``idx`` of its micro-batches (at most ``micro_batch_size`` each), longest texts first.
 
-        Each micro-batch is padded to its own longest, so a logical batch split into several is sorted by
-        token length first (:func:`post.scoring.micro_batches`): over an epoch of mr batches of 32 in micro-batches of 8
-        that is 1.13x the real tokens instead of 1.39x (``bench/tune_step.py --compare-unsorted``). Padding
-        is masked and each example's loss (and gradient) depends only on its own tokens, so the summed
-        gradient -- and, for DP, the sum of per-example clipped gradients -- is the same up to float
-        summation order; sampling and noise never see this order. One micro-batch keeps the input order.
+        Each micro-batch runs in one forward (:func:`post.scoring.examples_hidden`): packed end to end where the
+        model packs, else padded to its own longest, so a logical batch split into several is sorted by token
+        length first (:func:`post.scoring.micro_batches`): over an epoch of mr batches of 32 in padded
+        micro-batches of 8 that is 1.13x the real tokens instead of 1.39x (``bench/tune_step.py
+        --compare-unsorted``). Either way each example's loss (and gradient) depends only on its own tokens
+        and prompt copy, so the summed gradient -- and, for DP, the sum of per-example clipped gradients -- is
+        the same up to float summation order; sampling and noise never see this order. One micro-batch keeps
+        the input order.
         """
         return [torch.from_numpy(b) for b in micro_batches([len(self.seqs[int(i)]) for i in idx], self.micro)]
 
     def _losses(self, idx: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """(b,) per-example cross-entropy over class scores for examples ``idx`` with ``prompt``."""
-        batch = self.encoder.collate([self.seqs[i] for i in idx], [self.answers[i] for i in idx])
-        scores = class_scores(self.model, batch, self.verbalizer, prompt.to(self.model.device, self.dtype))
+        hidden = examples_hidden(self.model, self.encoder, self.seqs, self.answers, idx,
+                                 prompt.to(self.model.device, self.dtype))
+        scores = self.verbalizer.class_scores(head_logits(self.model, hidden, self.verbalizer.token_ids))
         return F.cross_entropy(scores.float(), self.labels[idx].to(scores.device), reduction="none")
 
     def mean_gradient(self, prompt: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
