@@ -297,3 +297,45 @@ def test_a_model_that_does_not_pack_exactly_is_scored_padded(monkeypatch):
     monkeypatch.setattr(body, "__class__", Leaky.__mro__[1])
     np.testing.assert_allclose(got, predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_never_pass_the_longest_examples_position(monkeypatch):
+    """Rows run up to twice the longest example; the padding tail sits at position 0, so GPT-2's position
+    table (256 here) is never indexed past what the examples alone need."""
+    from post.scoring import examples_hidden, tight_rows
+
+    tiny = tiny_model("gpt2")
+    enc = Encoder(Task(), tiny.tokenizer, tiny.kind, max_length=250)
+    g = torch.Generator().manual_seed(0)
+    lengths = [191, 232, 240, 134, 146, 232, 69, 236, 146]
+    seqs = [torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
+    answers = [n - 1 for n in lengths]
+    assert max(sum(lengths[i] for i in row) for row in tight_rows(lengths)) > 256  # a row longer than the table
+    idx = list(range(len(lengths)))
+    with torch.no_grad():
+        got = examples_hidden(tiny.model, enc, seqs, answers, idx)
+        want = _padded_hidden(tiny, enc, seqs, answers, idx, None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_examples_hidden_refuses_a_wrong_number_of_prompt_copies_and_takes_no_examples():
+    from post.scoring import examples_hidden
+
+    tiny = tiny_model("llama")
+    enc = Encoder(Task(), tiny.tokenizer, tiny.kind, max_length=24)
+    seqs, answers = enc.encode(TEXTS)
+    copies = torch.zeros(3, 2, tiny.hidden_size)
+    with pytest.raises(PostError, match="3 prompt copies for 2 examples"):
+        examples_hidden(tiny.model, enc, seqs, answers, [0, 1], copies)
+    assert examples_hidden(tiny.model, enc, seqs, answers, []).shape == (0, tiny.hidden_size)
+
+
+def test_flash_attention_is_never_packed(monkeypatch):
+    """Flash attention applies the packed-sequence mask only to a batch of one row: never packed."""
+    import post.scoring as scoring
+
+    tiny = tiny_model("llama")
+    enc = Encoder(Task(), tiny.tokenizer, tiny.kind, max_length=24)
+    assert scoring.packs(tiny.model, enc)
+    monkeypatch.setattr(tiny.model.config, "_attn_implementation", "flash_attention_2")
+    assert not scoring.packs(tiny.model, enc)
