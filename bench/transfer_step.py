@@ -9,21 +9,24 @@ Measured side by side in one process, interleaved, on the same batches:
 - the whole user+provider cost, tuning on Φs for --epochs plus --transfer-steps transfer steps
   (and the one-off constant caching), ÷ tuning on Φt for the same epochs;
 - with --compare-unsorted, the one-off caching of Φs(ps;x), Φs(x), Φt(x) as ``Scorer.constants`` does it
-  (length-bucketed batches of --constants-batch) ÷ the same batches in input order, and the tokens each runs.
+  (packed forwards of about --constants-batch texts' tokens) ÷ padded batches of --constants-batch, length-
+  bucketed and in input order, and the tokens each runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import numpy as np
 import torch
 
+from post import cost
 from post.data import load_labelled
 from post.models import load_model
 from post.prompt import init_prompt
-from post.scoring import Encoder, length_buckets
+from post.scoring import Encoder, length_buckets, packs, score_groups
 from post.student import build_student
 from post.tasks import Verbalizer
 from post.transfer import Scorer, post_loss
@@ -72,12 +75,21 @@ def main() -> None:
     t0 = clock()
     consts = [src.constants(prompt, cb), src.constants(None, cb), tgt.constants(None, cb)]
     t_cache = clock() - t0
-    t_unsorted = None
+    t_unsorted = t_bucketed = None
     if args.compare_unsorted:
-        t0 = clock()
-        unsorted = [_input_order(src, prompt, cb), _input_order(src, None, cb), _input_order(tgt, None, cb)]
-        t_unsorted = clock() - t0
-        worst = max(float((a - b).abs().max()) for a, b in zip(consts, unsorted, strict=True))
+        with mock.patch("post.scoring.packs", return_value=False):
+            t0 = clock()
+            unsorted = [_input_order(src, prompt, cb), _input_order(src, None, cb), _input_order(tgt, None, cb)]
+            t_unsorted = clock() - t0
+            for sc in (src, tgt):
+                sc.packing = False
+            t0 = clock()
+            bucketed = [src.constants(prompt, cb), src.constants(None, cb), tgt.constants(None, cb)]
+            t_bucketed = clock() - t0
+            for sc in (src, tgt):
+                sc.packing = packs(sc.loaded.model, sc.encoder)
+        worst = max(float((a - b).abs().max()) for other in (unsorted, bucketed)
+                    for a, b in zip(consts, other, strict=True))
         scale = max(float(c.abs().max()) for c in consts)
     pt = prompt.clone().requires_grad_(True)
     # The same step on the very texts the tuning step takes (the first --steps batches of MR training
@@ -118,15 +130,22 @@ def main() -> None:
     for k, v in times.items():
         print(f"  {k:<28}{v:8.3f} s/step")
     print(f"  caching constants for {args.public} public texts (batch {cb}): {t_cache:.1f} s (once)")
-    if t_unsorted is not None:
+    if t_unsorted is not None and t_bucketed is not None:
         lengths = {"source": [len(x) for x in src.seqs], "target": [len(x) for x in tgt.seqs]}
         real = 2 * sum(lengths["source"]) + args.n_tokens * args.public + sum(lengths["target"])
         padded = {how: 2 * _padded(lengths["source"], cb, how) + args.n_tokens * args.public
                   + _padded(lengths["target"], cb, how) for how in ("bucketed", "input order")}
-        print(f"  same, batches in input order: {t_unsorted:.1f} s; bucketed ÷ input order "
-              f"{t_cache / t_unsorted:.3f} (largest score difference {worst:.1e}, scores up to {scale:.1f})")
-        print(f"  tokens run by the caching: real {real}, bucketed {padded['bucketed']} "
-              f"({padded['bucketed'] / real:.2f}x), input order {padded['input order']} "
+
+        def packed_tokens(sc: Scorer, extra: int) -> float:
+            groups = [g.tolist() for g in score_groups([len(x) for x in sc.seqs], cb, extra, packing=sc.packing)]
+            return cost._run(sc.seqs, groups, extra, sc.packing).tokens
+
+        packed = int(packed_tokens(src, args.n_tokens) + packed_tokens(src, 0) + packed_tokens(tgt, 0))
+        print(f"  same, padded batches bucketed: {t_bucketed:.1f} s, in input order: {t_unsorted:.1f} s; packed ÷ "
+              f"bucketed {t_cache / t_bucketed:.3f}, packed ÷ input order {t_cache / t_unsorted:.3f} (largest "
+              f"score difference {worst:.1e}, scores up to {scale:.1f})")
+        print(f"  tokens run by the caching: real {real}, packed {packed} ({packed / real:.2f}x), bucketed "
+              f"{padded['bucketed']} ({padded['bucketed'] / real:.2f}x), input order {padded['input order']} "
               f"({padded['input order'] / real:.2f}x)")
     ratio = times[same] / times[small]
     print(f"transfer step / tuning step on the target, same texts: {ratio:.3f}  (target <= 1.2)")

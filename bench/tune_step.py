@@ -4,13 +4,15 @@
         [--micro-batch-size 8 --compare-unsorted]
 
 Measured side by side in one process, interleaved, on the same batches of MR training sentences:
-- tuning step: :meth:`post.tune.PromptTrainer.mean_gradient` (prompt prepended, class scores at the
-  answer position, cross-entropy, gradient to the prompt);
-- raw: ``model(inputs_embeds=[prompt; embeddings]).logits`` (full-vocabulary logits at every position,
-  as a plain Hugging Face forward gives them) and a backward from the answer-position logit to the
-  prompt: what tuning costs done naively.
-Prints raw time ÷ tuning-step time (target ≥ 0.9: the step adds nothing to the model's own passes), and
-the step time the cost model predicts from a calibration on this machine.
+- tuning step: :meth:`post.tune.PromptTrainer.mean_gradient` (prompt in each example's slots, class
+  scores at the answer position, cross-entropy, gradient to the prompt), packed as the code runs it;
+- raw, same inputs: ``model(inputs_embeds=..., position_ids=...).logits`` over the very rows the step
+  runs (full-vocabulary logits at every position, as a plain Hugging Face forward gives them) and a
+  backward from the answer-position logits to the prompt: the model's own passes on the same tokens;
+- padded step: the same step with packing off (each micro-batch padded to its longest), and the raw
+  forward+backward over that padded batch: what tuning cost before packing, and done naively.
+Prints raw (same inputs) time ÷ tuning-step time (target ≥ 0.9: the step adds nothing to the model's
+own passes), padded ÷ packed, and the step time the cost model predicts from a calibration here.
 
 With --micro-batch-size below --batch-size the step accumulates micro-batches, sorted by token length
 (``PromptTrainer._chunks``); --compare-unsorted also times the same step with the micro-batches in input
@@ -22,15 +24,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import numpy as np
 import torch
 
-from post.cost import Tokens, arch_from_config, calibrate, prompt_step_flops
+from post import cost
+from post.cost import arch_from_config, calibrate, prompt_step_flops
 from post.data import load_labelled
 from post.models import load_model
 from post.prompt import init_prompt
-from post.scoring import Encoder, prepend_prompt
+from post.scoring import Encoder, packed_inputs, packs, prepend_prompt, tight_rows
 from post.tasks import Verbalizer
 from post.tune import PromptTrainer
 
@@ -65,40 +69,67 @@ def main() -> None:
     model = loaded.model
     batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.steps + 1)]
 
+    packing = packs(model, enc)
+
     def step(idx: torch.Tensor) -> None:
         trainer.mean_gradient(prompt, idx)
 
-    def raw(idx: torch.Tensor) -> None:
-        batch = enc.collate([trainer.seqs[i] for i in idx], [trainer.answers[i] for i in idx])
-        p = prompt.clone().requires_grad_(True)
-        logits = model(**prepend_prompt(model, batch, p), use_cache=False).logits
-        picked = logits[torch.arange(len(batch)), batch.answer_index + args.n_tokens, verb.token_ids[0]]
-        torch.autograd.grad(picked.sum(), p)
+    def padded_step(idx: torch.Tensor) -> None:
+        with mock.patch("post.scoring.packs", return_value=False):
+            trainer.mean_gradient(prompt, idx)
 
-    step(batches[0])  # warm-up
-    raw(batches[0])
-    t_step = t_raw = t_unsorted = 0.0
-    tokens = Tokens()
-    for idx in batches[1:]:
-        t0 = clock()
-        step(idx)
-        t_step += clock() - t0
-        t0 = clock()
-        raw(idx)
-        t_raw += clock() - t0
-        if args.compare_unsorted:
-            t0 = clock()
-            unsorted.mean_gradient(prompt, idx)
-            t_unsorted += clock() - t0
+    def raw(idx: torch.Tensor) -> None:
+        """The model's own forward+backward over the rows the step runs (each micro-batch, packed or not)."""
+        p = prompt.clone().requires_grad_(True)
         for pos in trainer._chunks(idx):
-            tokens = tokens + Tokens.uniform(len(pos), max(len(trainer.seqs[i]) for i in idx[pos]) + args.n_tokens)
+            ids = [int(i) for i in idx[pos]]
+            if packing:
+                rows = tight_rows([len(trainer.seqs[i]) + args.n_tokens for i in ids])
+                batch = enc.collate_packed([[ids[j] for j in row] for row in rows], trainer.seqs, trainer.answers,
+                                           args.n_tokens)
+                logits = model(**packed_inputs(model, batch, p), use_cache=False).logits
+                picked = logits[batch.answer_row, batch.answer_col, verb.token_ids[0]]
+            else:
+                picked = _raw_padded(ids, p)
+            torch.autograd.grad(picked.sum(), p)
+
+    def _raw_padded(ids: list[int], p: torch.Tensor) -> torch.Tensor:
+        batch = enc.collate([trainer.seqs[i] for i in ids], [trainer.answers[i] for i in ids])
+        logits = model(**prepend_prompt(model, batch, p), use_cache=False).logits
+        return logits[torch.arange(len(batch)), batch.answer_index + args.n_tokens, verb.token_ids[0]]
+
+    def raw_padded(idx: torch.Tensor) -> None:
+        p = prompt.clone().requires_grad_(True)
+        for pos in trainer._chunks(idx):
+            torch.autograd.grad(_raw_padded([int(i) for i in idx[pos]], p).sum(), p)
+
+    jobs = {"step": step, "raw": raw, "padded step": padded_step, "raw padded": raw_padded}
+    if args.compare_unsorted:
+        jobs["unsorted"] = lambda idx: unsorted.mean_gradient(prompt, idx)
+    for fn in jobs.values():  # warm-up
+        fn(batches[0])
+    took = dict.fromkeys(jobs, 0.0)
+    groups: list[list[int]] = []
+    for idx in batches[1:]:
+        for name, fn in jobs.items():
+            t0 = clock()
+            fn(idx)
+            took[name] += clock() - t0
+        groups += [idx[pos].tolist() for pos in trainer._chunks(idx)]
+    tokens = cost._run(trainer.seqs, groups, args.n_tokens, packing)
+    padded_tokens = cost._run(trainer.seqs, groups, args.n_tokens, False)
+    t_step, t_raw, t_unsorted = took["step"], took["raw"], took.get("unsorted", 0.0)
     n = args.steps
     print(f"model {args.model}, {args.n_tokens}-token prompt, batch {args.batch_size} in micro-batches of {micro}, "
-          f"{n} interleaved steps, {torch.get_num_threads()} thread(s), {args.clock} clock")
-    print(f"  prompt-tuning step          {t_step / n:8.3f} s/step")
-    print(f"  raw forward+backward        {t_raw / n:8.3f} s/step  (full logits at every position, whole batch)")
+          f"{n} interleaved steps, {torch.get_num_threads()} thread(s), {args.clock} clock, packed: {packing}")
+    print(f"  prompt-tuning step          {t_step / n:8.3f} s/step  ({tokens.tokens / n:.0f} tokens run per step)")
+    print(f"  raw forward+backward        {t_raw / n:8.3f} s/step  (full logits at every position, the same rows)")
+    print(f"  padded step                 {took['padded step'] / n:8.3f} s/step  ({padded_tokens.tokens / n:.0f} "
+          f"tokens run per step)")
+    print(f"  raw forward+backward padded {took['raw padded'] / n:8.3f} s/step")
+    print(f"padded step / packed step: {took['padded step'] / t_step:.3f}")
     if not args.no_cost_model:
-        width = int(tokens.tokens / tokens.seqs) - args.n_tokens
+        width = int(padded_tokens.tokens / padded_tokens.seqs) - args.n_tokens
         rates = calibrate(args.model, "0", n_tokens=args.n_tokens, text_tokens=width, batch=args.batch_size,
                           steps=2, threads=args.threads, clock=args.clock)
         arch = arch_from_config(model.config.to_dict(), args.model)

@@ -392,10 +392,12 @@ class Setting:
 _PAPER = {"n_tokens": 100, "max_length": 128, "pad_to_max_length": True, "all_positions": True, "batch_size": 32,
           "cache_constants": False, "transfer_mode": "vocab", "public_texts": 0}
 SETTINGS: dict[str, Setting] = {
-    # src/post/configs/demo.yaml; widths: mean padded width of random batches of mr (max 64) and airline, measured.
+    # src/post/configs/demo.yaml; widths: tokens run per example (prompt aside) in packed forwards of random
+    # batches of mr (32, max length 64) and airline (8), measured: 35.8 and 44.3 (real 34.2 and 41.3; padded
+    # batches ran 59.1 and 56.6).
     "demo": Setting(target="smollm2-135m", keep_layers="0,10,20,29", n_train=3200, epochs=1, max_steps=50,
                     batch_size=32, target_steps=30, target_batch_size=16, n_tokens=10, max_length=64,
-                    text_tokens=59.0, public_tokens=58.0, eval_examples=100, transfer_steps=30,
+                    text_tokens=36.0, public_tokens=44.0, eval_examples=100, transfer_steps=30,
                     transfer_batch_size=8, transfer_mode="label-words", public_texts=96, distill_steps=40,
                     distill_batch_size=4, block_size=128,
                     note="demo.yaml: 50 steps on Φs; its PT-on-Φt baseline runs 30 steps of 16"),
@@ -442,8 +444,9 @@ class CostConfig:
         target_batch_size: Batch of the PT-on-Φt baseline (default: --batch-size).
         n_tokens: Soft-prompt length.
         max_length: Maximum input tokens.
-        text_tokens: Mean padded width of a private batch (template included), without the prompt.
-        public_tokens: Mean padded width of a public batch.
+        text_tokens: Mean tokens run per private example (template included, prompt not): the padded width
+            of a batch, or about the real length where forwards are packed (causal LMs here).
+        public_tokens: The same for a public text.
         pad_to_max_length: Pad every input to --max-length (the paper's code does).
         all_positions: Compute LM-head logits at every position when tuning/transferring (the paper's code
             does; ours only at the answer).
