@@ -679,7 +679,7 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     from post.accounting import PrivacyLedger
     from post.dp import step_generator
     from post.prompt import init_prompt
-    from post.scoring import Encoder, examples_hidden, head_logits, packs
+    from post.scoring import Encoder, examples_hidden, label_scores, packs
     from post.tasks import Task, Verbalizer
     from post.tune import PromptTrainer
 
@@ -701,7 +701,7 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     def fwd() -> None:
         with torch.no_grad():
             hidden = examples_hidden(lm.model, enc, seqs, answers, idx, prompt)
-            verb.class_scores(head_logits(lm.model, hidden, verb.token_ids))
+            label_scores(lm.model, hidden, verb)
 
     def step() -> None:
         trainer.mean_gradient(prompt, idx)

@@ -501,11 +501,16 @@ def _takes_use_cache(body: nn.Module) -> bool:
     return "use_cache" in _forward_params(type(body))
 
 
+def label_scores(model: nn.Module, hidden: torch.Tensor, verbalizer: Verbalizer) -> torch.Tensor:
+    """(B, C) class scores of answer-position hidden states (B, d): the label-word rows of the head, averaged per
+    class."""
+    return verbalizer.class_scores(head_logits(model, hidden, verbalizer.token_ids.to(hidden.device)))
+
+
 def class_scores(model: nn.Module, batch: Batch | PackedBatch, verbalizer: Verbalizer,
                  prompt: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C) class scores: mean label-word logit per class at the answer position."""
-    hidden = answer_hidden(model, batch, prompt)
-    return verbalizer.class_scores(head_logits(model, hidden, verbalizer.token_ids))
+    return label_scores(model, answer_hidden(model, batch, prompt), verbalizer)
 
 
 def hidden_batches(model: nn.Module, encoder: Encoder, texts: Sequence[str], batch_size: int,
@@ -537,7 +542,7 @@ def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, t
         with tqdm(total=len(texts), desc=desc, unit="ex", disable=True if progress is False else None,
                   leave=False) as bar:
             for idx, hidden in hidden_batches(model, encoder, texts, batch_size, prompt):
-                out[idx] = verbalizer.class_scores(head_logits(model, hidden, verbalizer.token_ids)).float().numpy()
+                out[idx] = label_scores(model, hidden, verbalizer).float().numpy()
                 bar.update(len(idx))
     finally:
         model.train(was_training)

@@ -45,7 +45,7 @@ from post.models import LoadedModel
 from post.resolve import load_configured_model, load_task
 from post.results import ChooseTemplateResult
 from post.rundir import RESULT_FILE, RunDir, read_result
-from post.scoring import Encoder, classification_metrics, head_logits, hidden_batches
+from post.scoring import Encoder, classification_metrics, hidden_batches, label_scores
 from post.stats import format_p, mcnemar_exact, wilson_interval
 from post.tasks import SENTIMENT_WORDS, Task, Verbalizer, parse_label_words
 
@@ -242,8 +242,7 @@ def rank_candidates(loaded: LoadedModel, texts: Sequence[str], labels: Sequence[
                     log.info("skipped %r with %s: %s", template, name, e)
                     continue
                 with torch.no_grad():
-                    scores = verbalizer.class_scores(head_logits(loaded.model, hidden, verbalizer.token_ids.to(
-                        hidden.device))).float().cpu().numpy()
+                    scores = label_scores(loaded.model, hidden, verbalizer).float().cpu().numpy()
                 rows.append(_row(cand, scores, labels, classes))
     finally:
         loaded.model.train(was_training)

@@ -54,6 +54,7 @@ from post.scoring import (
     classification_metrics,
     examples_hidden,
     head_logits,
+    label_scores,
     packs,
     predict_scores,
     score_groups,
@@ -183,7 +184,7 @@ class Scorer:
         hidden = examples_hidden(model, self.encoder, self.seqs, self.answers, idx, p)
         if self.mode == "vocab":
             return head_logits(model, hidden).float()
-        return self.verbalizer.class_scores(head_logits(model, hidden, self.verbalizer.token_ids)).float()
+        return label_scores(model, hidden, self.verbalizer).float()
 
     @torch.no_grad()
     def constants(self, prompt: torch.Tensor | None, batch_size: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ from post.prompt import init_prompt, save_prompt
 from post.resolve import load_configured_model, load_task, subset
 from post.results import TuneResult
 from post.rundir import RunDir, read_json, to_plain, write_json
-from post.scoring import Encoder, classification_metrics, examples_hidden, head_logits, micro_batches, predict_scores
+from post.scoring import Encoder, classification_metrics, examples_hidden, label_scores, micro_batches, predict_scores
 from post.tasks import Verbalizer
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class PromptTrainer:
         """(b,) per-example cross-entropy over class scores for examples ``idx`` with ``prompt``."""
         hidden = examples_hidden(self.model, self.encoder, self.seqs, self.answers, idx,
                                  prompt.to(self.model.device, self.dtype))
-        scores = self.verbalizer.class_scores(head_logits(self.model, hidden, self.verbalizer.token_ids))
+        scores = label_scores(self.model, hidden, self.verbalizer)
         return F.cross_entropy(scores.float(), self.labels[idx].to(scores.device), reduction="none")
 
     def mean_gradient(self, prompt: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, float]:

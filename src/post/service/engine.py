@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from post.models import LoadedModel
-from post.scoring import Encoder, _takes_use_cache, backbone, head_logits
+from post.scoring import Encoder, _takes_use_cache, backbone, label_scores
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity, read_checked
 from post.tasks import Task, Verbalizer
@@ -128,7 +128,7 @@ class MixedScorer:
         for idx in groups.values():
             verb = rows[idx[0]].prompt.verbalizer
             sel = torch.tensor(idx, device=at.device)
-            s = verb.class_scores(head_logits(self.model, at[sel], verb.token_ids)).float().cpu().numpy()
+            s = label_scores(self.model, at[sel], verb).float().cpu().numpy()
             for j, i in enumerate(idx):
                 result[i] = s[j]
         return result  # type: ignore[return-value]
