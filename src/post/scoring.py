@@ -327,16 +327,26 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor 
     return logits
 
 
+def _per_example(prompt: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """``prompt`` as (k, n, d): one (n, d) prompt expanded to every example, or per-example copies checked."""
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(k, -1, -1)
+    if prompt.shape[0] != k or prompt.shape[-1] != width:
+        raise PostError(f"prompt of shape {tuple(prompt.shape)} does not fit a batch of {k} inputs of width {width}.")
+    return prompt
+
+
+def _last_hidden(out: object) -> torch.Tensor:
+    """The last hidden states of a backbone's output (a tuple or a model output)."""
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state  # type: ignore[attr-defined]
+
+
 def prepend_prompt(model: nn.Module, batch: Batch, prompt: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Model inputs for ``batch``; with a prompt (n, d) or (B, n, d), embeddings with it in front."""
     if prompt is None:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     embeds = model.get_input_embeddings()(batch.input_ids)
-    if prompt.dim() == 2:
-        prompt = prompt.unsqueeze(0).expand(len(batch), -1, -1)
-    if prompt.shape[0] != len(batch) or prompt.shape[-1] != embeds.shape[-1]:
-        raise PostError(f"prompt of shape {tuple(prompt.shape)} does not fit a batch of {len(batch)} "
-                        f"inputs of width {embeds.shape[-1]}.")
+    prompt = _per_example(prompt, len(batch), embeds.shape[-1])
     ones = torch.ones(len(batch), prompt.shape[1], dtype=batch.attention_mask.dtype, device=embeds.device)
     return {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
             "attention_mask": torch.cat([ones, batch.attention_mask], dim=1)}
@@ -351,13 +361,7 @@ def packed_inputs(model: nn.Module, batch: PackedBatch, prompt: torch.Tensor | N
     if prompt is None:
         return {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     embeds = model.get_input_embeddings()(batch.input_ids)
-    k = len(batch)
-    if prompt.dim() == 2:
-        prompt = prompt.unsqueeze(0).expand(k, -1, -1)
-    if prompt.shape[0] != k or prompt.shape[-1] != embeds.shape[-1]:
-        raise PostError(f"prompt of shape {tuple(prompt.shape)} does not fit a batch of {k} "
-                        f"inputs of width {embeds.shape[-1]}.")
-    vectors = prompt.reshape(k * n, -1).to(embeds.dtype)
+    vectors = _per_example(prompt, len(batch), embeds.shape[-1]).reshape(len(batch) * n, -1).to(embeds.dtype)
     return {"inputs_embeds": embeds.index_put((batch.prompt_row, batch.prompt_col), vectors),
             "position_ids": batch.position_ids}
 
@@ -370,8 +374,7 @@ def answer_hidden(model: nn.Module, batch: Batch | PackedBatch, prompt: torch.Te
     body = backbone(model)
     if _takes_use_cache(body):  # a KV cache costs 5-7x on CPU and is useless outside generation
         inputs["use_cache"] = False
-    out = body(**inputs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = _last_hidden(body(**inputs))
     if packed:
         return hidden[batch.answer_row, batch.answer_col]
     shift = 0 if prompt is None else prompt.shape[-2]
@@ -448,7 +451,7 @@ def _packs_like_alone(model: nn.Module) -> bool:
     prompt = embed(torch.randint(0, vocab, (2,), generator=g).to(model.device)).float()
     kw = {"use_cache": False} if _takes_use_cache(body) else {}
 
-    def packed(parts: list[torch.Tensor]) -> torch.Tensor:
+    def packed(parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rows (0, 1) and (2, 3) of 12: each example is [prompt; tokens], then a padding tail (2 and 1 tokens)."""
         rows, where = [], []
         for r, members in enumerate(((0, 1), (2, 3))):
@@ -464,17 +467,15 @@ def _packs_like_alone(model: nn.Module) -> bool:
             rows.append((torch.cat(vecs), torch.cat(pos)))
         embeds = torch.stack([e for e, _ in rows]).to(dtype)
         position_ids = torch.stack([p for _, p in rows]).to(model.device)
-        out = body(inputs_embeds=embeds, position_ids=position_ids, **kw)
-        h = (out[0] if isinstance(out, tuple) else out.last_hidden_state).float()
-        return torch.cat([h[r, a:b] for r, a, b in where])
+        h = _last_hidden(body(inputs_embeds=embeds, position_ids=position_ids, **kw)).float()
+        return [h[r, a:b] for r, a, b in where]
 
-    def alone(parts: list[torch.Tensor]) -> torch.Tensor:
+    def alone(parts: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
         for t in parts:
             e = torch.cat([prompt, embed(t.to(model.device)).float()]).unsqueeze(0).to(dtype)
-            out = body(inputs_embeds=e, **kw)
-            outs.append((out[0] if isinstance(out, tuple) else out.last_hidden_state).float()[0])
-        return torch.cat(outs)
+            outs.append(_last_hidden(body(inputs_embeds=e, **kw)).float()[0])
+        return outs
 
     was_training = model.training
     model.eval()
@@ -485,11 +486,11 @@ def _packs_like_alone(model: nn.Module) -> bool:
         moved = packed(changed)
     finally:
         model.train(was_training)
-    start = [0, 7, 10, 15, 21]  # example i's rows in the concatenation: [start[i], start[i + 1])
-    others = torch.cat([torch.arange(start[i], start[i + 1]) for i in (0, 1, 3)]).to(got.device)
-    scale = float(want.abs().max()) + 1e-6
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    return bool((got - want).abs().max() <= tol * scale and (moved[others] - got[others]).abs().max() <= tol * scale)
+    scale = max(float(w.abs().max()) for w in want) + 1e-6
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * scale
+    exact = all(float((a - b).abs().max()) <= tol for a, b in zip(got, want, strict=True))
+    unmoved = all(float((moved[i] - got[i]).abs().max()) <= tol for i in (0, 1, 3))  # example 2's row-mates
+    return exact and unmoved
 
 
 @functools.cache

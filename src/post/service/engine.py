@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from post.models import LoadedModel
-from post.scoring import Encoder, _takes_use_cache, backbone, label_scores
+from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity, read_checked
 from post.tasks import Task, Verbalizer
@@ -119,7 +119,7 @@ class MixedScorer:
         if _takes_use_cache(body):
             inputs["use_cache"] = False
         out = body(**inputs)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        hidden = _last_hidden(out)
         at = hidden[torch.arange(len(rows), device=hidden.device), answers]
         result: list[np.ndarray | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}
