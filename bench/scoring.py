@@ -22,9 +22,10 @@ import time
 import numpy as np
 import torch
 
+from post import cost
 from post.data import load_labelled
 from post.models import load_model
-from post.scoring import Encoder, class_scores, packs, predict_scores, score_groups, tight_rows
+from post.scoring import Encoder, class_scores, packs, predict_scores, score_groups
 from post.tasks import Verbalizer
 
 
@@ -55,11 +56,8 @@ def main() -> None:
     unsorted = [enc.collate(seqs[i : i + args.batch_size], answers[i : i + args.batch_size])
                 for i in range(0, len(seqs), args.batch_size)]
     packing = packs(model, enc)
-    packed_tokens = 0
-    for g in score_groups([len(q) for q in seqs], args.batch_size, packing=packing):
-        rows = tight_rows([len(seqs[i]) for i in g]) if packing else [[i] for i in range(len(g))]
-        widths = [sum(len(seqs[g[j]]) for j in row) for row in rows]
-        packed_tokens += len(rows) * max(widths)
+    groups = [g.tolist() for g in score_groups([len(q) for q in seqs], args.batch_size, packing=packing)]
+    packed_tokens = int(cost._run(seqs, groups, 0, packing).tokens)  # what predict_scores runs
 
     def batched() -> None:
         predict_scores(model, enc, verb, texts, batch_size=args.batch_size, progress=False)
