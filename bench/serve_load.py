@@ -13,7 +13,9 @@ mod tenants) each send one-text classify requests, so every forward mixes prompt
 - ÷ one-at-a-time: the same model scoring one row per forward in this process (what serving
   without mixed batching would cost at best);
 - ÷ raw batched forward: this process scoring full mixed batches of --max-batch rows with no HTTP,
-  queue or waiting (the ceiling).
+  queue or waiting (the ceiling), with the texts packed end to end as the service runs them;
+- padded ÷ packed: the same full batches with every row padded to the batch's longest (the layout
+  before packing), timed interleaved with the packed ones, and the tokens each runs.
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def load(url: str, tenants: list[tuple[str, str]], texts: list[str], args) -> di
 
 
 def in_process(loaded, tenants_prompts: list, texts: list[str], args) -> dict:
-    """One-at-a-time and raw full-batch throughput of the same mixed rows, in this process."""
+    """One-at-a-time, raw full-batch (packed) and padded full-batch throughput of the same mixed rows, in this
+    process; the two full-batch layouts interleaved batch by batch."""
     scorer = MixedScorer(loaded, args.max_length)
+    padded = MixedScorer(loaded, args.max_length, pack=False)
     prompts = [scorer.prepare(f"p{i}", p, TASK) for i, p in enumerate(tenants_prompts)]
     rows = [scorer.rows(prompts[j % len(prompts)], [texts[j % len(texts)]])[0] for j in range(args.requests)]
     scorer.scores(rows[:2])  # warm-up
@@ -144,11 +148,20 @@ def in_process(loaded, tenants_prompts: list, texts: list[str], args) -> dict:
     for r in rows[:n_loop]:
         scorer.scores([r])
     one = n_loop / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
+    seconds = {"packed": 0.0, "padded": 0.0}
+    tokens = {"packed": 0, "padded": 0}
     for start in range(0, len(rows), args.max_batch):
-        scorer.scores(rows[start : start + args.max_batch])
-    raw = len(rows) / (time.perf_counter() - t0)
-    return {"one_at_a_time_texts_per_s": one, "raw_batched_texts_per_s": raw, "loop_n": n_loop}
+        batch = rows[start : start + args.max_batch]
+        for name, s in (("packed", scorer), ("padded", padded)):
+            t0 = time.perf_counter()
+            s.scores(batch)
+            seconds[name] += time.perf_counter() - t0
+        tokens["packed"] += scorer.packed_inputs(batch)[0]["position_ids"].numel()
+        tokens["padded"] += padded.inputs(batch)[0]["attention_mask"].numel()
+    return {"one_at_a_time_texts_per_s": one, "raw_batched_texts_per_s": len(rows) / seconds["packed"],
+            "padded_batched_texts_per_s": len(rows) / seconds["padded"], "loop_n": n_loop,
+            "packed_tokens": tokens["packed"], "padded_tokens": tokens["padded"],
+            "real_tokens": sum(r.prompt.tensor.shape[0] + len(r.ids) for r in rows)}
 
 
 def main() -> None:
@@ -196,6 +209,9 @@ def main() -> None:
           f"{result['vs_one_at_a_time']:.2f}x")
     print(f"raw batched forward (in process): {ref['raw_batched_texts_per_s']:.2f} texts/s -> service is "
           f"{result['vs_raw_batched']:.2f}x")
+    print(f"padded batched forward (in process): {ref['padded_batched_texts_per_s']:.2f} texts/s -> packed is "
+          f"{ref['raw_batched_texts_per_s'] / ref['padded_batched_texts_per_s']:.2f}x; tokens run: packed "
+          f"{ref['packed_tokens']}, padded {ref['padded_tokens']} ({ref['real_tokens']} real)")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from post.errors import PostError
 from post.models import load_model
 from post.prompt import init_prompt
-from post.scoring import Encoder, predict_scores
+from post.scoring import Encoder, packed_inputs, packs, predict_scores
 from post.service.engine import Batcher, MixedScorer, PromptCache
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity
@@ -26,10 +27,11 @@ def _reference(loaded, prompt, task, texts):
                           prompt=prompt, progress=False)
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "tiny-roberta"])
-def test_mixed_batch_matches_one_at_a_time(model):
+def test_mixed_batch_matches_one_at_a_time(model, pack):
     loaded = load_model(model)
-    scorer = MixedScorer(loaded, max_length=64)
+    scorer = MixedScorer(loaded, max_length=64, pack=pack)  # the masked LM pads either way
     # Three prompts of different lengths, two tasks (2 and 3 classes, different templates).
     specs = [(SENTIMENT, 3, 0), (TOPICS, 7, 1), (SENTIMENT, 5, 2)]
     prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, n, init="random", seed=seed), task)
@@ -43,6 +45,38 @@ def test_mixed_batch_matches_one_at_a_time(model):
     assert [len(g) for g in got] == [len(e) for e in expected] and {len(g) for g in got} == {2, 3}
     np.testing.assert_allclose(np.stack([np.pad(g, (0, 3 - len(g))) for g in got]),
                                np.stack([np.pad(e, (0, 3 - len(e))) for e in expected]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_mixed_batch_of_a_causal_lm_runs_packed(model):
+    """Texts of prompts of 3, 7 and 5 tokens share rows: fewer tokens than padded rows, each text's prompt
+    vectors in front of its own tokens, its answer read n_i + a_i into its own span."""
+    loaded = load_model(model)
+    scorer = MixedScorer(loaded, max_length=64)
+    prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, n, init="random", seed=i), task)
+               for i, (task, n) in enumerate([(SENTIMENT, 3), (TOPICS, 7), (SENTIMENT, 5)])]
+    rows = [r for i, text in enumerate(TEXTS * 2) for r in scorer.rows(prompts[i % 3], [text])]
+    assert packs(loaded.model, rows[0].prompt.encoder)
+    inputs, (a_row, a_col) = scorer.packed_inputs(rows)
+    padded, _ = scorer.inputs(rows)
+    embeds, pos = inputs["inputs_embeds"], inputs["position_ids"]
+    assert embeds.shape[0] < len(rows) and embeds.shape[:2].numel() < padded["inputs_embeds"].shape[:2].numel()
+    assert pos[a_row, a_col].tolist() == [r.prompt.tensor.shape[0] + r.answer for r in rows]
+    for i, r in enumerate(rows):
+        n, start = r.prompt.tensor.shape[0], int(a_col[i]) - r.answer - r.prompt.tensor.shape[0]
+        torch.testing.assert_close(embeds[a_row[i], start : start + n], r.prompt.tensor)
+        assert pos[a_row[i], start : start + n + len(r.ids)].tolist() == list(range(n + len(r.ids)))
+
+
+def test_a_batch_packed_for_prompts_of_different_lengths_needs_its_vectors_placed():
+    loaded = load_model("tiny-gpt2")
+    enc = Encoder(SENTIMENT, loaded.tokenizer, loaded.kind, 64)
+    seqs, answers = enc.encode(["good", "bad"])
+    batch = enc.collate_packed([[0, 1]], seqs, answers, [2, 3])
+    assert batch.prompt_tokens is None and batch.prompt_row.tolist() == [0] * 5
+    assert batch.prompt_col.tolist() == [0, 1, 2 + len(seqs[0]), 3 + len(seqs[0]), 4 + len(seqs[0])]
+    with pytest.raises(PostError, match="different lengths"):
+        packed_inputs(loaded.model, batch, torch.zeros(2, loaded.model.config.hidden_size))
 
 
 def test_a_wrong_prefix_would_be_caught():

@@ -61,7 +61,8 @@ class PackedBatch:
     transformers tells packed examples apart: attention stays inside each example (a block-diagonal
     causal mask), so every example's hidden states are those it gets alone. Each example occupies
     ``n`` soft-prompt slots (``prompt_row``/``prompt_col``, (k·n,), example-major; their ids are
-    padding, replaced by the prompt's vectors) followed by its tokens. ``answer_row``/``answer_col``
+    padding, replaced by the prompt's vectors) followed by its tokens; ``prompt_tokens`` is None when
+    the examples' prompts differ in length (the slots are then Σ n_i, in the same order). ``answer_row``/``answer_col``
     (k,): where each example's answer is read. A row's tail after its last example is padding at
     position 0 (one-token blocks nobody reads).
     """
@@ -72,7 +73,7 @@ class PackedBatch:
     answer_col: torch.Tensor
     prompt_row: torch.Tensor
     prompt_col: torch.Tensor
-    prompt_tokens: int
+    prompt_tokens: int | None
 
     def __len__(self) -> int:
         return int(self.answer_row.shape[0])
@@ -165,17 +166,22 @@ class Encoder:
             yield idx, self.collate([seqs[i] for i in idx], [answers[i] for i in idx])
 
     def collate_packed(self, rows: Sequence[Sequence[int]], seqs: Sequence[Sequence[int]],
-                       answers: Sequence[int], prompt_tokens: int) -> PackedBatch:
-        """A packed batch: ``rows`` lists, per row, the examples (indices into ``seqs``) laid end to end."""
-        n = prompt_tokens
-        width = max(sum(len(seqs[i]) + n for i in row) for row in rows)
+                       answers: Sequence[int], prompt_tokens: int | Sequence[int]) -> PackedBatch:
+        """A packed batch: ``rows`` lists, per row, the examples (indices into ``seqs``) laid end to end.
+
+        ``prompt_tokens``: the prompt slots in front of every example, or per example (indexed like ``seqs``:
+        prompts of different lengths, whose vectors the caller puts in the slots; the batch's
+        ``prompt_tokens`` is then None and :func:`packed_inputs` refuses it)."""
+        uniform = np.ndim(prompt_tokens) == 0
+        slots = (lambda i: int(prompt_tokens)) if uniform else (lambda i: int(prompt_tokens[i]))  # type: ignore[index,arg-type]
+        width = max(sum(len(seqs[i]) + slots(i) for i in row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
         a_row, a_col, p_row, p_col = [], [], [], []
         for r, row in enumerate(rows):
             at = 0
             for i in row:
-                s = seqs[i]
+                s, n = seqs[i], slots(i)
                 end = at + n + len(s)
                 ids[r, at + n : end] = torch.tensor(s, dtype=torch.long)
                 pos[r, at:end] = torch.arange(n + len(s))
@@ -187,6 +193,7 @@ class Encoder:
             # the tail is padding: position 0 everywhere makes each pad token a block of its own, so no
             # position grows past the longest example's (GPT-2's table, RoPE scalings that read the max)
         as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        n = int(prompt_tokens) if uniform else None  # type: ignore[arg-type]
         return PackedBatch(ids, pos, as_t(a_row), as_t(a_col), as_t(p_row), as_t(p_col), n)
 
 
@@ -356,6 +363,9 @@ def packed_inputs(model: nn.Module, batch: PackedBatch, prompt: torch.Tensor | N
     """Model inputs for a packed batch: ids and position ids, or with a prompt (n, d) or (k, n, d) embeddings
     with its vectors in each example's prompt slots. No attention mask: the position ids delimit the examples."""
     n = 0 if prompt is None else prompt.shape[-2]
+    if batch.prompt_tokens is None:
+        raise PostError("this batch was packed for prompts of different lengths; place their vectors in its "
+                        "prompt slots (prompt_row, prompt_col) yourself.")
     if n != batch.prompt_tokens:
         raise PostError(f"this batch was packed for a {batch.prompt_tokens}-token prompt, got {n} tokens.")
     if prompt is None:

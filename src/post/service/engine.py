@@ -3,13 +3,16 @@
 Shapes: B rows (texts) in one forward, each row i with its own prompt p_i (n_i, d) and its own
 token ids s_i (L_i,); W = max_i (n_i + L_i).
 
-One forward serves rows of different prompts (and different tasks): row i is laid out as
-``[p_i, embed(s_i), pad...]`` (right padding), its attention mask is 1 on the first n_i + L_i
-positions and its answer position is n_i + a_i, a_i being the answer index :class:`post.scoring.Encoder`
-gives without a prompt. That is exactly the layout :func:`post.scoring.prepend_prompt` builds for
-one prompt, so each row's class scores equal one-at-a-time scoring up to floating-point noise
+One forward serves texts of different prompts (and different tasks). On a causal LM that scores
+packed examples exactly (:func:`post.scoring.packs`), the texts are laid end to end in rows, each as
+``[p_i, embed(s_i)]`` with position ids restarting at 0 (the layout of :class:`post.scoring.PackedBatch`,
+with each text's own prompt length n_i), so no forward runs padding between texts of different
+lengths. Otherwise (masked LMs, models failing the check) row i is ``[p_i, embed(s_i), pad...]``
+(right padding), its attention mask 1 on the first n_i + L_i positions. Either way the answer is
+read n_i + a_i into the text's span, a_i being the answer index :class:`post.scoring.Encoder` gives
+without a prompt, so each text's class scores equal one-at-a-time scoring up to floating-point noise
 (``tests/test_service_engine.py`` checks 1e-5). The hidden state at each answer position goes
-through the LM head's label-word rows of that row's task (rows are grouped by verbalizer).
+through the LM head's label-word rows of that text's task (texts are grouped by verbalizer).
 
 :class:`Batcher` turns concurrent requests into such forwards: the first waiting request opens a
 batch, which then takes more requests for at most ``max_wait`` seconds or until ``max_batch`` rows;
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from post.models import LoadedModel
-from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores
+from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores, packs, tight_rows
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity, read_checked
 from post.tasks import Task, Verbalizer
@@ -69,8 +72,10 @@ class Row:
 class MixedScorer:
     """Class scores of rows with different prompts and tasks in one forward of the target."""
 
-    def __init__(self, loaded: LoadedModel, max_length: int) -> None:
-        self.loaded, self.max_length = loaded, max_length
+    def __init__(self, loaded: LoadedModel, max_length: int, *, pack: bool = True) -> None:
+        """``pack``: lay texts end to end where the model scores packed examples exactly (:func:`post.scoring.packs`);
+        False pads every forward (the layout before packing; benchmarks compare the two)."""
+        self.loaded, self.max_length, self.pack = loaded, max_length, pack
         self.model = loaded.model.eval()
         self.dtype = next(self.model.parameters()).dtype
         tok = loaded.tokenizer
@@ -110,17 +115,37 @@ class MixedScorer:
             embeds[i, : r.prompt.tensor.shape[0]] = r.prompt.tensor.to(embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": mask.to(device)}, answers.to(device)
 
+    def packed_inputs(self, rows: Sequence[Row]) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Packed model inputs (inputs_embeds (R, W, d), position_ids (R, W)) for the rows' texts laid end to end
+        (:func:`post.scoring.tight_rows`), and where each text's answer is read: (row, column), (B,) each, in the
+        order of ``rows``."""
+        device = self.model.device
+        slots = [r.prompt.tensor.shape[0] for r in rows]
+        layout = tight_rows([n + len(r.ids) for n, r in zip(slots, rows)])
+        batch = rows[0].prompt.encoder.collate_packed(layout, [r.ids for r in rows], [r.answer for r in rows],
+                                                      slots).to(device)
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        flat = [i for row in layout for i in row]  # the batch's example order
+        vectors = torch.cat([rows[i].prompt.tensor for i in flat]).to(embeds.dtype)
+        embeds = embeds.index_put((batch.prompt_row, batch.prompt_col), vectors)
+        back = torch.argsort(torch.tensor(flat)).to(device)
+        return ({"inputs_embeds": embeds, "position_ids": batch.position_ids},
+                (batch.answer_row[back], batch.answer_col[back]))
+
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
         """Per row, its (C_i,) class scores in its task's class order (one forward: it succeeds or raises for all;
         a scorer that answers per row may put an exception in a failed row's place instead)."""
-        inputs, answers = self.inputs(rows)
         body = backbone(self.model)
+        if self.pack and packs(self.model, rows[0].prompt.encoder):
+            inputs, (a_row, a_col) = self.packed_inputs(rows)
+        else:
+            inputs, a_col = self.inputs(rows)
+            a_row = torch.arange(len(rows), device=a_col.device)
         if _takes_use_cache(body):
             inputs["use_cache"] = False
-        out = body(**inputs)
-        hidden = _last_hidden(out)
-        at = hidden[torch.arange(len(rows), device=hidden.device), answers]
+        hidden = _last_hidden(body(**inputs))
+        at = hidden[a_row, a_col]
         result: list[np.ndarray | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
