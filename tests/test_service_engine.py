@@ -1,5 +1,6 @@
 """Mixed-prompt batching: one forward for rows of different prompts and tasks equals one-at-a-time scoring."""
 
+import dataclasses
 import threading
 import time
 
@@ -66,6 +67,38 @@ def test_mixed_batch_of_a_causal_lm_runs_packed(model):
         n, start = r.prompt.tensor.shape[0], int(a_col[i]) - r.answer - r.prompt.tensor.shape[0]
         torch.testing.assert_close(embeds[a_row[i], start : start + n], r.prompt.tensor)
         assert pos[a_row[i], start : start + n + len(r.ids)].tolist() == list(range(n + len(r.ids)))
+
+
+def test_one_texts_overflow_does_not_reach_the_texts_packed_beside_it():
+    """A prompt that overflows in the forward (inf here) spoils its row-mates in a packed forward; the scorer then
+    runs the batch padded, so only that text's scores are lost and the others equal one-at-a-time scoring."""
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    good = scorer.prepare("good", init_prompt(loaded, 3, init="random", seed=0), SENTIMENT)
+    broken = good.tensor.clone()
+    broken[0, 0] = float("inf")
+    bad = dataclasses.replace(good, id="bad", tensor=broken)  # past prepare()'s check, as an fp16 overflow would be
+    rows = scorer.rows(bad, ["a"]) + scorer.rows(good, ["good", "great", "bad bad bad"])
+    assert scorer.packing() and len(scorer.packed_inputs(rows)[0]["position_ids"]) < len(rows)
+    with torch.no_grad():
+        spread = scorer._answer_states(rows, packed=True)
+    assert not torch.isfinite(spread[1:]).all()  # without the fallback a clean text would come back NaN
+    got = scorer.scores(rows)
+    assert not np.isfinite(got[0]).all()
+    np.testing.assert_allclose(np.stack(got[1:]), _reference(loaded, good.tensor, SENTIMENT,
+                                                             ["good", "great", "bad bad bad"]), atol=1e-5, rtol=0)
+
+
+def test_a_prompt_that_overflows_the_served_dtype_is_refused():
+    loaded = load_model("tiny-gpt2")
+    loaded.model.to(torch.bfloat16)
+    scorer = MixedScorer(loaded, max_length=64, pack=False)
+    width = loaded.model.config.hidden_size
+    with pytest.raises(ApiError, match="not finite") as err:
+        scorer.prepare("p", torch.full((2, width), 3.4e38), SENTIMENT)  # finite in float32, inf in bfloat16
+    assert err.value.code == "bad_prompt_file"
+    assert scorer.prepare("q", torch.ones(2, width), SENTIMENT).tensor.dtype == torch.bfloat16
+    assert scorer.scores([]) == []
 
 
 def test_a_batch_packed_for_prompts_of_different_lengths_needs_its_vectors_placed():

@@ -432,7 +432,12 @@ def packs(model: nn.Module, encoder: Encoder) -> bool:
     One example's NaN or inf reaches its row-mates (masked attention multiplies it by zero): a forward
     that overflows spoils its row, where a padded batch would spoil that example only.
     """
-    if encoder.kind != "causal" or "position_ids" not in _forward_params(type(backbone(model))):
+    return encoder.kind == "causal" and model_packs(model)
+
+
+def model_packs(model: nn.Module) -> bool:
+    """:func:`packs` for a causal LM, without an encoder (the service checks its target once, at start)."""
+    if "position_ids" not in _forward_params(type(backbone(model))):
         return False
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
     if attention not in _PACKED_ATTENTION:

@@ -1,13 +1,16 @@
 """Serving many soft prompts on one target: mixed-prompt batches and a dynamic batcher.
 
-Shapes: B rows (texts) in one forward, each row i with its own prompt p_i (n_i, d) and its own
-token ids s_i (L_i,); W = max_i (n_i + L_i).
+Shapes: B texts in one forward, each text i with its own prompt p_i (n_i, d) and its own token ids
+s_i (L_i,); padded, B rows of W = max_i (n_i + L_i); packed, fewer rows of up to 2·W (attention over a
+row costs up to twice a padded row's; the tokens run are never more).
 
 One forward serves texts of different prompts (and different tasks). On a causal LM that scores
 packed examples exactly (:func:`post.scoring.packs`), the texts are laid end to end in rows, each as
 ``[p_i, embed(s_i)]`` with position ids restarting at 0 (the layout of :class:`post.scoring.PackedBatch`,
 with each text's own prompt length n_i), so no forward runs padding between texts of different
-lengths. Otherwise (masked LMs, models failing the check) row i is ``[p_i, embed(s_i), pad...]``
+lengths. Texts sharing a row share a forward: a non-finite value in one (an overflow) would reach its
+row-mates, so a packed forward with any non-finite answer state is run again padded, each text alone in its
+row. Otherwise (masked LMs, models failing the check) row i is ``[p_i, embed(s_i), pad...]``
 (right padding), its attention mask 1 on the first n_i + L_i positions. Either way the answer is
 read n_i + a_i into the text's span, a_i being the answer index :class:`post.scoring.Encoder` gives
 without a prompt, so each text's class scores equal one-at-a-time scoring up to floating-point noise
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 
 from post.models import LoadedModel
-from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores, packs, tight_rows
+from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores, model_packs, tight_rows
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity, read_checked
 from post.tasks import Task, Verbalizer
@@ -77,21 +80,32 @@ class MixedScorer:
         False pads every forward (the layout before packing; benchmarks compare the two)."""
         self.loaded, self.max_length, self.pack = loaded, max_length, pack
         self.model = loaded.model.eval()
+        # The packing check runs here, once, rather than inside the first request.
+        log.info("mixed-prompt batches: %s", "packed end to end" if self.packing() else "padded rows")
         self.dtype = next(self.model.parameters()).dtype
         tok = loaded.tokenizer
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
         self._pieces: dict[str, tuple[Encoder, Verbalizer]] = {}
         self._lock = threading.Lock()
 
+    def packing(self) -> bool:
+        """Whether forwards lay texts end to end (``pack`` and the model scores packed examples exactly)."""
+        return self.pack and self.loaded.kind == "causal" and model_packs(self.model)
+
     def prepare(self, id: str, tensor: torch.Tensor, task: Task) -> ServedPrompt:
-        """A :class:`ServedPrompt`; encoders and verbalizers are shared by prompts of one task."""
+        """A :class:`ServedPrompt`; encoders and verbalizers are shared by prompts of one task. A prompt that is not
+        finite in the model's dtype (a value beyond float16's range, say) is refused: it would spoil its forwards."""
         key = json.dumps(task.to_dict(), sort_keys=True)
         with self._lock:
             if key not in self._pieces:
                 self._pieces[key] = (Encoder(task, self.loaded.tokenizer, self.loaded.kind, self.max_length),
                                      Verbalizer.build(task, self.loaded.tokenizer))
             encoder, verbalizer = self._pieces[key]
-        return ServedPrompt(id, tensor.to(self.model.device, self.dtype), task, encoder, verbalizer)
+        served = tensor.to(self.model.device, self.dtype)
+        if not bool(torch.isfinite(served).all()):
+            raise ApiError("bad_prompt_file", f"prompt {id} is not finite in the served model's {self.dtype}; "
+                           "its values overflow that type.")
+        return ServedPrompt(id, served, task, encoder, verbalizer)
 
     def rows(self, prompt: ServedPrompt, texts: Sequence[str]) -> list[Row]:
         seqs, answers = prompt.encoder.encode(texts)
@@ -132,20 +146,28 @@ class MixedScorer:
         return ({"inputs_embeds": embeds, "position_ids": batch.position_ids},
                 (batch.answer_row[back], batch.answer_col[back]))
 
-    @torch.no_grad()
-    def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
-        """Per row, its (C_i,) class scores in its task's class order (one forward: it succeeds or raises for all;
-        a scorer that answers per row may put an exception in a failed row's place instead)."""
+    def _answer_states(self, rows: Sequence[Row], packed: bool) -> torch.Tensor:
+        """(B, d) last hidden states at the rows' answers, in the order of ``rows``, in one forward."""
         body = backbone(self.model)
-        if self.pack and packs(self.model, rows[0].prompt.encoder):
+        if packed:
             inputs, (a_row, a_col) = self.packed_inputs(rows)
         else:
             inputs, a_col = self.inputs(rows)
             a_row = torch.arange(len(rows), device=a_col.device)
         if _takes_use_cache(body):
             inputs["use_cache"] = False
-        hidden = _last_hidden(body(**inputs))
-        at = hidden[a_row, a_col]
+        return _last_hidden(body(**inputs))[a_row, a_col]
+
+    @torch.no_grad()
+    def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Per row, its (C_i,) class scores in its task's class order (one forward: it succeeds or raises for all;
+        a scorer that answers per row may put an exception in a failed row's place instead)."""
+        if not rows:
+            return []
+        packed = self.packing()
+        at = self._answer_states(rows, packed)
+        if packed and not bool(torch.isfinite(at).all()):  # one text's overflow reaches its row-mates: isolate it
+            at = self._answer_states(rows, packed=False)
         result: list[np.ndarray | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
