@@ -1,21 +1,22 @@
 """Benchmark: the provider's service under load from many tenants, against unbatched and raw batched scoring.
 
     python bench/serve_load.py [--model smollm2-135m] [--tenants 8] [--clients 32] [--requests 256]
-                               [--duration 120] [--threads 2]
+                               [--duration 120] [--threads 2] [--prompt-tokens N]
 
 Loopback only (127.0.0.1, a free port), bounded by --requests and --duration. Sets up a fresh
 data directory with --tenants tenants, each owning one transferred prompt for --model (random
-text-initialised prompts of 4..11 tokens: serving cost does not depend on how a prompt was
-trained), starts ``post provider serve`` and lets --clients concurrent clients (tenant = client
+text-initialised prompts of 4..11 tokens, or --prompt-tokens each: serving cost does not depend on how a
+prompt was trained), starts ``post provider serve`` and lets --clients concurrent clients (tenant = client
 mod tenants) each send one-text classify requests, so every forward mixes prompts. Reported:
 
 - service throughput (texts/s) and latency p50/p99 over HTTP;
-- ÷ one-at-a-time: the same model scoring one row per forward in this process (what serving
-  without mixed batching would cost at best);
+- ÷ one-at-a-time: the same model scoring one row per forward in this process, as the service
+  scores (each prompt's start run once, when it is loaded), and with every text run whole;
 - ÷ raw batched forward: this process scoring full mixed batches of --max-batch rows with no HTTP,
-  queue or waiting (the ceiling), with the texts packed end to end as the service runs them;
-- padded ÷ packed: the same full batches with every row padded to the batch's longest (the layout
-  before packing), timed interleaved with the packed ones, and the tokens each runs.
+  queue or waiting (the ceiling), as the service runs them;
+- the layouts side by side, timed interleaved batch by batch on the same full batches, with the tokens
+  each runs: the service's (each prompt's start run once, the rest of each text packed end to end),
+  every text packed whole (prompt included), and every row padded to the batch's longest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from post.data import load_texts
 from post.models import load_model
 from post.prompt import init_prompt, save_prompt
+from post.scoring import tight_rows
 from post.service.auth import add_tenant
 from post.service.db import open_db
 from post.service.engine import MixedScorer
@@ -56,7 +58,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(data_dir: Path, loaded, tenants: int) -> list[tuple[str, str]]:
+def prompt_tokens(i: int, args) -> int:
+    return args.prompt_tokens or 4 + i % 8
+
+
+def setup(data_dir: Path, loaded, tenants: int, args) -> list[tuple[str, str]]:
     """(key, target prompt id) per tenant, stored as the service stores a finished job's output."""
     sessions = open_db(f"sqlite:///{data_dir / 'service.db'}")
     out = []
@@ -64,8 +70,8 @@ def setup(data_dir: Path, loaded, tenants: int) -> list[tuple[str, str]]:
         tenant_id, key = add_tenant(sessions, f"tenant{i}")
         src = data_dir / "src" / f"{i}.safetensors"
         src.parent.mkdir(parents=True, exist_ok=True)
-        save_prompt(src, init_prompt(loaded, 4 + i % 8, init="text", init_text=TASK.init_text), loaded=loaded,
-                    task=TASK)
+        save_prompt(src, init_prompt(loaded, prompt_tokens(i, args), init="text", init_text=TASK.init_text),
+                    loaded=loaded, task=TASK)
         with sessions.begin() as s:
             row = register_output(s, data_dir, src, id=f"p-bench{i:02d}", tenant_id=tenant_id, job_id="bench")
         out.append((key, row.id))
@@ -136,34 +142,49 @@ def load(url: str, tenants: list[tuple[str, str]], texts: list[str], args) -> di
 
 
 def in_process(loaded, tenants_prompts: list, texts: list[str], args) -> dict:
-    """One-at-a-time, raw full-batch (packed) and padded full-batch throughput of the same mixed rows, in this
-    process; the two full-batch layouts interleaved batch by batch."""
-    scorer = MixedScorer(loaded, args.max_length)
-    padded = MixedScorer(loaded, args.max_length, pack=False)
-    prompts = [scorer.prepare(f"p{i}", p, TASK) for i, p in enumerate(tenants_prompts)]
-    rows = [scorer.rows(prompts[j % len(prompts)], [texts[j % len(texts)]])[0] for j in range(args.requests)]
-    scorer.scores(rows[:2])  # warm-up
-    n_loop = min(args.loop_n, len(rows))
-    t0 = time.perf_counter()
-    for r in rows[:n_loop]:
-        scorer.scores([r])
-    one = n_loop / (time.perf_counter() - t0)
-    seconds = {"packed": 0.0, "padded": 0.0}
-    tokens = {"packed": 0, "padded": 0}
-    for start in range(0, len(rows), args.max_batch):
-        batch = rows[start : start + args.max_batch]
-        for name, s in (("packed", scorer), ("padded", padded)):
+    """One-at-a-time and full-batch throughput of the same mixed rows in this process, in three layouts (the
+    service's shared starts, whole texts packed, padded rows), the full batches interleaved batch by batch."""
+    layouts = {"shared": MixedScorer(loaded, args.max_length),
+               "packed": MixedScorer(loaded, args.max_length, share=False),
+               "padded": MixedScorer(loaded, args.max_length, pack=False)}
+    rows = {}
+    for name, scorer in layouts.items():
+        prompts = [scorer.prepare(f"p{i}", p, TASK) for i, p in enumerate(tenants_prompts)]
+        rows[name] = [scorer.rows(prompts[j % len(prompts)], [texts[j % len(texts)]])[0] for j in range(args.requests)]
+        scorer.scores(rows[name][:2])  # warm-up
+    n_loop = min(args.loop_n, args.requests)
+    one = {}
+    for name in ("shared", "packed"):
+        t0 = time.perf_counter()
+        for r in rows[name][:n_loop]:
+            layouts[name].scores([r])
+        one[name] = n_loop / (time.perf_counter() - t0)
+    seconds = dict.fromkeys(layouts, 0.0)
+    tokens = dict.fromkeys(layouts, 0)
+    for at in range(0, args.requests, args.max_batch):
+        for name, scorer in layouts.items():
+            batch = rows[name][at : at + args.max_batch]
             t0 = time.perf_counter()
-            s.scores(batch)
+            scorer.scores(batch)
             seconds[name] += time.perf_counter() - t0
         with torch.no_grad():
-            tokens["packed"] += (scorer.packed_inputs(batch)[0]["position_ids"] if scorer.packing()
-                                 else scorer.inputs(batch)[0]["attention_mask"]).numel()
-            tokens["padded"] += padded.inputs(batch)[0]["attention_mask"].numel()
-    return {"one_at_a_time_texts_per_s": one, "raw_batched_texts_per_s": len(rows) / seconds["packed"],
-            "padded_batched_texts_per_s": len(rows) / seconds["padded"], "loop_n": n_loop,
-            "packing": scorer.packing(), "packed_tokens": tokens["packed"], "padded_tokens": tokens["padded"],
-            "real_tokens": sum(r.prompt.tensor.shape[0] + len(r.ids) for r in rows)}
+            shared = rows["shared"][at : at + args.max_batch]
+            rest = [len(r.ids) - r.prompt.start.covers(r.answer) for r in shared] if layouts["shared"].sharing else []
+            layout = tight_rows(rest) if rest else []
+            tokens["shared"] += len(layout) * max((sum(rest[j] for j in row) for row in layout), default=0)
+            packed = rows["packed"][at : at + args.max_batch]
+            tokens["packed"] += (layouts["packed"].packed_inputs(packed)[0]["position_ids"].numel()
+                                 if layouts["packed"].packing() else 0)
+            tokens["padded"] += layouts["padded"].inputs(rows["padded"][at : at + args.max_batch])[0][
+                "attention_mask"].numel()
+    return {"one_at_a_time_texts_per_s": one["shared"], "one_at_a_time_whole_texts_per_s": one["packed"],
+            "raw_batched_texts_per_s": args.requests / seconds["shared"],
+            "packed_batched_texts_per_s": args.requests / seconds["packed"],
+            "padded_batched_texts_per_s": args.requests / seconds["padded"], "loop_n": n_loop,
+            "sharing": layouts["shared"].sharing, "packing": layouts["packed"].packing(),
+            "shared_tokens": tokens["shared"], "packed_tokens": tokens["packed"], "padded_tokens": tokens["padded"],
+            "start_tokens": sum(p.shape[0] for p in tenants_prompts),
+            "real_tokens": sum(r.prompt.tensor.shape[0] + len(r.ids) for r in rows["packed"])}
 
 
 def main() -> None:
@@ -178,6 +199,7 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and this process)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="every prompt this long (default: 4..11 tokens)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,8 +207,9 @@ def main() -> None:
     loaded = load_model(args.model)
     texts = [t for t in load_texts("airline") if t.strip()][: max(args.requests, 64)]
     data_dir = Path(tempfile.mkdtemp(prefix="post-serve-load-"))
-    tenants = setup(data_dir, loaded, args.tenants)
-    prompts = [init_prompt(loaded, 4 + i % 8, init="text", init_text=TASK.init_text) for i in range(args.tenants)]
+    tenants = setup(data_dir, loaded, args.tenants, args)
+    prompts = [init_prompt(loaded, prompt_tokens(i, args), init="text", init_text=TASK.init_text)
+               for i in range(args.tenants)]
     port = free_port()
     proc = start_server(args.model, data_dir, port, args)
     try:
@@ -208,13 +231,17 @@ def main() -> None:
     print(f"service (mixed-prompt batches): {served['texts_per_s']:.2f} texts/s, latency p50 "
           f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms")
     print(f"one-at-a-time (in process):     {ref['one_at_a_time_texts_per_s']:.2f} texts/s -> service is "
-          f"{result['vs_one_at_a_time']:.2f}x")
+          f"{result['vs_one_at_a_time']:.2f}x; one at a time, each text whole: "
+          f"{ref['one_at_a_time_whole_texts_per_s']:.2f} texts/s")
     print(f"raw batched forward (in process): {ref['raw_batched_texts_per_s']:.2f} texts/s -> service is "
           f"{result['vs_raw_batched']:.2f}x")
-    print(f"padded batched forward (in process): {ref['padded_batched_texts_per_s']:.2f} texts/s -> "
-          f"{'packed' if ref['packing'] else 'the service (padded too: the model does not pack)'} is "
-          f"{ref['raw_batched_texts_per_s'] / ref['padded_batched_texts_per_s']:.2f}x; tokens run: packed "
-          f"{ref['packed_tokens']}, padded {ref['padded_tokens']} ({ref['real_tokens']} real)")
+    print(f"full batches, interleaved: shared starts {ref['raw_batched_texts_per_s']:.2f} texts/s (sharing: "
+          f"{ref['sharing']}), whole texts packed {ref['packed_batched_texts_per_s']:.2f} (packing: {ref['packing']}), "
+          f"padded {ref['padded_batched_texts_per_s']:.2f}; shared ÷ packed "
+          f"{ref['raw_batched_texts_per_s'] / ref['packed_batched_texts_per_s']:.2f}x, packed ÷ padded "
+          f"{ref['packed_batched_texts_per_s'] / ref['padded_batched_texts_per_s']:.2f}x")
+    print(f"tokens run: shared {ref['shared_tokens']} (+ {ref['start_tokens']} prompt positions once, at load), "
+          f"packed {ref['packed_tokens']}, padded {ref['padded_tokens']} ({ref['real_tokens']} real, prompts included)")
 
 
 if __name__ == "__main__":

@@ -399,3 +399,49 @@ def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatc
     train = sum(seen, Tokens())
     assert stage.parts[0].flops == prompt_step_flops(resolve_arch("tiny-llama"), train, head_cols=6)
     assert stage.note.startswith("1 steps, 1 validation")
+
+
+def test_scoring_with_a_shared_start_by_hand_and_against_the_forwards_it_runs():
+    """predict_scores runs the prompt and the template's head once, then the rest of each example packed, every
+    row attending over the start as well: by hand on fixed lengths, then against every forward the code runs."""
+    from post.scoring import Encoder, head_ids, predict_scores, shares_prefix
+    from post.tasks import Task, Verbalizer
+
+    seqs = [[0] * n for n in LENGTHS]  # 10, 3, 7, 2, 9
+    # A 2-token start (a 1-vector prompt and 1 head token), run once: 2 tokens, 2² attention. The rest of each
+    # example is 9, 2, 6, 1, 8; rows of 9 best fit, longest first: 9 | 8 + 1 | 6 + 2; groups of about 4 examples'
+    # rest (4 × 5.2 → 21): 9 + 9 = 18, then 8 more would pass 21: (9, 8, 1) and (6, 2). Each group in its tightest
+    # rows: 9 | 8 + 1 (two rows of 9; one row of 18 ties, and the shorter rows win), and 6 + 2 in one row of 8.
+    # Every row attends over the 2-token start too: 2 · 9 · (9 + 2) and 8 · (8 + 2).
+    answers = [n - 1 for n in LENGTHS]
+    want = Tokens(5, 2 + 2 * 9 + 8, 2**2 + 2 * 9 * 11 + 8 * 10)
+    assert cost._scored(seqs, answers, 1, 4, 1, True) == want
+    no_start = cost._run(seqs, cost._buckets(seqs, 4, 0, True), 0, True)
+    assert cost._scored(seqs, answers, 0, 4, 0, True) == no_start
+    assert cost._scored(seqs, answers, 1, 4, 1, False) == cost._run(seqs, cost._buckets(seqs, 4, 1, False), 1, False)
+
+    tiny = tiny_model("llama")
+    task = Task(template="Review:{text}{mask}")  # "" is nothing but the head: its start stands for one token fewer
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    texts = ["a great film", "bad", "the plot was awful and the acting was poor", "good", "an amazing movie", ""] * 3
+    assert shares_prefix(tiny.model, enc)  # the check's own forwards run before the count starts
+    seen: list[Tokens] = []
+
+    def spy(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        x = kwargs["inputs_embeds"] if x is None else x
+        mask = kwargs.get("attention_mask")
+        rows, width = x.shape[:2]
+        keys = width if mask is None else mask.shape[-1]
+        seen.append(Tokens(0, rows * width, rows * width * keys))
+
+    handle = tiny.model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    prompt = tiny.model.get_input_embeddings()(torch.arange(5, 8)).detach()
+    try:
+        predict_scores(tiny.model, enc, Verbalizer.build(task, tiny.tokenizer), texts, batch_size=4, prompt=prompt,
+                       progress=False)
+    finally:
+        handle.remove()
+    seqs, answers = enc.encode(texts)
+    model = cost._scored(seqs, answers, len(head_ids(enc)), 4, 3, True)
+    assert len(seen) > 2 and sum(seen, Tokens()) == Tokens(0, model.tokens, model.squares)

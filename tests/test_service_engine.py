@@ -11,7 +11,7 @@ import torch
 from post.errors import PostError
 from post.models import load_model
 from post.prompt import init_prompt
-from post.scoring import Encoder, packed_inputs, packs, predict_scores
+from post.scoring import Encoder, head_ids, packed_inputs, packs, predict_scores, shared_start
 from post.service.engine import Batcher, MixedScorer, PromptCache
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity
@@ -25,21 +25,27 @@ TEXTS = ["good", "a truly awful and very long delay at the gate", "great", "ok",
 def _reference(loaded, prompt, task, texts):
     enc = Encoder(task, loaded.tokenizer, loaded.kind, 64)
     return predict_scores(loaded.model, enc, Verbalizer.build(task, loaded.tokenizer), texts, batch_size=1,
-                          prompt=prompt, progress=False)
+                          prompt=prompt, progress=False, share_prefix=False)  # each text run whole
 
 
-@pytest.mark.parametrize("pack", [True, False])
+HEADED = dataclasses.replace(SENTIMENT, template="Review: {text}\nSentiment:{mask}")  # a start before {text}
+
+
+@pytest.mark.parametrize(("pack", "share"), [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "tiny-roberta"])
-def test_mixed_batch_matches_one_at_a_time(model, pack):
+def test_mixed_batch_matches_one_at_a_time(model, pack, share):
     loaded = load_model(model)
-    scorer = MixedScorer(loaded, max_length=64, pack=pack)  # the masked LM pads either way
-    # Three prompts of different lengths, two tasks (2 and 3 classes, different templates).
-    specs = [(SENTIMENT, 3, 0), (TOPICS, 7, 1), (SENTIMENT, 5, 2)]
+    scorer = MixedScorer(loaded, max_length=64, pack=pack, share=share)  # the masked LM pads either way
+    assert scorer.sharing == (share and model != "tiny-roberta")
+    # Four prompts of different lengths, three tasks (2 and 3 classes, different templates, one with text before
+    # {text}: a start of 4 vectors and the template's head).
+    specs = [(SENTIMENT, 3, 0), (TOPICS, 7, 1), (SENTIMENT, 5, 2), (HEADED, 4, 3)]
     prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, n, init="random", seed=seed), task)
                for i, (task, n, seed) in enumerate(specs)]
+    assert all((p.start is not None) == scorer.sharing for p in prompts)
     rows, expected = [], []
-    for i, text in enumerate(TEXTS * 2):  # interleaved: neighbouring rows have other prompts
-        p = prompts[i % 3]
+    for i, text in enumerate(TEXTS * 2 + [""]):  # interleaved: neighbouring rows have other prompts
+        p = prompts[i % 4]
         rows += scorer.rows(p, [text])
         expected.append(_reference(loaded, p.tensor, p.task, [text])[0])
     got = scorer.scores(rows)
@@ -77,12 +83,16 @@ def test_one_texts_overflow_does_not_reach_the_texts_packed_beside_it():
     good = scorer.prepare("good", init_prompt(loaded, 3, init="random", seed=0), SENTIMENT)
     broken = good.tensor.clone()
     broken[0, 0] = float("inf")
-    bad = dataclasses.replace(good, id="bad", tensor=broken)  # past prepare()'s check, as an fp16 overflow would be
+    with torch.no_grad():  # past prepare()'s check, as an fp16 overflow would be; its start run from it
+        bad = dataclasses.replace(good, id="bad", tensor=broken,
+                                  start=shared_start(loaded.model, head_ids(good.encoder), broken))
     rows = scorer.rows(bad, ["a"]) + scorer.rows(good, ["good", "great", "bad bad bad"])
-    assert scorer.packing() and len(scorer.packed_inputs(rows)[0]["position_ids"]) < len(rows)
+    assert scorer.packing() and scorer.sharing and len(scorer.packed_inputs(rows)[0]["position_ids"]) < len(rows)
     with torch.no_grad():
         spread = scorer._answer_states(rows, packed=True)
-    assert not torch.isfinite(spread[1:]).all()  # without the fallback a clean text would come back NaN
+        spread_shared = scorer._shared_states(rows)
+    # without the fallback a clean text would come back NaN, packed whole or after the starts (masked NaN keys)
+    assert not torch.isfinite(spread[1:]).all() and not torch.isfinite(spread_shared[1:]).all()
     got = scorer.scores(rows)
     assert not np.isfinite(got[0]).all()
     np.testing.assert_allclose(np.stack(got[1:]), _reference(loaded, good.tensor, SENTIMENT,

@@ -339,3 +339,105 @@ def test_flash_attention_is_never_packed(monkeypatch):
     assert scoring.packs(tiny.model, enc)
     monkeypatch.setattr(tiny.model.config, "_attn_implementation", "flash_attention_2")
     assert not scoring.packs(tiny.model, enc)
+
+
+HEADED = "Review: {text}\nSentiment:{mask}"  # a template with a shared start before {text}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("template", [HEADED, "Review:{text}{mask}"])
+@pytest.mark.parametrize("prompt_tokens", [0, 4])
+def test_shared_start_scores_equal_whole_examples(arch, template, prompt_tokens, monkeypatch):
+    """Scoring runs the prompt and the template's head once and packs only the rest of each example; the scores
+    are those of every example run whole. The second template with an empty text is nothing but its head, so the
+    shared start is cut short to keep that example's answer out of it."""
+    import post.scoring as scoring
+
+    tiny = tiny_model(arch)
+    task = Task(template=template)
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    prompt = None
+    if prompt_tokens:
+        prompt = tiny.model.get_input_embeddings()(torch.arange(5, 5 + prompt_tokens)).detach() + 0.1
+    texts = TEXTS * 3
+    seqs, answers = enc.encode(texts)
+    head = scoring.head_ids(enc)
+    start = scoring.SharedStart([(torch.zeros(1, 1, len(head), 1),) * 2], len(head))
+    skips = {start.covers(a) for a in answers}
+    # "" leaves the second template's head alone: that example's answer is read inside it, so its start stands for
+    # one token fewer
+    assert skips == ({len(head)} if template == HEADED else {len(head), len(head) - 1}) and len(head) >= 2
+    assert scoring.shares_prefix(tiny.model, enc)
+    calls = []
+    real = scoring.start_hidden
+    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    got = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False)
+    assert sum(calls) == len(texts) and len(calls) > 1  # every example went through the shared path
+    calls.clear()
+    want = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False,
+                          share_prefix=False)
+    assert not calls
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    padded = np.zeros_like(want)
+    with torch.no_grad():
+        for i, b in enc.batches(texts, 4):
+            padded[i] = class_scores(tiny.model, b, verb, prompt).numpy()
+    np.testing.assert_allclose(got, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_a_backbone_that_ignores_the_4d_mask_never_shares_a_start(monkeypatch):
+    """A backbone that drops the 4-D mask would let packed examples attend to their row-mates: the check
+    catches it, and scoring runs whole examples, with the same scores as the honest backbone."""
+    import post.scoring as scoring
+
+    tiny = tiny_model("llama")
+    body = tiny.model.model
+
+    class NoMask(type(body)):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                    use_cache=None, **kw):
+            return super().forward(input_ids=input_ids, position_ids=position_ids, cache=cache,
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kw)
+
+    task = Task(template=HEADED)
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False)
+    monkeypatch.setattr(body, "__class__", NoMask)
+    monkeypatch.setattr(scoring, "_SHARES", weakref.WeakKeyDictionary())
+    assert scoring.packs(tiny.model, enc) and not scoring.shares_prefix(tiny.model, enc)
+    np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False), want,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rows_past_the_sliding_window_run_whole(monkeypatch):
+    """The 4-D mask replaces the sliding-window mask, so rows that reach past the window run whole. Tiny
+    Gemma 3's window (8 tokens) fails the check; with it widened the start is shared, and with the check
+    forced on, rows wider than the window fall back. Either way the scores are those of whole examples."""
+    import post.scoring as scoring
+
+    tiny = tiny_model("gemma3")
+    task = Task(template=HEADED)
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    prompt = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
+    want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt, progress=False,
+                          share_prefix=False)
+    assert not scoring.shares_prefix(tiny.model, enc)
+    config = tiny.model.config.get_text_config()
+    monkeypatch.setattr(scoring, "_SHARES", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(config, "sliding_window", 256)
+    assert scoring.shares_prefix(tiny.model, enc)  # and stays on for this model: the check is not re-run below
+    wide = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt, progress=False,
+                          share_prefix=False)
+    np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt,
+                                              progress=False), wide, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(wide, want, rtol=1e-4, atol=1e-5)  # the window matters for these texts
+    monkeypatch.setattr(config, "sliding_window", 8)
+    seqs, answers = enc.encode(TEXTS)
+    with torch.no_grad():
+        start = scoring.shared_start(tiny.model, scoring.head_ids(enc), prompt)
+        assert scoring.start_hidden(tiny.model, enc.pad_id, [(seqs[2], answers[2], start.head, start)]) is None
+    np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt,
+                                              progress=False), want, rtol=1e-4, atol=1e-5)

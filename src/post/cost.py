@@ -890,6 +890,28 @@ def _run(seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], extra: 
     return out
 
 
+def _scored(seqs: Sequence[Sequence[int]], answers: Sequence[int], head: int, size: int, extra: int,
+            packing: bool) -> Tokens:
+    """The tokens :func:`post.scoring.predict_scores` runs over ``seqs`` with an ``extra``-token prompt: where the
+    model packs and the examples share a start (the prompt and the template's ``head`` tokens,
+    :class:`post.scoring.SharedStart`), that start once, then the rest of each example packed
+    (:func:`post.scoring.prefix_groups`), every row's attention running over the start as well; else :func:`_run`
+    over :func:`_buckets`."""
+    start = extra + head
+    if not (packing and start and seqs):
+        return _run(seqs, _buckets(seqs, size, extra, packing), extra, packing)
+    from post.scoring import prefix_groups, tight_rows
+
+    skips = [min(head, int(a)) for a in answers]  # SharedStart.covers
+    rest = [len(s) - k for s, k in zip(seqs, skips, strict=True)]
+    out = Tokens(0, start, start**2)
+    for g in prefix_groups([len(s) for s in seqs], skips, size):
+        rows = tight_rows([rest[i] for i in g])
+        width = max(sum(rest[g[j]] for j in row) for row in rows)
+        out = out + Tokens(len(g), len(rows) * width, len(rows) * width * (width + start))
+    return out
+
+
 def _buckets(seqs: Sequence[Sequence[int]], size: int, extra: int, packing: bool) -> list[list[int]]:
     """Indices of the groups that scoring (``predict_scores``) and the transfer's cached constants
     (``Scorer.constants``) run together: :func:`post.scoring.score_groups`."""
@@ -919,7 +941,7 @@ def tune_run_cost(run: Path) -> StageCost:
 
     from post.dp import poisson_sample, step_generator
     from post.resolve import load_task, subset
-    from post.scoring import Encoder
+    from post.scoring import Encoder, head_ids
     from post.tune import TuneConfig, _epoch_order, make_plan, training_indices
 
     cfg = _build(TuneConfig, _read_config(run))
@@ -943,7 +965,7 @@ def tune_run_cost(run: Path) -> StageCost:
             idx = _epoch_order(cfg.seed, epoch, plan.n_train)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
         groups += _micro_batches(seqs, torch.as_tensor(idx).tolist(), cfg.micro_batch_size)
     val = data.split("validation")
-    val_seqs, _ = enc.encode([val.texts[i] for i in subset(len(val), cfg.eval_limit, cfg.seed)])
+    val_seqs, val_answers = enc.encode([val.texts[i] for i in subset(len(val), cfg.eval_limit, cfg.seed)])
     every = cfg.eval_every or plan.steps_per_epoch
     n_evals = sum(1 for d in range(1, steps + 1) if d % every == 0 or d == plan.total_steps)
     from post.tasks import Verbalizer
@@ -951,8 +973,8 @@ def tune_run_cost(run: Path) -> StageCost:
     cols = len(Verbalizer.build(data.task, tok).token_ids)
     packing = enc.kind == "causal"  # what post.scoring.packs finds for every built-in causal model
     train_tok = _run(seqs, groups, cfg.n_tokens, packing)
-    eval_tok = _run(val_seqs, _buckets(val_seqs, cfg.micro_batch_size, cfg.n_tokens, packing), cfg.n_tokens,
-                    packing).scale(n_evals)
+    eval_tok = _scored(val_seqs, val_answers, len(head_ids(enc)), cfg.micro_batch_size, cfg.n_tokens,
+                       packing).scale(n_evals)
     return StageCost(run.name, "user", tune_parts(arch, _role(run), train_tok, eval_tok, cols, False),
                      f"{steps} steps, {n_evals} validation(s)", dp=cfg.dp)
 

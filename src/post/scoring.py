@@ -18,6 +18,11 @@ C classes.
   transformers turns them into a block-diagonal causal mask, so each example's hidden states (and
   gradients) are those it gets alone. Padded batches of length-sorted examples remain for masked
   LMs and for any model that fails the exactness check (:func:`packs`).
+- Scoring without gradients (:func:`predict_scores`, the service) computes what every example starts with
+  (the soft prompt, BOS and the template's text before ``{text}``) once and lets each packed example attend
+  to it through a KV cache (:class:`SharedStart`, :func:`start_hidden`, :func:`shares_prefix`): a 100-token
+  prompt is no longer run once per text. Gradient paths (tuning, DP, the transfer's steps) keep whole
+  examples.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from post.errors import PostError
 from post.tasks import Task, Verbalizer
@@ -530,24 +535,223 @@ def class_scores(model: nn.Module, batch: Batch | PackedBatch, verbalizer: Verba
 
 
 def hidden_batches(model: nn.Module, encoder: Encoder, texts: Sequence[str], batch_size: int,
-                   prompt: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                   prompt: torch.Tensor | None = None, *, share_prefix: bool = True,
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(indices, (b, d) answer-position hidden states) for ``texts``, a forward at a time (:func:`score_groups`:
-    packed where the model packs, else length-sorted padded batches); ``prompt`` (n, d) is in front of each."""
+    packed where the model packs, else length-sorted padded batches); ``prompt`` (n, d) is in front of each.
+
+    Without gradients (and ``share_prefix``), on a model that :func:`shares_prefix`, the start every example
+    has in common (the prompt, then the template's :func:`head_ids`) runs once (:func:`shared_start`), and
+    each forward packs only the rest of each example, attending to that start through a KV cache
+    (:func:`prefix_groups`, :func:`start_hidden`)."""
     seqs, answers = encoder.encode(texts)
     n = 0 if prompt is None else prompt.shape[-2]
+    head = head_ids(encoder)
+    if (share_prefix and seqs and n + len(head) > 0 and not torch.is_grad_enabled()
+            and (prompt is None or prompt.dim() == 2) and shares_prefix(model, encoder)):
+        start = shared_start(model, head, prompt)
+        skips = [start.covers(a) for a in answers]
+        for idx in prefix_groups([len(s) for s in seqs], skips, batch_size):
+            hidden = start_hidden(model, encoder.pad_id, [(seqs[i], answers[i], skips[i], start) for i in idx])
+            yield idx, examples_hidden(model, encoder, seqs, answers, idx, prompt) if hidden is None else hidden
+        return
     for idx in score_groups([len(s) for s in seqs], batch_size, n, packing=packs(model, encoder)):
         yield idx, examples_hidden(model, encoder, seqs, answers, idx, prompt)
+
+
+def head_ids(encoder: Encoder) -> list[int]:
+    """The token ids every example of a causal LM starts with: BOS and the template's text before ``{text}``
+    (none for a masked LM, whose scoring never shares a start)."""
+    return list(encoder.bos_ids) + list(encoder.pre_ids) if encoder.kind == "causal" else []
+
+
+@dataclass
+class SharedStart:
+    """The start that examples share, run once: a prompt's n vectors followed by ``head`` token ids.
+
+    ``kv``: per layer (keys, values), each (1, heads, n + head, head dim)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    head: int
+
+    @property
+    def length(self) -> int:
+        return int(self.kv[0][0].shape[-2])
+
+    def covers(self, answer: int) -> int:
+        """How many of an example's own tokens this start stands for: its head, cut short so the example's
+        answer (read at ``answer``) stays among the tokens it runs itself (an example that is nothing but the
+        template's head reads its answer inside the head)."""
+        return min(self.head, int(answer))
+
+
+def prefix_groups(lengths: Sequence[int], skips: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """The examples scored together after their shared start: :func:`pack_rows` over what is left of each
+    (``lengths`` are whole examples without the prompt, ``skips`` the tokens the start stands for)."""
+    return pack_rows([int(n) - int(k) for n, k in zip(lengths, skips, strict=True)], batch_size)
+
+
+def _cache_kwarg(body: nn.Module) -> str | None:
+    params = _forward_params(type(body))
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def shared_start(model: nn.Module, ids: Sequence[int], prompt: torch.Tensor | None) -> SharedStart:
+    """``prompt`` (n, d) followed by ``ids``, run once through the backbone: its KV cache."""
+    body = backbone(model)
+    embeds = model.get_input_embeddings()(torch.tensor([list(ids)], dtype=torch.long, device=model.device))
+    if prompt is not None:
+        embeds = torch.cat([prompt.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(0), embeds], dim=1)
+    cache = DynamicCache()
+    body(inputs_embeds=embeds, use_cache=True, **{_cache_kwarg(body): cache})  # type: ignore[dict-item]
+    return SharedStart([(layer.keys, layer.values) for layer in cache.layers], len(ids))
+
+
+#: One example for :func:`start_hidden`: its whole token ids, answer index, how many of its first tokens its start
+#: stands for, and that start.
+StartExample = tuple[Sequence[int], int, int, SharedStart]
+
+
+def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]) -> torch.Tensor | None:
+    """(b, d) answer-position hidden states of ``examples`` (in that order), each run after its shared start.
+
+    The starts of the batch (one, or one per prompt in a service's mixed batch) are laid side by side in one
+    KV cache; the rest of each example is packed end to end (:func:`tight_rows`). A 4-D mask lets every token
+    attend to its own start's first n + k positions (k: the tokens of the example that start stands for) and
+    causally to its own example, and its position ids continue from n + k, so each example's hidden states are
+    those it gets run whole and alone. None where the rows would not fit the model's sliding window (the 4-D
+    mask does not apply it): the caller runs those examples whole."""
+    body = backbone(model)
+    starts: dict[int, tuple[int, SharedStart]] = {}  # id -> (column offset, start)
+    for *_, start in examples:
+        if id(start) not in starts:
+            starts[id(start)] = (sum(s.length for _, s in starts.values()), start)
+    p = sum(s.length for _, s in starts.values())
+    if not examples or not p:
+        raise PostError("start_hidden needs examples and a start of at least one position.")
+    rest = [list(ids[k:]) for ids, _, k, _ in examples]
+    rows = tight_rows([len(r) for r in rest])
+    width = max(sum(len(rest[j]) for j in row) for row in rows)
+    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "sliding_window", None)
+    if window and p + width > int(window):
+        return None
+    r_count = len(rows)
+    ids = torch.full((r_count, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((r_count, width), dtype=torch.long)
+    block = torch.arange(width).repeat(r_count, 1) + len(examples)  # tail padding: each token a block of its own
+    seen = torch.zeros((r_count, width, p), dtype=torch.bool)  # the start columns each token attends to
+    seen[:, :, 0] = True  # tail padding attends to something: a row of -inf would make NaN
+    a_row, a_col, order = [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for j in row:
+            _, answer, k, start = examples[j]
+            offset, _ = starts[id(start)]
+            used = start.length - start.head + k
+            toks, end = rest[j], at + len(rest[j])
+            ids[r, at:end] = torch.tensor(toks, dtype=torch.long)
+            pos[r, at:end] = used + torch.arange(len(toks))
+            block[r, at:end] = j
+            seen[r, at:end, 0] = False
+            seen[r, at:end, offset : offset + used] = True
+            a_row.append(r)
+            a_col.append(at + int(answer) - k)
+            order.append(j)
+            at = end
+    col = torch.arange(width)
+    own = (block[:, :, None] == block[:, None, :]) & (col[None, :, None] >= col[None, None, :])
+    allowed = torch.cat([seen, own], dim=-1)
+    dtype = next(iter(starts.values()))[1].kv[0][0].dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    cache = DynamicCache()
+    for layer in range(len(next(iter(starts.values()))[1].kv)):
+        keys = torch.cat([s.kv[layer][0] for _, s in starts.values()], dim=-2)
+        values = torch.cat([s.kv[layer][1] for _, s in starts.values()], dim=-2)
+        cache.update(keys.expand(r_count, -1, -1, -1), values.expand(r_count, -1, -1, -1), layer)
+    device = model.device
+    out = body(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask[:, None].to(device),
+               use_cache=True, **{_cache_kwarg(body): cache})  # type: ignore[dict-item]
+    hidden = _last_hidden(out)[torch.tensor(a_row, device=device), torch.tensor(a_col, device=device)]
+    return hidden[torch.argsort(torch.tensor(order)).to(device)]
+
+
+def shares_prefix(model: nn.Module, encoder: Encoder | None = None) -> bool:
+    """Whether scoring may run the examples' shared start once (:func:`hidden_batches`): a causal LM that packs
+    (:func:`packs`; ``encoder`` None: :func:`model_packs`), whose backbone takes a KV cache and a 4-D attention
+    mask, and whose hidden states that way match each example run whole and alone (checked once per model,
+    attention and dtype, by running :func:`start_hidden` itself, with two starts side by side, against each
+    example alone, and a row-mate changed)."""
+    packing = model_packs(model) if encoder is None else packs(model, encoder)
+    if not packing or _cache_kwarg(backbone(model)) is None:
+        return False
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    key = (attention, str(next(model.parameters()).dtype), str(model.device))
+    seen = _SHARES.setdefault(model, {})
+    if key not in seen:
+        seen[key] = _shares_like_alone(model)
+    return seen[key]
+
+
+_SHARES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, str], bool]] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _shares_like_alone(model: nn.Module) -> bool:
+    """Two starts (a 2-vector prompt and a 1-token head; a 3-vector prompt and a 2-token head) and examples of
+    5, 1, 3, 4 and 2 more tokens, the last standing for one head token only, through :func:`start_hidden` (two
+    packed rows, one with a padding tail) against each whole example run alone; then example 2's tokens
+    changed: its row-mates must not move."""
+    body = backbone(model)
+    embed = model.get_input_embeddings()
+    vocab, dtype = int(embed.weight.shape[0]), embed.weight.dtype
+    g = torch.Generator().manual_seed(0)
+    rand = lambda m: torch.randint(0, vocab, (m,), generator=g).tolist()  # noqa: E731
+    prompts = [embed(torch.randint(0, vocab, (m,), generator=g).to(model.device)).float() for m in (2, 3)]
+    heads = [rand(1), rand(2)]
+    owner = [0, 1, 0, 1, 1]
+    seqs = [heads[o] + rand(m) for o, m in zip(owner, (5, 1, 3, 4, 2))]
+    seqs[4] = heads[1][:1]  # nothing but part of its head: its answer is inside the head
+    kw = {"use_cache": False} if _takes_use_cache(body) else {}
+    was_training = model.training
+    model.eval()
+    try:
+        starts = [shared_start(model, h, p) for h, p in zip(heads, prompts)]
+
+        def run(seqs: list[list[int]]) -> torch.Tensor | None:
+            ex = [(s, len(s) - 1, starts[o].covers(len(s) - 1), starts[o]) for s, o in zip(seqs, owner)]
+            return start_hidden(model, 0, ex)
+
+        got = run(seqs)
+        want = torch.stack([_last_hidden(body(inputs_embeds=torch.cat(
+            [prompts[o], embed(torch.tensor(s, device=model.device)).float()]).unsqueeze(0).to(dtype), **kw))[0, -1]
+            for s, o in zip(seqs, owner)]).float()
+        changed = [list(s) for s in seqs]
+        changed[2] = heads[0] + rand(3)
+        moved = run(changed)
+        if got is None or moved is None:
+            return False
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+        return False  # a backbone that does not take a cache or a 4-D mask this way
+    finally:
+        model.train(was_training)
+    got, moved = got.float(), moved.float()
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * (float(want.abs().max()) + 1e-6)
+    exact = float((got - want).abs().max()) <= tol
+    unmoved = float((moved[[0, 1, 3, 4]] - got[[0, 1, 3, 4]]).abs().max()) <= tol
+    return exact and unmoved
 
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, texts: Sequence[str], *,
                    batch_size: int = 32, prompt: torch.Tensor | None = None, progress: bool | None = None,
-                   desc: str = "scoring") -> np.ndarray:
+                   desc: str = "scoring", share_prefix: bool = True) -> np.ndarray:
     """(N, C) class scores for ``texts`` in their original order, with one ``prompt`` (n, d) for all.
 
     Causal LMs that pack (:func:`packs`) score about ``batch_size`` texts' worth of tokens per forward,
-    end to end with no padding between them (:func:`pack_rows`); others score length-sorted batches
-    of ``batch_size``, each padded to its own longest (:func:`length_buckets`).
+    end to end with no padding between them (:func:`pack_rows`), the prompt and the template's shared start
+    run once per call where the model allows it (:func:`shares_prefix`; ``share_prefix=False`` runs every
+    example whole); others score length-sorted batches of ``batch_size``, each padded to its own longest
+    (:func:`length_buckets`).
     """
     from tqdm.auto import tqdm
 
@@ -557,7 +761,7 @@ def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, t
     try:
         with tqdm(total=len(texts), desc=desc, unit="ex", disable=True if progress is False else None,
                   leave=False) as bar:
-            for idx, hidden in hidden_batches(model, encoder, texts, batch_size, prompt):
+            for idx, hidden in hidden_batches(model, encoder, texts, batch_size, prompt, share_prefix=share_prefix):
                 out[idx] = label_scores(model, hidden, verbalizer).float().numpy()
                 bar.update(len(idx))
     finally:

@@ -17,6 +17,13 @@ without a prompt, so each text's class scores equal one-at-a-time scoring up to 
 (``tests/test_service_engine.py`` checks 1e-5). The hidden state at each answer position goes
 through the LM head's label-word rows of that text's task (texts are grouped by verbalizer).
 
+Where the model also passes :func:`post.scoring.shares_prefix`, each prompt's start (its n_i vectors, BOS and
+its template's text before ``{text}``) is run once, when the prompt is loaded, and kept with it as a KV cache
+(:class:`post.scoring.SharedStart`, about 2 · layers · kv width · (n_i + head) values: 0.5 MB for a 10-token
+prompt on smollm2-135m in fp32). A forward then packs only the rest of each text, and each text attends to its
+own prompt's start (:func:`post.scoring.start_hidden`), so a text no longer pays for its prompt's n_i positions,
+whether it arrives alone or in a batch. A forward with a non-finite answer state is run again padded, as above.
+
 :class:`Batcher` turns concurrent requests into such forwards: the first waiting request opens a
 batch, which then takes more requests for at most ``max_wait`` seconds or until ``max_batch`` rows;
 the queue holds at most ``max_queue`` requests (a full queue is answered 429 with Retry-After).
@@ -40,7 +47,20 @@ import numpy as np
 import torch
 
 from post.models import LoadedModel
-from post.scoring import Encoder, _last_hidden, _takes_use_cache, backbone, label_scores, model_packs, tight_rows
+from post.scoring import (
+    Encoder,
+    SharedStart,
+    _last_hidden,
+    _takes_use_cache,
+    backbone,
+    head_ids,
+    label_scores,
+    model_packs,
+    shared_start,
+    shares_prefix,
+    start_hidden,
+    tight_rows,
+)
 from post.service.errors import ApiError
 from post.service.store import ModelIdentity, read_checked
 from post.tasks import Task, Verbalizer
@@ -50,13 +70,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedPrompt:
-    """A transferred prompt ready to serve: tensor (n, d) on the model's device and dtype, its task's pieces."""
+    """A transferred prompt ready to serve: tensor (n, d) on the model's device and dtype, its task's pieces, and
+    (where the scorer shares starts) its start run once."""
 
     id: str
     tensor: torch.Tensor
     task: Task
     encoder: Encoder
     verbalizer: Verbalizer
+    start: SharedStart | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -75,13 +97,17 @@ class Row:
 class MixedScorer:
     """Class scores of rows with different prompts and tasks in one forward of the target."""
 
-    def __init__(self, loaded: LoadedModel, max_length: int, *, pack: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, max_length: int, *, pack: bool = True, share: bool = True) -> None:
         """``pack``: lay texts end to end where the model scores packed examples exactly (:func:`post.scoring.packs`);
-        False pads every forward (the layout before packing; benchmarks compare the two)."""
+        False pads every forward (the layout before packing; benchmarks compare the two). ``share``: run each
+        prompt's start once, when it is loaded, where the model allows it (:func:`post.scoring.shares_prefix`);
+        False runs every text whole."""
         self.loaded, self.max_length, self.pack = loaded, max_length, pack
         self.model = loaded.model.eval()
-        # The packing check runs here, once, rather than inside the first request.
-        log.info("mixed-prompt batches: %s", "packed end to end" if self.packing() else "padded rows")
+        # The packing and sharing checks run here, once, rather than inside the first request.
+        self.sharing = share and self.packing() and shares_prefix(self.model)
+        log.info("mixed-prompt batches: %s", ("packed end to end, each prompt's start run once" if self.sharing
+                                              else "packed end to end" if self.packing() else "padded rows"))
         self.dtype = next(self.model.parameters()).dtype
         tok = loaded.tokenizer
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
@@ -105,7 +131,11 @@ class MixedScorer:
         if not bool(torch.isfinite(served).all()):
             raise ApiError("bad_prompt_file", f"prompt {id} is not finite in the served model's {self.dtype}; "
                            "its values overflow that type.")
-        return ServedPrompt(id, served, task, encoder, verbalizer)
+        start = None
+        if self.sharing:
+            with torch.no_grad():
+                start = shared_start(self.model, head_ids(encoder), served)
+        return ServedPrompt(id, served, task, encoder, verbalizer, start)
 
     def rows(self, prompt: ServedPrompt, texts: Sequence[str]) -> list[Row]:
         seqs, answers = prompt.encoder.encode(texts)
@@ -158,6 +188,14 @@ class MixedScorer:
             inputs["use_cache"] = False
         return _last_hidden(body(**inputs))[a_row, a_col]
 
+    def _shared_states(self, rows: Sequence[Row]) -> torch.Tensor | None:
+        """(B, d) answer states with each prompt's start run once (:func:`post.scoring.start_hidden`), in the order
+        of ``rows``; None where a row has no start or the rows would not fit the model's sliding window."""
+        if not all(r.prompt.start is not None for r in rows):
+            return None
+        return start_hidden(self.model, self.pad_id, [(r.ids, r.answer, r.prompt.start.covers(r.answer),  # type: ignore[union-attr]
+                                                       r.prompt.start) for r in rows])
+
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> list[np.ndarray]:
         """Per row, its (C_i,) class scores in its task's class order (one forward: it succeeds or raises for all;
@@ -165,7 +203,9 @@ class MixedScorer:
         if not rows:
             return []
         packed = self.packing()
-        at = self._answer_states(rows, packed)
+        at = self._shared_states(rows) if self.sharing else None
+        if at is None:
+            at = self._answer_states(rows, packed)
         if packed and not bool(torch.isfinite(at).all()):  # one text's overflow reaches its row-mates: isolate it
             at = self._answer_states(rows, packed=False)
         result: list[np.ndarray | None] = [None] * len(rows)
