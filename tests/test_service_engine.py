@@ -111,6 +111,50 @@ def test_a_prompt_that_overflows_the_served_dtype_is_refused():
     assert scorer.scores([]) == []
 
 
+def test_a_prompt_longer_than_the_model_reads_is_refused_with_an_api_error():
+    """GPT-2 reads at most n_positions positions; a longer prompt's start cannot run: a clear refusal at load."""
+    loaded = load_model("tiny-gpt2")
+    scorer = MixedScorer(loaded, max_length=64)
+    assert scorer.sharing
+    too_long = loaded.model.config.n_positions + 1
+    with pytest.raises(ApiError, match=f"{too_long} vectors") as err:
+        scorer.prepare("p", init_prompt(loaded, too_long, init="random", seed=0), SENTIMENT)
+    assert err.value.code == "bad_prompt_file"
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_each_packed_row_holds_only_its_own_texts_starts(model, monkeypatch):
+    """Eight prompts of 6-9 vectors, one short text each, packed into a few rows: each row's KV cache holds the
+    starts of its own texts, padded to the widest row's, not all eight in every row (which would cost rows × all
+    starts of memory). Rows with fewer starts than the widest are padded; the scores stay those of each text
+    scored whole and alone."""
+    import post.scoring as scoring
+
+    loaded = load_model(model)
+    scorer = MixedScorer(loaded, max_length=64)
+    prompts = [scorer.prepare(f"p{i}", init_prompt(loaded, 6 + i % 4, init="random", seed=i), SENTIMENT)
+               for i in range(8)]
+    texts = ["good", "a truly awful and very long delay at the gate and then more", "ok", "bad", "great", "fine",
+             "the crew was friendly", "meh"]
+    rows = [r for p, t in zip(prompts, texts) for r in scorer.rows(p, [t])]
+    widths = []
+
+    class Recording(scoring.DynamicCache):
+        def update(self, keys, values, layer, *args, **kw):
+            if layer == 0 and not widths:
+                widths.append(tuple(keys.shape))
+            return super().update(keys, values, layer, *args, **kw)
+
+    monkeypatch.setattr(scoring, "DynamicCache", Recording)
+    got = scorer.scores(rows)
+    (r_count, _, columns, _), = widths
+    every = sum(p.start.length for p in prompts)
+    assert 1 < r_count < len(rows) and columns < every
+    assert columns >= max(p.start.length for p in prompts)
+    want = [_reference(loaded, p.tensor, p.task, [t])[0] for p, t in zip(prompts, texts)]
+    np.testing.assert_allclose(np.stack(got), np.stack(want), atol=1e-5, rtol=0)
+
+
 def test_a_batch_packed_for_prompts_of_different_lengths_needs_its_vectors_placed():
     loaded = load_model("tiny-gpt2")
     enc = Encoder(SENTIMENT, loaded.tokenizer, loaded.kind, 64)

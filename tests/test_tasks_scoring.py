@@ -411,10 +411,10 @@ def test_a_backbone_that_ignores_the_4d_mask_never_shares_a_start(monkeypatch):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_rows_past_the_sliding_window_run_whole(monkeypatch):
-    """The 4-D mask replaces the sliding-window mask, so rows that reach past the window run whole. Tiny
-    Gemma 3's window (8 tokens) fails the check; with it widened the start is shared, and with the check
-    forced on, rows wider than the window fall back. Either way the scores are those of whole examples."""
+def test_examples_past_the_sliding_window_run_whole(monkeypatch):
+    """The 4-D mask replaces the sliding-window mask, so examples that would reach past the window run whole.
+    Tiny Gemma 3's window (8 tokens) fails the check; with it widened the start is shared, and with the check
+    forced on, an example longer than the window falls back. Either way the scores are those of whole examples."""
     import post.scoring as scoring
 
     tiny = tiny_model("gemma3")

@@ -557,7 +557,11 @@ def _width(w: Setting, text: float) -> float:
 
 
 def estimate(w: Setting, rates: Rates) -> dict[str, Any]:
-    """Every stage's FLOPs and seconds for workload ``w``; the user's, the provider's cost and the ratios."""
+    """Every stage's FLOPs and seconds for workload ``w``; the user's, the provider's cost and the ratios.
+
+    Validation is counted with the prompt in front of every example, as the paper's code runs it; this
+    project's scoring runs a prompt's start once (:func:`_scored`, which the measured stage costs use), so its
+    validations cost a little less than counted here."""
     target = resolve_arch(w.target)
     source = target.keep(student_layers(w.keep_layers, target.n_layers))
     n = w.n_tokens
@@ -896,7 +900,8 @@ def _scored(seqs: Sequence[Sequence[int]], answers: Sequence[int], head: int, si
     model packs and the examples share a start (the prompt and the template's ``head`` tokens,
     :class:`post.scoring.SharedStart`), that start once, then the rest of each example packed
     (:func:`post.scoring.prefix_groups`), every row's attention running over the start as well; else :func:`_run`
-    over :func:`_buckets`."""
+    over :func:`_buckets`. It takes the start as shared wherever the model packs: what
+    :func:`post.scoring.shares_prefix` finds for every built-in causal model."""
     start = extra + head
     if not (packing and start and seqs):
         return _run(seqs, _buckets(seqs, size, extra, packing), extra, packing)
@@ -913,8 +918,8 @@ def _scored(seqs: Sequence[Sequence[int]], answers: Sequence[int], head: int, si
 
 
 def _buckets(seqs: Sequence[Sequence[int]], size: int, extra: int, packing: bool) -> list[list[int]]:
-    """Indices of the groups that scoring (``predict_scores``) and the transfer's cached constants
-    (``Scorer.constants``) run together: :func:`post.scoring.score_groups`."""
+    """Indices of the groups that scoring without a shared start (``predict_scores``) and the transfer's cached
+    constants (``Scorer.constants``) run together: :func:`post.scoring.score_groups`."""
     from post.scoring import score_groups
 
     return [b.tolist() for b in score_groups([len(s) for s in seqs], size, extra, packing=packing)]
@@ -933,9 +938,10 @@ def tune_run_cost(run: Path) -> StageCost:
     """The batches a finished ``post tune`` run took (and its in-loop validations) as a stage cost.
 
     Non-private runs: the exact batches (same seed and order) and micro-batches (a batch larger than
-    ``micro_batch_size`` sorted by length first, as ``PromptTrainer._chunks`` does); validation in
-    length-sorted batches, as ``predict_scores``. DP runs draw their Poisson samples from a secret seed, so a
-    stand-in sample of the same rate is drawn: the same expected cost.
+    ``micro_batch_size`` sorted by length first, as ``PromptTrainer._chunks`` does); validation as
+    ``predict_scores`` runs it (:func:`_scored`: the prompt's start once, the rest of each example packed).
+    DP runs draw their Poisson samples from a secret seed, so a stand-in sample of the same rate is drawn:
+    the same expected cost.
     """
     import torch
 

@@ -615,26 +615,32 @@ StartExample = tuple[Sequence[int], int, int, SharedStart]
 def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]) -> torch.Tensor | None:
     """(b, d) answer-position hidden states of ``examples`` (in that order), each run after its shared start.
 
-    The starts of the batch (one, or one per prompt in a service's mixed batch) are laid side by side in one
-    KV cache; the rest of each example is packed end to end (:func:`tight_rows`). A 4-D mask lets every token
-    attend to its own start's first n + k positions (k: the tokens of the example that start stands for) and
-    causally to its own example, and its position ids continue from n + k, so each example's hidden states are
-    those it gets run whole and alone. None where the rows would not fit the model's sliding window (the 4-D
-    mask does not apply it): the caller runs those examples whole."""
+    The rest of each example is packed end to end (:func:`tight_rows`), and each packed row gets the starts
+    of its own examples (one, or one per prompt in a service's mixed batch) side by side in its KV cache, so
+    the cache holds rows × the widest row's starts, not every start of the batch in every row. A 4-D mask
+    lets every token attend to its own start's first n + k positions (k: the tokens of the example that start
+    stands for) and causally to its own example, and its position ids continue from n + k, so each example's
+    hidden states are those it gets run whole and alone. None where an example run whole would not fit the
+    model's sliding window (the 4-D mask does not apply it): the caller runs those examples whole."""
     body = backbone(model)
-    starts: dict[int, tuple[int, SharedStart]] = {}  # id -> (column offset, start)
-    for *_, start in examples:
-        if id(start) not in starts:
-            starts[id(start)] = (sum(s.length for _, s in starts.values()), start)
-    p = sum(s.length for _, s in starts.values())
-    if not examples or not p:
-        raise PostError("start_hidden needs examples and a start of at least one position.")
+    if not examples or not all(start.length for *_, start in examples):
+        raise PostError("start_hidden needs examples and starts of at least one position.")
+    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "sliding_window", None)
+    if window and max(start.length - start.head + len(ids) for ids, _, _, start in examples) > int(window):
+        return None
     rest = [list(ids[k:]) for ids, _, k, _ in examples]
     rows = tight_rows([len(r) for r in rest])
     width = max(sum(len(rest[j]) for j in row) for row in rows)
-    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "sliding_window", None)
-    if window and p + width > int(window):
-        return None
+    # Per row, its examples' distinct starts in first-seen order, each at a column offset.
+    row_starts: list[dict[int, tuple[int, SharedStart]]] = []
+    for row in rows:
+        placed: dict[int, tuple[int, SharedStart]] = {}
+        for j in row:
+            start = examples[j][3]
+            if id(start) not in placed:
+                placed[id(start)] = (sum(s.length for _, s in placed.values()), start)
+        row_starts.append(placed)
+    p = max(sum(s.length for _, s in placed.values()) for placed in row_starts)
     r_count = len(rows)
     ids = torch.full((r_count, width), pad_id, dtype=torch.long)
     pos = torch.zeros((r_count, width), dtype=torch.long)
@@ -646,7 +652,7 @@ def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]
         at = 0
         for j in row:
             _, answer, k, start = examples[j]
-            offset, _ = starts[id(start)]
+            offset, _ = row_starts[r][id(start)]
             used = start.length - start.head + k
             toks, end = rest[j], at + len(rest[j])
             ids[r, at:end] = torch.tensor(toks, dtype=torch.long)
@@ -661,13 +667,21 @@ def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]
     col = torch.arange(width)
     own = (block[:, :, None] == block[:, None, :]) & (col[None, :, None] >= col[None, None, :])
     allowed = torch.cat([seen, own], dim=-1)
-    dtype = next(iter(starts.values()))[1].kv[0][0].dtype
+    first = examples[0][3].kv
+    dtype = first[0][0].dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     cache = DynamicCache()
-    for layer in range(len(next(iter(starts.values()))[1].kv)):
-        keys = torch.cat([s.kv[layer][0] for _, s in starts.values()], dim=-2)
-        values = torch.cat([s.kv[layer][1] for _, s in starts.values()], dim=-2)
-        cache.update(keys.expand(r_count, -1, -1, -1), values.expand(r_count, -1, -1, -1), layer)
+    for layer in range(len(first)):
+        per_row = []
+        for placed in row_starts:
+            for t in (0, 1):
+                parts = [s.kv[layer][t] for _, s in placed.values()]
+                room = p - sum(x.shape[-2] for x in parts)  # columns no token of this row attends to
+                if room:
+                    parts.append(parts[0].new_zeros(*parts[0].shape[:-2], room, parts[0].shape[-1]))
+                per_row.append(torch.cat(parts, dim=-2))
+        keys, values = torch.cat(per_row[0::2]), torch.cat(per_row[1::2])
+        cache.update(keys, values, layer)
     device = model.device
     out = body(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask[:, None].to(device),
                use_cache=True, **{_cache_kwarg(body): cache})  # type: ignore[dict-item]
@@ -730,7 +744,7 @@ def _shares_like_alone(model: nn.Module) -> bool:
         moved = run(changed)
         if got is None or moved is None:
             return False
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+    except Exception:  # noqa: BLE001 - any failure means: not this way
         return False  # a backbone that does not take a cache or a 4-D mask this way
     finally:
         model.train(was_training)

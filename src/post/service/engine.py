@@ -133,8 +133,12 @@ class MixedScorer:
                            "its values overflow that type.")
         start = None
         if self.sharing:
-            with torch.no_grad():
-                start = shared_start(self.model, head_ids(encoder), served)
+            try:
+                with torch.no_grad():
+                    start = shared_start(self.model, head_ids(encoder), served)
+            except (IndexError, RuntimeError, ValueError) as e:  # e.g. more positions than the model reads
+                raise ApiError("bad_prompt_file", f"prompt {id} ({served.shape[0]} vectors) could not be run on the "
+                               f"served model: {type(e).__name__}: {str(e)[:200]}") from None
         return ServedPrompt(id, served, task, encoder, verbalizer, start)
 
     def rows(self, prompt: ServedPrompt, texts: Sequence[str]) -> list[Row]:
