@@ -111,15 +111,28 @@ def test_a_prompt_that_overflows_the_served_dtype_is_refused():
     assert scorer.scores([]) == []
 
 
-def test_a_prompt_longer_than_the_model_reads_is_refused_with_an_api_error():
-    """GPT-2 reads at most n_positions positions; a longer prompt's start cannot run: a clear refusal at load."""
+@pytest.mark.parametrize("share", [True, False])
+def test_a_prompt_longer_than_the_model_reads_is_refused_with_an_api_error(share):
+    """GPT-2 reads at most n_positions positions: a prompt that leaves less room than the longest text
+    (max_length tokens) is refused when it is loaded, before any forward, with sharing on or off; one that
+    leaves exactly that room is served."""
     loaded = load_model("tiny-gpt2")
-    scorer = MixedScorer(loaded, max_length=64)
-    assert scorer.sharing
-    too_long = loaded.model.config.n_positions + 1
-    with pytest.raises(ApiError, match=f"{too_long} vectors") as err:
-        scorer.prepare("p", init_prompt(loaded, too_long, init="random", seed=0), SENTIMENT)
-    assert err.value.code == "bad_prompt_file"
+    scorer = MixedScorer(loaded, max_length=64, share=share)
+    assert scorer.sharing == share and scorer.positions() == loaded.model.config.n_positions
+    fits = loaded.model.config.n_positions - 64
+    for n in (fits + 1, loaded.model.config.n_positions + 1):
+        with pytest.raises(ApiError, match=f"has {n} vectors") as err:
+            scorer.prepare("p", init_prompt(loaded, n, init="random", seed=0), SENTIMENT)
+        assert err.value.code == "bad_prompt_file"
+    served = scorer.prepare("q", init_prompt(loaded, fits, init="random", seed=0), SENTIMENT)
+    long_text = " ".join(["awful"] * 200)  # truncated to max_length tokens
+    assert np.isfinite(scorer.scores(scorer.rows(served, [long_text]))[0]).all()
+
+
+def test_a_masked_lms_positions_leave_out_the_padding_offset():
+    loaded = load_model("tiny-roberta")
+    config = loaded.model.config
+    assert MixedScorer(loaded, max_length=64).positions() == config.max_position_embeddings - config.pad_token_id - 1
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import functools
 import inspect
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from post.errors import PostError
 from post.tasks import Task, Verbalizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -652,6 +655,9 @@ def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]
         at = 0
         for j in row:
             _, answer, k, start = examples[j]
+            if not 0 <= k <= min(start.head, int(answer)):
+                raise PostError(f"an example's start stands for {k} of its tokens; its start has a head of "
+                                f"{start.head} and its answer is at {answer} (see SharedStart.covers).")
             offset, _ = row_starts[r][id(start)]
             used = start.length - start.head + k
             toks, end = rest[j], at + len(rest[j])
@@ -712,9 +718,10 @@ _SHARES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, str], bool]] 
 @torch.no_grad()
 def _shares_like_alone(model: nn.Module) -> bool:
     """Two starts (a 2-vector prompt and a 1-token head; a 3-vector prompt and a 2-token head) and examples of
-    5, 1, 3, 4 and 2 more tokens, the last standing for one head token only, through :func:`start_hidden` (two
-    packed rows, one with a padding tail) against each whole example run alone; then example 2's tokens
-    changed: its row-mates must not move."""
+    1, 2, 3 and 6 more tokens after their heads and one that is part of a head only, through
+    :func:`start_hidden` against each whole example run alone. They pack into two rows: one holds the first
+    start only (its start columns padded to the other's), the other both starts, the second at an offset, and
+    a padding tail. Then example 2's tokens are changed: its row-mates must not move."""
     body = backbone(model)
     embed = model.get_input_embeddings()
     vocab, dtype = int(embed.weight.shape[0]), embed.weight.dtype
@@ -722,8 +729,8 @@ def _shares_like_alone(model: nn.Module) -> bool:
     rand = lambda m: torch.randint(0, vocab, (m,), generator=g).tolist()  # noqa: E731
     prompts = [embed(torch.randint(0, vocab, (m,), generator=g).to(model.device)).float() for m in (2, 3)]
     heads = [rand(1), rand(2)]
-    owner = [0, 1, 0, 1, 1]
-    seqs = [heads[o] + rand(m) for o, m in zip(owner, (5, 1, 3, 4, 2))]
+    owner = [0, 1, 0, 0, 1]
+    seqs = [heads[o] + rand(m) for o, m in zip(owner, (1, 2, 3, 6, 2))]
     seqs[4] = heads[1][:1]  # nothing but part of its head: its answer is inside the head
     kw = {"use_cache": False} if _takes_use_cache(body) else {}
     was_training = model.training
@@ -744,7 +751,9 @@ def _shares_like_alone(model: nn.Module) -> bool:
         moved = run(changed)
         if got is None or moved is None:
             return False
-    except Exception:  # noqa: BLE001 - any failure means: not this way
+    except Exception as e:  # noqa: BLE001 - any failure means: not this way
+        log.warning("shared starts are off for this model: the check failed with %s: %s", type(e).__name__,
+                    str(e)[:200])
         return False  # a backbone that does not take a cache or a 4-D mask this way
     finally:
         model.train(was_training)

@@ -118,6 +118,17 @@ class MixedScorer:
         """Whether forwards lay texts end to end (``pack`` and the model scores packed examples exactly)."""
         return self.pack and self.loaded.kind == "causal" and model_packs(self.model)
 
+    def positions(self) -> int | None:
+        """How many positions the served model reads (its position table), where its config says."""
+        config = self.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        for key in ("n_positions", "max_position_embeddings"):
+            if isinstance(n := getattr(config, key, None), int):
+                # RoBERTa-style position ids start after the padding index
+                return n - (int(config.pad_token_id) + 1 if getattr(config, "model_type", "") in (
+                    "roberta", "xlm-roberta") and config.pad_token_id is not None else 0)
+        return None
+
     def prepare(self, id: str, tensor: torch.Tensor, task: Task) -> ServedPrompt:
         """A :class:`ServedPrompt`; encoders and verbalizers are shared by prompts of one task. A prompt that is not
         finite in the model's dtype (a value beyond float16's range, say) is refused: it would spoil its forwards."""
@@ -131,12 +142,19 @@ class MixedScorer:
         if not bool(torch.isfinite(served).all()):
             raise ApiError("bad_prompt_file", f"prompt {id} is not finite in the served model's {self.dtype}; "
                            "its values overflow that type.")
+        reads = self.positions()
+        if reads is not None and served.shape[0] + self.max_length > reads:
+            raise ApiError("bad_prompt_file", f"prompt {id} has {served.shape[0]} vectors; with texts of up to "
+                           f"{self.max_length} tokens the served model would read more than the {reads} positions "
+                           "it has. Use a shorter prompt.")
         start = None
         if self.sharing:
             try:
                 with torch.no_grad():
                     start = shared_start(self.model, head_ids(encoder), served)
-            except (IndexError, RuntimeError, ValueError) as e:  # e.g. more positions than the model reads
+            except torch.cuda.OutOfMemoryError:
+                raise  # the server's condition, not the prompt's
+            except (IndexError, RuntimeError, ValueError) as e:
                 raise ApiError("bad_prompt_file", f"prompt {id} ({served.shape[0]} vectors) could not be run on the "
                                f"served model: {type(e).__name__}: {str(e)[:200]}") from None
         return ServedPrompt(id, served, task, encoder, verbalizer, start)
@@ -194,7 +212,8 @@ class MixedScorer:
 
     def _shared_states(self, rows: Sequence[Row]) -> torch.Tensor | None:
         """(B, d) answer states with each prompt's start run once (:func:`post.scoring.start_hidden`), in the order
-        of ``rows``; None where a row has no start or the rows would not fit the model's sliding window."""
+        of ``rows``; None where a row has no start or a text would reach past the model's sliding window (then the
+        batch runs whole)."""
         if not all(r.prompt.start is not None for r in rows):
             return None
         return start_hidden(self.model, self.pad_id, [(r.ids, r.answer, r.prompt.start.covers(r.answer),  # type: ignore[union-attr]
