@@ -1,5 +1,6 @@
 """The cost model: FLOP counts by hand and against torch's counter, presets, ratios, run reconstruction, CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -445,3 +446,26 @@ def test_scoring_with_a_shared_start_by_hand_and_against_the_forwards_it_runs():
     seqs, answers = enc.encode(texts)
     model = cost._scored(seqs, answers, len(head_ids(enc)), 4, 3, True)
     assert len(seen) > 2 and sum(seen, Tokens()) == Tokens(0, model.tokens, model.squares)
+
+
+def test_dp_ledger_writes_by_hand_and_against_a_dp_run(tmp_path, monkeypatch):
+    """A DP run accounts ε and writes its ledger before its first step and at each checkpoint short of its planned
+    end; the cost model counts the same writes and adds the measured time of each."""
+    from helpers import write_sentiment_csv
+    from post import tune
+
+    assert [cost.dp_ledger_writes(s, 50) for s in (0, 1, 12, 50, 51, 100, 120)] == [0, 1, 1, 1, 2, 2, 3]
+    assert cost.dp_ledger_writes(4, 2, total_steps=6) == 3  # stopped early: 0, 2 and 4 were short of 6
+    data = write_sentiment_csv(tmp_path / "s.csv", n=40)
+    written: list[str] = []
+    real = tune.write_json
+    monkeypatch.setattr(tune, "write_json", lambda path, obj: (written.append(path.name), real(path, obj))[-1])
+    out = tmp_path / "run-tune-dp"
+    tune.tune(tune.TuneConfig(model="tiny-llama", task=str(data), label_words=LABEL_WORDS, n_tokens=2, max_steps=7,
+                              batch_size=8, eval_limit=4, test=False, dp=True, noise_multiplier=1.0,
+                              checkpoint_every=3), out)
+    during = written.count(tune.LEDGER_FILE) - 1  # the last: the final ledger, after training
+    stage = cost.tune_run_cost(out)
+    assert stage.ledger_writes == during == cost.dp_ledger_writes(7, 3) == 3  # before step 1, at 3 and at 6
+    plain = dataclasses.replace(stage, ledger_writes=0).timed(Rates(1e9, 1e9)).seconds
+    assert stage.timed(Rates(1e9, 1e9, ledger_write=0.5)).seconds == pytest.approx(plain + 1.5)

@@ -271,8 +271,11 @@ class Rates:
 
     ``source_*`` default to the target's. ``dp_overhead``: a DP step's time ÷ a non-private step's.
     ``loss_per_logit``: seconds per logit of distillation's full-vocabulary losses (log-softmax of both models,
-    KL, cross-entropy, and their backward): elementwise and transcendental work that FLOPs do not describe
-    (measured by :func:`calibrate`; 0 for a device, where it is a small share of the matmuls).
+    KL, cross-entropy, and their backward) and the rest of its step beyond the matmuls (clipping, the update):
+    elementwise work that FLOPs do not describe (measured by :func:`calibrate` on real steps; 0 for a device,
+    where it is a small share of the matmuls). ``ledger_write``: seconds to account a DP run's ε with its
+    accountant and write the ledger, which a DP run does before its first step and at each checkpoint
+    (:func:`dp_ledger_writes`).
     """
 
     forward: float
@@ -281,6 +284,7 @@ class Rates:
     source_backward: float | None = None
     dp_overhead: float = 1.0
     loss_per_logit: float = 0.0
+    ledger_write: float = 0.0
     label: str = ""
 
     @classmethod
@@ -318,6 +322,7 @@ class StageCost:
     note: str = ""
     seconds: float = 0.0
     dp: bool = False
+    ledger_writes: int = 0
 
     @property
     def flops(self) -> float:
@@ -325,8 +330,18 @@ class StageCost:
 
     def timed(self, rates: Rates) -> StageCost:
         s = sum(rates.seconds(p.flops, p.role) + p.logits * rates.loss_per_logit for p in self.parts)
-        self.seconds = s * (rates.dp_overhead if self.dp else 1.0)
+        self.seconds = s * (rates.dp_overhead if self.dp else 1.0) + self.ledger_writes * rates.ledger_write
         return self
+
+
+def dp_ledger_writes(steps: int, checkpoint_every: int = 50, total_steps: int | None = None) -> int:
+    """How often a DP ``post tune`` run of ``steps`` steps (of ``total_steps`` planned) accounts ε and writes its
+    ledger while it trains: before the first step, and at each checkpoint short of the planned end (the ledger
+    is written ahead of the steps it covers)."""
+    total = steps if total_steps is None else total_steps
+    if steps < 1 or total < 1:
+        return 0
+    return 1 + sum(1 for done in range(checkpoint_every, steps + 1, checkpoint_every) if done < total)
 
 
 def tune_parts(arch: Arch, role: Literal["target", "source"], train: Tokens, evals: Tokens, head_cols: int,
@@ -579,12 +594,14 @@ def estimate(w: Setting, rates: Rates) -> dict[str, Any]:
         tag = " (DP)" if dp else ""
         rows.append(StageCost(f"PT on Φs{tag}", "user", tune_parts(
             source, "source", Tokens.uniform(examples_s, priv), eval_tok, heads, w.all_positions),
-            f"{steps_s} steps × {w.batch_size}, {priv:.0f} tokens", dp=dp))
+            f"{steps_s} steps × {w.batch_size}, {priv:.0f} tokens", dp=dp,
+            ledger_writes=dp_ledger_writes(steps_s) if dp else 0))
     for dp in (False, True):
         tag = " (DP)" if dp else ""
         rows.append(StageCost(f"PT on Φt{tag}", "baseline", tune_parts(
             target, "target", Tokens.uniform(steps_t * tb, priv), Tokens.uniform(w.eval_examples * evals_t, priv),
-            heads, w.all_positions), f"{steps_t} steps × {tb}", dp=dp))
+            heads, w.all_positions), f"{steps_t} steps × {tb}", dp=dp,
+            ledger_writes=dp_ledger_writes(steps_t) if dp else 0))
     t_cols = target.vocab if w.transfer_mode == "vocab" or w.all_positions else heads
     pub_p = pub + n
     step_tok = Tokens.uniform(w.transfer_steps * w.transfer_batch_size, pub_p)
@@ -612,7 +629,8 @@ def estimate(w: Setting, rates: Rates) -> dict[str, Any]:
     baseline = by[f"PT on Φt{tag}"].seconds
     # The same examples on Φt as on Φs: the like-for-like baseline (the configured one may be shorter).
     equal = StageCost("PT on Φt, same examples", "baseline", tune_parts(
-        target, "target", Tokens.uniform(examples_s, priv), eval_tok, heads, w.all_positions), dp=w.dp).timed(rates)
+        target, "target", Tokens.uniform(examples_s, priv), eval_tok, heads, w.all_positions), dp=w.dp,
+        ledger_writes=dp_ledger_writes(steps_s) if w.dp else 0).timed(rates)
     one = Tokens.uniform(1, priv)
     per_ex_t = StageCost("", "", tune_parts(target, "target", one, Tokens(), heads, w.all_positions),
                          dp=w.dp).timed(rates).seconds
@@ -727,29 +745,75 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     return flops.forward / t_f, flops.backward / max(t_s - t_f, 1e-9), t["d"] / t["s"]
 
 
-def _loss_per_logit(vocab: int, clock: Callable[[], float], rows: int = 512) -> float:
-    """Seconds per logit of distillation's losses (:func:`post.distill.distill_losses`' KL + LM terms) and backward.
+def _ledger_write(clock: Callable[[], float], steps: int = 50, sample_rate: float = 0.01) -> float:
+    """Seconds a DP run takes to account ε (the PLD accountant, as ``post tune`` uses it) and write its ledger: the
+    median of two, at the demo's sample rate and a checkpoint's worth of steps."""
+    import statistics
+    import tempfile
 
-    ``rows`` as a distillation step has them (the demo's 4 × 128 tokens): these losses are memory-bound, so a
-    smaller block fits caches a real step does not. The median of three timed runs after a warm-up, not the
-    best: a prediction of a run's time wants its typical step (the best of two under-predicted distillation
-    by 24-33%)."""
+    from post.accounting import PrivacyLedger
+    from post.rundir import write_json
+
+    ledger = PrivacyLedger(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=sample_rate, steps=0,
+                           planned_steps=steps, delta=1e-5, accountant="pld", dataset_size=100,
+                           target_epsilon=None, epsilon=0.0)
+    took = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):
+            t0 = clock()
+            write_json(Path(tmp) / "ledger.json", ledger.after(steps).to_dict())
+            took.append(clock() - t0)
+    return statistics.median(took)
+
+
+def _distill_per_logit(teacher: Any, student: Any, teacher_arch: Arch, rates: Rates, clock: Callable[[], float],
+                       *, batch: int = 4, block: int = 128, steps: int = 3) -> float:
+    """Seconds per logit of a distillation step beyond its matmuls: real steps of :func:`post.distill.distill_losses`
+    (the shipped loss weights, teacher and student, ``batch`` × ``block`` tokens as the demo's step has them),
+    backward, gradient clipping and the AdamW update, timed, less what ``rates`` give for the step's FLOPs, per
+    full-vocabulary logit.
+
+    The full-vocabulary losses are memory-bound elementwise work that FLOPs do not describe, and timed apart from
+    a step (on random logits) they ran 3-4× faster than inside one; so the step itself is timed. The median of
+    ``steps`` timed steps after a warm-up. ``student`` is a throwaway copy: its weights are updated."""
     import statistics
 
     import torch
-    import torch.nn.functional as F
 
+    from post.distill import DistillConfig, distill_losses
+
+    cfg = DistillConfig()
+    model = student.model.train().requires_grad_(True)
+    if cfg.freeze_embeddings:  # as post.distill freezes them
+        model.get_input_embeddings().requires_grad_(False)
+    if cfg.freeze_head and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-6)
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(rows, vocab, generator=g).requires_grad_(True)
-    t, ids = torch.randn(rows, vocab, generator=g), torch.randint(vocab, (rows,), generator=g)
+    ids = torch.randint(teacher_arch.vocab, (batch, block), generator=g).to(model.device)
+    cuda = model.device.type == "cuda"
+
+    def step() -> None:
+        loss = distill_losses(model, teacher.model, ids, kind=teacher.kind, cfg=cfg)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # warm-up
     took = []
-    for _ in range(4):
+    for _ in range(steps):
         t0 = clock()
-        kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1)
-        (kl.mean() * 4 + F.cross_entropy(s, ids)).backward()
+        step()
         took.append(clock() - t0)
-        s.grad = None
-    return statistics.median(took[1:]) / (rows * vocab)
+    student_arch = teacher_arch.keep(model.config.num_hidden_layers)
+    parts = distill_parts(teacher_arch, student_arch, Tokens.uniform(batch, block), train_head=not cfg.freeze_head)
+    matmuls = sum(rates.seconds(p.flops, p.role) for p in parts)
+    logits = sum(p.logits for p in parts)
+    return max(statistics.median(took) - matmuls, 0.0) / logits
 
 
 def calibrate(model: str, keep_layers: str, *, n_tokens: int = 10, text_tokens: int = 40, batch: int = 8,
@@ -779,12 +843,13 @@ def calibrate(model: str, keep_layers: str, *, n_tokens: int = 10, text_tokens: 
           "clock": time.process_time if clock == "cpu" else time.perf_counter}
     t = _measure(loaded, arch, **kw)
     s = _measure(student, arch.keep(student.model.config.num_hidden_layers), **kw)
-    per_logit = _loss_per_logit(arch.vocab, kw["clock"])
-    return Rates(t[0], t[1], s[0], s[1], dp_overhead=t[2], loss_per_logit=per_logit,
+    per_logit = _distill_per_logit(loaded, student, arch, Rates(t[0], t[1], s[0], s[1]), kw["clock"])
+    ledger = _ledger_write(kw["clock"])
+    return Rates(t[0], t[1], s[0], s[1], dp_overhead=t[2], loss_per_logit=per_logit, ledger_write=ledger,
                  label=f"measured on {model} here ({torch.get_num_threads()} thread(s), {clock} clock): forward "
                        f"{t[0] / 1e9:.1f} / backward {t[1] / 1e9:.1f} GFLOP/s, student {s[0] / 1e9:.1f} / "
                        f"{s[1] / 1e9:.1f} GFLOP/s, DP step ÷ step {t[2]:.2f}, distillation loss "
-                       f"{per_logit * 1e9:.1f} ns/logit")
+                       f"{per_logit * 1e9:.1f} ns/logit, DP ledger {ledger:.2f} s a write")
 
 
 def config_rates(cfg: CostConfig, w: Setting) -> Rates:
@@ -982,7 +1047,8 @@ def tune_run_cost(run: Path) -> StageCost:
     eval_tok = _scored(val_seqs, val_answers, len(head_ids(enc)), cfg.micro_batch_size, cfg.n_tokens,
                        packing).scale(n_evals)
     return StageCost(run.name, "user", tune_parts(arch, _role(run), train_tok, eval_tok, cols, False),
-                     f"{steps} steps, {n_evals} validation(s)", dp=cfg.dp)
+                     f"{steps} steps, {n_evals} validation(s)", dp=cfg.dp,
+                     ledger_writes=dp_ledger_writes(steps, cfg.checkpoint_every, plan.total_steps) if cfg.dp else 0)
 
 
 def _run_result(run: Path) -> dict[str, Any]:
