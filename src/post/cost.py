@@ -698,7 +698,6 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     """(forward FLOP/s, backward FLOP/s, DP step ÷ step) of one model on synthetic inputs."""
     import torch
 
-    from post.accounting import PrivacyLedger
     from post.dp import step_generator
     from post.prompt import init_prompt
     from post.scoring import Encoder, examples_hidden, label_scores, packs
@@ -717,8 +716,7 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     cuda = lm.model.device.type == "cuda"
     # the forward runs the batch as the step does (packed where the model packs), and the FLOPs count those rows
     tokens = _run(seqs, [list(range(batch))], n_tokens, packs(lm.model, enc))
-    ledger = PrivacyLedger(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, steps=0, planned_steps=1,
-                           delta=1e-5, accountant="pld", dataset_size=100, target_epsilon=None, epsilon=0.0)
+    ledger = _stand_in_ledger(sample_rate=0.01, planned_steps=1)
 
     def fwd() -> None:
         with torch.no_grad():
@@ -745,18 +743,24 @@ def _measure(lm: Any, arch: Arch, *, n_tokens: int, text_tokens: int, batch: int
     return flops.forward / t_f, flops.backward / max(t_s - t_f, 1e-9), t["d"] / t["s"]
 
 
+def _stand_in_ledger(*, sample_rate: float, planned_steps: int) -> Any:
+    """A PLD privacy ledger (σ = 1, C = 1, δ = 1e-5) for timing DP steps and accounting: no data behind it."""
+    from post.accounting import PrivacyLedger
+
+    return PrivacyLedger(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=sample_rate, steps=0,
+                         planned_steps=planned_steps, delta=1e-5, accountant="pld", dataset_size=100,
+                         target_epsilon=None, epsilon=0.0)
+
+
 def _ledger_write(clock: Callable[[], float], steps: int = 50, sample_rate: float = 0.01) -> float:
     """Seconds a DP run takes to account ε (the PLD accountant, as ``post tune`` uses it) and write its ledger: the
     median of two, at the demo's sample rate and a checkpoint's worth of steps."""
     import statistics
     import tempfile
 
-    from post.accounting import PrivacyLedger
     from post.rundir import write_json
 
-    ledger = PrivacyLedger(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=sample_rate, steps=0,
-                           planned_steps=steps, delta=1e-5, accountant="pld", dataset_size=100,
-                           target_epsilon=None, epsilon=0.0)
+    ledger = _stand_in_ledger(sample_rate=sample_rate, planned_steps=steps)
     took = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(2):
@@ -780,15 +784,11 @@ def _distill_per_logit(teacher: Any, student: Any, teacher_arch: Arch, rates: Ra
 
     import torch
 
-    from post.distill import DistillConfig, distill_losses
+    from post.distill import DistillConfig, distill_losses, trainable_parameters
 
     cfg = DistillConfig()
-    model = student.model.train().requires_grad_(True)
-    if cfg.freeze_embeddings:  # as post.distill freezes them
-        model.get_input_embeddings().requires_grad_(False)
-    if cfg.freeze_head and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    model = student.model.train()
+    trainable = trainable_parameters(model, cfg)
     opt = torch.optim.AdamW(trainable, lr=1e-6)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(teacher_arch.vocab, (batch, block), generator=g).to(model.device)

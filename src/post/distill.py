@@ -266,6 +266,16 @@ def answer_kl(student: torch.nn.Module, teacher: torch.nn.Module, s_final: torch
     return kl * temperature**2
 
 
+def trainable_parameters(model: torch.nn.Module, cfg: DistillConfig) -> list[torch.nn.Parameter]:
+    """Make the student trainable but for what ``cfg`` freezes (its embeddings, its head); the parameters left."""
+    model.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    if cfg.freeze_head and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, *, kind: str,
                    cfg: DistillConfig, picked: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
                    keep: list[int] | None = None, answers: torch.Tensor | None = None,
@@ -374,12 +384,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     held, train = blocks[order[: cfg.held_out]], blocks[order[cfg.held_out :]]
 
     model = student.model
-    model.requires_grad_(True)
-    if cfg.freeze_embeddings:
-        model.get_input_embeddings().requires_grad_(False)
-    if cfg.freeze_head and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = trainable_parameters(model, cfg)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     meta = None
     if (ckpt := load_checkpoint(run_path, params=dict(model.named_parameters()), optimizer=opt)) is not None:

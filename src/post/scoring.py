@@ -314,6 +314,12 @@ def backbone(model: nn.Module) -> nn.Module:
     return base
 
 
+def text_config(model: nn.Module) -> object:
+    """The config of the model's language part (a multimodal config's text config; else the config itself)."""
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)()
+
+
 def _lm_head(model: nn.Module) -> nn.Module:
     for name in ("lm_head", "cls"):
         head = getattr(model, name, None)
@@ -628,7 +634,7 @@ def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]
     body = backbone(model)
     if not examples or not all(start.length for *_, start in examples):
         raise PostError("start_hidden needs examples and starts of at least one position.")
-    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "sliding_window", None)
+    window = getattr(text_config(model), "sliding_window", None)
     if window and max(start.length - start.head + len(ids) for ids, _, _, start in examples) > int(window):
         return None
     rest = [list(ids[k:]) for ids, _, k, _ in examples]
@@ -676,18 +682,21 @@ def start_hidden(model: nn.Module, pad_id: int, examples: Sequence[StartExample]
     first = examples[0][3].kv
     dtype = first[0][0].dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def stacked(layer: int, kind: int) -> torch.Tensor:
+        """(rows, heads, p, head dim): each row's starts side by side (``kind`` 0: keys, 1: values), padded with
+        zeros to p columns that no token of the row attends to."""
+        out = []
+        for placed in row_starts:
+            parts = [s.kv[layer][kind] for _, s in placed.values()]
+            if room := p - sum(x.shape[-2] for x in parts):
+                parts.append(parts[0].new_zeros(*parts[0].shape[:-2], room, parts[0].shape[-1]))
+            out.append(torch.cat(parts, dim=-2))
+        return torch.cat(out)
+
     cache = DynamicCache()
     for layer in range(len(first)):
-        per_row = []
-        for placed in row_starts:
-            for t in (0, 1):
-                parts = [s.kv[layer][t] for _, s in placed.values()]
-                room = p - sum(x.shape[-2] for x in parts)  # columns no token of this row attends to
-                if room:
-                    parts.append(parts[0].new_zeros(*parts[0].shape[:-2], room, parts[0].shape[-1]))
-                per_row.append(torch.cat(parts, dim=-2))
-        keys, values = torch.cat(per_row[0::2]), torch.cat(per_row[1::2])
-        cache.update(keys, values, layer)
+        cache.update(stacked(layer, 0), stacked(layer, 1), layer)
     device = model.device
     out = body(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask[:, None].to(device),
                use_cache=True, **{_cache_kwarg(body): cache})  # type: ignore[dict-item]

@@ -42,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ from post.scoring import (
     shared_start,
     shares_prefix,
     start_hidden,
+    text_config,
     tight_rows,
 )
 from post.service.errors import ApiError
@@ -120,8 +122,7 @@ class MixedScorer:
 
     def positions(self) -> int | None:
         """How many positions the served model reads (its position table), where its config says."""
-        config = self.model.config
-        config = getattr(config, "get_text_config", lambda: config)()
+        config: Any = text_config(self.model)
         for key in ("n_positions", "max_position_embeddings"):
             if isinstance(n := getattr(config, key, None), int):
                 # RoBERTa-style position ids start after the padding index
