@@ -794,7 +794,7 @@ def predict_scores(model: nn.Module, encoder: Encoder, verbalizer: Verbalizer, t
         with tqdm(total=len(texts), desc=desc, unit="ex", disable=True if progress is False else None,
                   leave=False) as bar:
             for idx, hidden in hidden_batches(model, encoder, texts, batch_size, prompt, share_prefix=share_prefix):
-                out[idx] = label_scores(model, hidden, verbalizer).float().numpy()
+                out[idx] = label_scores(model, hidden, verbalizer).float().cpu().numpy()
                 bar.update(len(idx))
     finally:
         model.train(was_training)
