@@ -417,6 +417,20 @@ def test_load_texts_files_labelled_and_hub(tmp_path, registry):
         load_texts("nonesuch")
 
 
+def test_load_texts_joins_sources_with_plus(tmp_path, registry):
+    a = _write(tmp_path / "a.txt", "one\ntwo\n")
+    mr = load_texts("mr", cache_dir=registry["cache"])
+    joined = load_texts(f"{a}+mr", cache_dir=registry["cache"])
+    assert joined == ["one", "two", *mr]
+    assert load_texts(f"{a} + mr", cache_dir=registry["cache"], limit=3) == ["one", "two", mr[0]]
+    plus = _write(tmp_path / "x+y.txt", "a file whose name has a plus\n")
+    assert load_texts(str(plus)) == ["a file whose name has a plus"]
+    with pytest.raises(ConfigError, match="empty part"):
+        load_texts(f"{a}+", cache_dir=registry["cache"])
+    with pytest.raises(PostError, match="unknown text source 'nonesuch'"):
+        load_texts(f"{a}+nonesuch", cache_dir=registry["cache"])
+
+
 def test_list_datasets():
     infos = {i.name: i for i in list_datasets()}
     assert {"mr", "airline", "wiki", "news", "offline", "sst2", "imdb", "tweet_eval", "ag_news", "trec", "mpqa",

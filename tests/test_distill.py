@@ -244,3 +244,52 @@ def test_bad_distill_options():
         DistillConfig(teacher="x", max_steps=0)
     with pytest.raises(ConfigError, match="--alpha-ce"):
         DistillConfig(teacher="x", alpha_ce=0, alpha_lm=0, alpha_cos=0)
+
+
+def test_held_out_curve_is_measured_every_n_steps_and_ends_at_the_final_quality(corpus, tmp_path):
+    r = distill(config(corpus, alpha_lm=0.0, alpha_cos=0.0, max_steps=30, lr=3e-3, eval_every=10), tmp_path)
+    assert [p["step"] for p in r.held_out_curve] == [10, 20, 30]
+    assert r.held_out_curve[-1]["kl_to_teacher"] == pytest.approx(r.distilled_quality["kl_to_teacher"], rel=1e-5)
+    assert r.held_out_curve[0]["kl_to_teacher"] < r.undistilled_quality["kl_to_teacher"]
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if "held_out_kl_to_teacher" in x] == [10, 20, 30]
+    assert distill(config(corpus, max_steps=5), tmp_path / "plain").held_out_curve == []
+
+
+def test_time_limit_stops_early_and_reports_the_steps_taken(corpus, tmp_path, monkeypatch):
+    import post.distill as d
+
+    clock = {"t": 0.0}
+
+    def fake_clock():  # each call advances 10 s: the limit of 1 minute is passed within a few steps
+        clock["t"] += 10.0
+        return clock["t"]
+
+    monkeypatch.setattr(d.time, "perf_counter", fake_clock)
+    r = distill(config(corpus, max_steps=30, max_minutes=1.0, eval_every=100), tmp_path)
+    assert 1 <= r.steps < 30 and r.planned_steps == 30
+    assert r.tokens_seen == r.steps * 8 * 32
+    assert [p["step"] for p in r.held_out_curve] == [r.steps]  # the stopping step is measured too
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == r.steps
+    assert "planned: time limit" in d.summarize(r)
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_runs_the_losses_in_bf16_and_keeps_fp32_weights(corpus, tmp_path):
+    fp32 = distill(config(corpus, max_steps=4, log_every=1), tmp_path / "fp32")
+    bf16 = distill(config(corpus, max_steps=4, log_every=1, mixed_precision="bf16"), tmp_path / "bf16")
+    assert bf16.mixed_precision == "bf16" and fp32.mixed_precision == "no"
+    first = [json.loads((tmp_path / m / "metrics.jsonl").read_text().splitlines()[0]) for m in ("fp32", "bf16")]
+    assert first[0]["loss"] != first[1]["loss"]  # the forwards ran in bf16 ...
+    assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=0.05)  # ... and compute the same losses
+    weights = load_file(os.path.join(bf16.student_dir, "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_bad_time_and_curve_options():
+    with pytest.raises(ConfigError, match="--eval-every"):
+        DistillConfig(teacher="x", eval_every=0)
+    with pytest.raises(ConfigError, match="--max-minutes"):
+        DistillConfig(teacher="x", max_minutes=0)
+    with pytest.raises(ConfigError, match="--mixed-precision"):
+        DistillConfig(teacher="x", mixed_precision="fp8")

@@ -17,6 +17,7 @@ def n_layers(model):
 
 def test_parse_keep_layers():
     assert parse_keep_layers("0,1,-2,-1", 30) == [0, 1, 28, 29]
+    assert parse_keep_layers(3, 30) == [3] and parse_keep_layers(-1, 30) == [29]  # keep_layers=3 read as YAML
     assert parse_keep_layers([0, -1, 0], 4) == [0, 3]
     with pytest.raises(ConfigError, match="does not exist"):
         parse_keep_layers("0,7", 4)

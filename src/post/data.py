@@ -591,12 +591,20 @@ def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathL
                encoding: str = "utf-8", hub_loader: HubLoader | None = None, text_column: str = "text") -> list[str]:
     """Unlabelled texts by name (``offline``, ``wiki``, ``news``, a labelled set, ``hf:...``) or file.
 
+    Several sources joined by ``+`` (``offline+airline``) are read in that order, one after another.
     ``limit`` keeps the first texts; empty texts are dropped and whitespace is normalised.
     """
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0 (got {limit}).")
     key = str(name).strip()
     low = key.lower()
+    if "+" in key and not Path(key).expanduser().exists():
+        parts = [p.strip() for p in key.split("+")]
+        if not all(parts):
+            raise ConfigError(f"text source {key!r} has an empty part; join sources as offline+airline.")
+        texts = [t for p in parts for t in load_texts(p, cache_dir=cache_dir, encoding=encoding,
+                                                       hub_loader=hub_loader, text_column=text_column)]
+        return texts if limit is None else texts[:limit]
     if low == "offline":
         texts = wiki_paragraphs(cache_dir) + news_texts(cache_dir)
     elif low == "wiki":

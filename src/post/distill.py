@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ class DistillConfig(ModelOptions):
     Attributes:
         teacher: Teacher model: alias, hub id or directory.
         keep_layers: Teacher layers the student starts from (paper: first and last).
-        corpus: Unlabelled text: offline (wiki + news), wiki, news, a text/JSONL/CSV file, or hf:NAME.
+        corpus: Unlabelled text: offline (wiki + news), wiki, news, a public labelled set's texts (airline), a
+            text/JSONL/CSV file, hf:NAME, or several joined by + (offline+airline).
         corpus_limit: Use at most this many texts of the corpus.
         corpus_template: Wrap each corpus text in a task template with {text} and {mask}, cut at
             {mask} (e.g. 'Review: {text}\nSentiment: {mask}'), so that the student learns the
@@ -93,6 +94,14 @@ class DistillConfig(ModelOptions):
         held_out: Blocks held out for the quality figures (perplexity, KL to the teacher).
         checkpoint_every: Save a resumable checkpoint every this many steps.
         log_every: Log the losses every this many steps.
+        eval_every: Measure the held-out perplexity and KL to the teacher every this many steps (the
+            curve is in result.json and the run log; watch it for overfitting when the steps make many
+            epochs over the corpus). None: before and after only.
+        mixed_precision: bf16 runs the teacher's and the student's forwards and the losses under bf16
+            autocast, with fp32 weights and optimizer state (GPUs; on a CPU it is slower than fp32).
+            None or no: as Accelerate is configured (``accelerate launch --mixed_precision``), else fp32.
+        max_minutes: Stop after the step that passes this many minutes of training (the learning-rate
+            schedule stays planned for max_steps); the steps and tokens taken are in result.json.
         seed: Seed of the block order, held-out split and masking.
     """
 
@@ -121,6 +130,9 @@ class DistillConfig(ModelOptions):
     held_out: int = 32
     checkpoint_every: int = 50
     log_every: int = 10
+    eval_every: int | None = None
+    mixed_precision: Literal["no", "bf16"] | None = None
+    max_minutes: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -147,6 +159,10 @@ class DistillConfig(ModelOptions):
         require(self.held_out >= 1, "held_out", f"must be at least 1, got {self.held_out}.")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1.")
         require(self.log_every >= 1, "log_every", "must be at least 1.")
+        require(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be at least 1.")
+        require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive.")
+        require(self.mixed_precision in (None, "no", "bf16"), "mixed_precision",
+                f"must be no or bf16, got {self.mixed_precision!r}.")
         if self.corpus_template is not None:
             from post.tasks import check_template
 
@@ -347,6 +363,29 @@ def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tens
     return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
 
 
+def _autocast(acc: Any, cfg: DistillConfig) -> Any:
+    """bf16 autocast over the teacher's and student's forwards and the losses with --mixed-precision bf16; else
+    Accelerate's own setting (``accelerate launch --mixed_precision``; a no-op when it is "no")."""
+    if cfg.mixed_precision == "bf16":
+        return torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16)
+    return acc.autocast()
+
+
+def _past(acc: Any, seconds: float, minutes: float) -> bool:
+    """Whether any process has trained past ``minutes`` (all processes stop at the same step)."""
+    late = torch.tensor([float(seconds > 60 * minutes)], device=acc.device)
+    return bool(acc.reduce(late, reduction="sum").item() > 0) if acc.num_processes > 1 else bool(late.item())
+
+
+def _held_out_point(model: torch.nn.Module, teacher: torch.nn.Module, held: torch.Tensor, step: int,
+                    cfg: DistillConfig, kind: str, tokenizer: Any) -> dict[str, float]:
+    """One point of the held-out curve: perplexity and KL to the teacher after ``step`` steps (fp32)."""
+    model.eval()
+    point = quality(model, teacher, held, kind=kind, tokenizer=tokenizer, seed=cfg.seed)
+    model.train()
+    return {"step": step, **point}
+
+
 def _lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up then linear decay to zero."""
     w = max(1, int(total * warmup))
@@ -398,17 +437,18 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     ddp_model, opt = acc.prepare(model, opt)
 
     if meta is None:
-        start, elapsed = 0, 0.0
+        start, elapsed, curve = 0, 0.0, []
         before = quality(model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
         teacher_q = quality(teacher.model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
     else:
-        start, elapsed = int(meta["step"]), float(meta["elapsed"])
+        start, elapsed, curve = int(meta["step"]), float(meta["elapsed"]), list(meta.get("curve", []))
         before, teacher_q = meta["undistilled"], meta["teacher"]
         log.info("resuming distillation from step %d", start)
     if main_process:
         log.info("distilling %s into layers %s on %d blocks of %d tokens, %d steps, %d process(es)",
                  cfg.teacher, keep, len(train), cfg.block_size, cfg.max_steps, acc.num_processes)
 
+    done = start
     with progress.steps(cfg.max_steps, initial=start, desc="distill", enabled=main_process) as bar:
         t0 = time.perf_counter()
         per_epoch = len(train) // cfg.batch_size
@@ -427,8 +467,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg.max_steps, cfg.warmup)
             answers = answer_positions(ids, teacher.tokenizer) if cfg.alpha_answer > 0 else None
-            terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked, inputs=inputs,
-                                   keep=keep, answers=answers, answer_ids=answer_ids)
+            with _autocast(acc, cfg):
+                terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked,
+                                       inputs=inputs, keep=keep, answers=answers, answer_ids=answer_ids)
             progress.check_finite("distillation loss", terms["loss"].detach(), step=step, run_path=run_path)
             acc.backward(terms["loss"])
             acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -441,13 +482,24 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
             done = step + 1
             if main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
                 run.log(step=done, lr=opt.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()})
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            seconds = elapsed + time.perf_counter() - t0
+            out_of_time = cfg.max_minutes is not None and _past(acc, seconds, cfg.max_minutes)
+            if cfg.eval_every is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps or out_of_time):
+                curve.append(_held_out_point(acc.unwrap_model(ddp_model), teacher.model, held, done, cfg, kind,
+                                             teacher.tokenizer))
+                if main_process:
+                    run.log(step=done, **{f"held_out_{k}": v for k, v in curve[-1].items() if k != "step"})
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time:
                 acc.wait_for_everyone()
                 if main_process:
                     unwrapped = acc.unwrap_model(ddp_model)
                     save_checkpoint(run_path, tensors=unwrapped.state_dict(), params=dict(unwrapped.named_parameters()),
                                     optimizer=opt, meta={"step": done, "elapsed": elapsed + time.perf_counter() - t0,
-                                                         "undistilled": before, "teacher": teacher_q})
+                                                         "undistilled": before, "teacher": teacher_q, "curve": curve})
+            if out_of_time:
+                log.warning("distillation stopped at step %d of %d: --max-minutes %g reached", done, cfg.max_steps,
+                            cfg.max_minutes)
+                break
     train_seconds = elapsed + time.perf_counter() - t0
     acc.wait_for_everyone()
     model = acc.unwrap_model(ddp_model)
@@ -460,8 +512,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
         run.finish({
             "teacher": cfg.teacher, "student_dir": str(out), "keep_layers": keep,
             "teacher_params": param_count(teacher.model), "student_params": param_count(model),
-            "trainable_params": sum(p.numel() for p in trainable), "steps": cfg.max_steps,
-            "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.block_size, "processes": acc.num_processes,
+            "trainable_params": sum(p.numel() for p in trainable), "steps": done, "planned_steps": cfg.max_steps,
+            "tokens_seen": done * cfg.batch_size * cfg.block_size, "processes": acc.num_processes,
+            "mixed_precision": cfg.mixed_precision or acc.mixed_precision, "held_out_curve": curve,
             "train_seconds": round(train_seconds, 3), "held_out_blocks": len(held),
             "teacher_quality": teacher_q, "undistilled_quality": before, "distilled_quality": after,
         })
@@ -471,8 +524,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
 
 def summarize(result: DistillResult) -> str:
     t, u, d = result.teacher_quality, result.undistilled_quality, result.distilled_quality
+    early = f" (of {result.planned_steps} planned: time limit)" if (result.planned_steps or 0) > result.steps else ""
     return (f"student (layers {result.keep_layers}, {result.student_params / 1e6:.1f}M params) after "
-            f"{result.steps} steps, {result.train_seconds:.0f} s\n"
+            f"{result.steps} steps{early}, {result.tokens_seen / 1e6:.2f}M tokens, {result.train_seconds:.0f} s\n"
             f"held-out perplexity: teacher {t['perplexity']:.1f}  undistilled {u['perplexity']:.1f}  "
             f"distilled {d['perplexity']:.1f}\n"
             f"KL to teacher: undistilled {u['kl_to_teacher']:.3f}  distilled {d['kl_to_teacher']:.3f}\n"

@@ -169,6 +169,9 @@ class DistillResult(StageResult):
     distilled_quality: Mapping[str, float]
     trainable_params: int | None = None
     processes: int | None = None
+    planned_steps: int | None = None  # more than ``steps`` when --max-minutes stopped the run
+    mixed_precision: str | None = None
+    held_out_curve: list[dict[str, float]] | None = None  # with --eval-every: {step, perplexity, kl_to_teacher}
 
 
 @dataclass(frozen=True, kw_only=True)

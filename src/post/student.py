@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def parse_keep_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
-    """``"0,1,-2,-1"`` or ``[0, -1]`` -> sorted, distinct, non-negative layer indices."""
+def parse_keep_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
+    """``"0,1,-2,-1"``, ``[0, -1]`` or ``0`` (a YAML override keep_layers=0) -> sorted, distinct, non-negative
+    layer indices."""
+    if isinstance(spec, int):
+        spec = [spec]
     if isinstance(spec, str):
         try:
             raw = [int(x) for x in spec.replace(" ", "").split(",") if x]
