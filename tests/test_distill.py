@@ -293,3 +293,49 @@ def test_bad_time_and_curve_options():
         DistillConfig(teacher="x", max_minutes=0)
     with pytest.raises(ConfigError, match="--mixed-precision"):
         DistillConfig(teacher="x", mixed_precision="fp8")
+
+
+def test_prompted_term_vanishes_for_a_copy_of_the_teacher_and_draws_prompts_from_seed_and_step(corpus):
+    from post.distill import PromptedAnswers
+
+    cfg = config(corpus, keep_layers="0,1", alpha_prompted=1.0, prompted_task="mr", prompted_tokens=3)
+    teacher = tiny_model("llama")
+    prompted = PromptedAnswers(cfg, teacher, ["a good film", "a bad plot", "great acting", "awful story"] * 4)
+    assert float(prompted.term(teacher.model, teacher.model, 0)) == pytest.approx(0.0, abs=1e-6)
+    idx, prompts = prompted.batch(3)
+    again = prompted.batch(3)
+    assert torch.equal(idx, again[0]) and torch.equal(prompts, again[1])
+    assert prompts.shape == (8, 3, prompted.init.shape[1]) and not torch.equal(prompts, prompted.batch(4)[1])
+    # every prompt is the init-text prompt plus noise, or rows of the vocabulary
+    rows = prompted.rows
+    for p in prompts:
+        is_vocab = all(bool((rows == r).all(-1).any()) for r in p)
+        assert is_vocab or (p - prompted.init).abs().max() <= 2.0 * prompted.rms * 6
+
+
+def test_prompted_distillation_moves_the_prompted_answers_toward_the_teacher(corpus, tmp_path):
+    cfg = config(corpus, alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_prompted=1.0, prompted_task="mr",
+                 prompted_tokens=4, max_steps=40, lr=3e-3, log_every=1, checkpoint_every=100)
+    r = distill(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(x["prompted"] for x in lines[:5]) / 5, sum(x["prompted"] for x in lines[-5:]) / 5
+    assert last < 0.5 * first
+    assert r.tokens_seen == 0 and r.prompted_texts == 40 * 8  # the block terms are off: no block was run
+    assert "cos" not in lines[0]
+
+
+def test_init_student_continues_from_a_student_and_checks_it(corpus, tmp_path):
+    first = distill(config(corpus, max_steps=10), tmp_path / "first")
+    again = distill(config(corpus, max_steps=5, init_student=first.student_dir), tmp_path / "again")
+    assert again.undistilled_quality == pytest.approx(first.distilled_quality, rel=1e-5)
+    with pytest.raises(PostError, match="layers, not the 2 of --keep-layers"):
+        distill(config(corpus, keep_layers="0,1", max_steps=5, init_student=first.student_dir), tmp_path / "bad")
+
+
+def test_bad_prompted_options():
+    with pytest.raises(ConfigError, match="--prompted-task"):
+        DistillConfig(teacher="x", alpha_prompted=1.0)
+    with pytest.raises(ConfigError, match="not a built-in task"):
+        DistillConfig(teacher="x", alpha_prompted=1.0, prompted_task="nonesuch")
+    with pytest.raises(ConfigError, match="--prompted-tokens"):
+        DistillConfig(teacher="x", alpha_prompted=1.0, prompted_task="mr", prompted_tokens=0)

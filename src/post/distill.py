@@ -5,11 +5,15 @@ Loss (paper Eq. 1, DistilBERT-style), per token of packed text blocks:
     L = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_lm · LM loss + α_cos · (1 − cos(h_s, h_t))
         [+ α_hidden · mean_j ‖h_s^(j) − h_t^(k_j+1)‖² / ‖h_t^(k_j+1)‖²]     (k_j+1: the next kept layer)
         [+ α_answer · T² · KL(softmax(t/T) ‖ softmax(s/T)) at the answer positions of templated text]
+        [+ α_prompted · T² · KL(softmax(t/T) ‖ softmax(s/T)) at the answer of a templated text behind a soft prompt]
 
 with t, s the teacher's and student's logits, h their last hidden states; the teacher runs
 under no_grad. The two optional terms (off by default) match every kept layer's output to the
 teacher's hidden state at the next kept layer, and the teacher's answer where a templated text
-asks its question. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
+asks its question. The prompted term shows both models each corpus text in a task's template behind a
+random soft prompt (the task's init-text prompt plus noise, or random vocabulary rows), so that the
+student learns how the teacher's answer responds to a prompt: what a prompt tuned on the student, and
+transferred, relies on. Masked LMs see 15% of tokens masked (80/10/10) and their LM loss is on those.
 
 The loop runs under Hugging Face Accelerate: ``accelerate launch`` gives DDP over several
 processes or GPUs (FSDP / DeepSpeed configs under ``configs/accelerate/``), and each process
@@ -48,6 +52,7 @@ from post.student import build_student, param_count, parse_keep_layers
 log = logging.getLogger(__name__)
 
 STUDENT_DIR = "student"
+PROMPTED_MAX_LENGTH = 128  # tokens of a templated text in the prompted term (cut from the left)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +92,18 @@ class DistillConfig(ModelOptions):
             first tokens, ';'-separated, spaces kept: e.g. ' negative; positive' -> ' negative',
             ' positive'), i.e. the teacher's answer to the task's question, instead of the whole
             vocabulary. Public: the task's label words.
+        alpha_prompted: Weight of T²·KL(teacher ‖ student) over the whole vocabulary at the answer of each
+            corpus text put in --prompted-task's template behind a random soft prompt of --prompted-tokens
+            rows: the task's init-text prompt plus Gaussian noise (per-dimension std drawn uniformly up to
+            --prompted-noise × the embeddings' RMS), or, for a fifth of the texts, random vocabulary rows.
+            A batch of --batch-size such texts per step (causal LMs, one process).
+        prompted_task: The task whose template and init text frame the prompted term (its definition only:
+            no labelled data is read; the texts are the corpus's), e.g. mr.
+        prompted_tokens: Rows of the random soft prompts (the prompt length users tune).
+        prompted_noise: Largest noise std of the random prompts, in units of the embeddings' RMS.
+        init_student: Start from this student directory (same teacher, tokenizer and number of kept
+            layers, e.g. one written by post distill) instead of the teacher's kept layers: continue a
+            distillation with other terms. The "undistilled" figures are then this student's.
         temperature: Softmax temperature of the KL term.
         mlm_probability: Fraction of tokens masked (masked LMs only).
         freeze_head: Keep the LM head as the teacher's (paper: slightly better).
@@ -123,6 +140,11 @@ class DistillConfig(ModelOptions):
     alpha_hidden: float = 0.0
     alpha_answer: float = 0.0
     answer_words: str | None = None
+    alpha_prompted: float = 0.0
+    prompted_task: str | None = None
+    prompted_tokens: int = 10
+    prompted_noise: float = 2.0
+    init_student: str | None = None
     temperature: float = 2.0
     mlm_probability: float = 0.15
     freeze_head: bool = True
@@ -144,12 +166,21 @@ class DistillConfig(ModelOptions):
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
         require(0 <= self.warmup < 1, "warmup", f"must be in [0, 1), got {self.warmup}.")
         require(self.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {self.max_grad_norm}.")
-        weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_hidden", "alpha_answer")
+        weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_hidden", "alpha_answer", "alpha_prompted")
         for name in weights:
             require(getattr(self, name) >= 0, name, "must be non-negative.")
         require(sum(getattr(self, name) for name in weights) > 0, "alpha_ce",
-                "at least one of --alpha-ce, --alpha-lm, --alpha-cos, --alpha-hidden, --alpha-answer must be "
-                "positive.")
+                "at least one of --alpha-ce, --alpha-lm, --alpha-cos, --alpha-hidden, --alpha-answer, "
+                "--alpha-prompted must be positive.")
+        require((self.alpha_prompted > 0) == (self.prompted_task is not None), "prompted_task",
+                "and --alpha-prompted go together: the prompted term frames the corpus texts in that task's template.")
+        if self.prompted_task is not None:
+            from post.data import default_task
+
+            require(default_task(self.prompted_task) is not None, "prompted_task",
+                    f"{self.prompted_task!r} is not a built-in task (mr, airline, sst2, ...).")
+        require(self.prompted_tokens >= 1, "prompted_tokens", "must be at least 1.")
+        require(self.prompted_noise >= 0, "prompted_noise", "must be non-negative.")
         require(self.answer_words is None or (self.alpha_answer > 0 and len(self.answer_words.split(";")) >= 2),
                 "answer_words", "needs --alpha-answer > 0 and at least two ';'-separated words.")
         require(self.alpha_answer == 0 or self.corpus_template is not None, "alpha_answer",
@@ -363,6 +394,71 @@ def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tens
     return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
 
 
+class PromptedAnswers:
+    """The prompted term's inputs: corpus texts in a task's template, each behind its own random soft prompt."""
+
+    def __init__(self, cfg: DistillConfig, teacher: LoadedModel, texts: list[str]) -> None:
+        from post.data import default_task
+        from post.prompt import init_prompt
+        from post.scoring import Encoder
+
+        task = default_task(str(cfg.prompted_task))
+        assert task is not None  # checked by the config
+        self.cfg = cfg
+        self.encoder = Encoder(task, teacher.tokenizer, teacher.kind, PROMPTED_MAX_LENGTH)
+        self.seqs, self.answers = self.encoder.encode(texts)
+        self.init = init_prompt(teacher, cfg.prompted_tokens, init_text=task.init_text).float().cpu()
+        self.rows = teacher.model.get_input_embeddings().weight.detach().float().cpu()
+        self.rms = float(self.rows.pow(2).mean().sqrt())
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices of --batch-size texts, their (B, n, d) prompts), drawn from (seed, step)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 500_009 + step)
+        idx = torch.randperm(len(self.seqs), generator=g)[: self.cfg.batch_size]
+        b, (n, d) = len(idx), self.init.shape
+        std = torch.rand(b, 1, 1, generator=g) * self.cfg.prompted_noise * self.rms
+        prompts = self.init.unsqueeze(0) + torch.randn(b, n, d, generator=g) * std
+        vocab = torch.rand(b, generator=g) < 0.2
+        rows = torch.randint(len(self.rows), (b, n), generator=g)
+        prompts[vocab] = self.rows[rows[vocab]]
+        return idx, prompts
+
+    def term(self, student: torch.nn.Module, teacher: torch.nn.Module, step: int) -> torch.Tensor:
+        """T²·KL(teacher ‖ student) of the answer distributions behind this step's prompts."""
+        from post.scoring import examples_hidden
+
+        idx, prompts = self.batch(step)
+        param = next(student.parameters())
+        prompts = prompts.to(param.device)
+        with torch.no_grad():
+            t = head_logits(teacher, examples_hidden(teacher, self.encoder, self.seqs, self.answers, idx, prompts))
+        s = head_logits(student, examples_hidden(student, self.encoder, self.seqs, self.answers, idx, prompts))
+        temp = self.cfg.temperature
+        return F.kl_div(F.log_softmax(s.float() / temp, -1), F.log_softmax(t.float() / temp, -1), log_target=True,
+                        reduction="batchmean") * temp**2
+
+
+def _start(cfg: DistillConfig, teacher: LoadedModel, keep: list[int]) -> LoadedModel:
+    """The student the run starts from: the teacher's kept layers, or --init-student (checked against them)."""
+    if cfg.init_student is None:
+        return build_student(teacher, cfg.keep_layers)
+    start = load_configured_model(cfg, cfg.init_student)
+    sc, tc = start.model.config, teacher.model.config
+    layers = getattr(sc, "num_hidden_layers", None) or getattr(sc, "n_layer", None)
+    problems = []
+    if layers != len(keep):
+        problems.append(f"{layers} layers, not the {len(keep)} of --keep-layers {cfg.keep_layers}")
+    width, teacher_width = getattr(sc, "hidden_size", None), getattr(tc, "hidden_size", None)
+    if width != teacher_width:
+        problems.append(f"width {width}, not the teacher's {teacher_width}")
+    if start.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        problems.append("another tokenizer than the teacher's")
+    if problems:
+        raise PostError(f"--init-student {cfg.init_student} has {'; '.join(problems)}: give a student of this teacher "
+                        "with these kept layers.")
+    return start
+
+
 def _autocast(acc: Any, cfg: DistillConfig) -> Any:
     """bf16 autocast over the teacher's and student's forwards and the losses with --mixed-precision bf16; else
     Accelerate's own setting (``accelerate launch --mixed_precision``; a no-op when it is "no")."""
@@ -401,10 +497,13 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
 
     teacher = load_configured_model(cfg, cfg.teacher)
     teacher.model.to(acc.device)
-    student = build_student(teacher, cfg.keep_layers)
     tc = teacher.model.config
     keep = parse_keep_layers(cfg.keep_layers, getattr(tc, "num_hidden_layers", None) or tc.n_layer)
+    student = _start(cfg, teacher, keep)
     kind = teacher.kind
+    if cfg.alpha_prompted > 0 and (kind != "causal" or acc.num_processes > 1):
+        raise PostError("--alpha-prompted is for causal LMs in one process (the prompt goes before the text; "
+                        f"{cfg.teacher} is a {kind} LM, {acc.num_processes} process(es)).")
     if kind == "masked" and cfg.alpha_answer > 0:
         raise PostError("--alpha-answer is for causal LMs (their answer comes after the text); "
                         f"{cfg.teacher} is a masked LM.")
@@ -413,8 +512,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     torch.manual_seed(cfg.seed)
     answer_ids = torch.tensor(answer_token_ids(cfg.answer_words, teacher.tokenizer), device=acc.device) \
         if cfg.answer_words else None
-    texts = templated(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir), cfg.corpus_template,
-                      teacher.tokenizer.mask_token if kind == "masked" else None)
+    # the block terms (all but the prompted one) run only when weighted
+    block_terms = any(getattr(cfg, f"alpha_{n}") > 0 for n in ("ce", "lm", "cos", "hidden", "answer"))
+    raw = load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir)
+    prompted = PromptedAnswers(cfg, teacher, raw) if cfg.alpha_prompted > 0 else None
+    texts = templated(raw, cfg.corpus_template, teacher.tokenizer.mask_token if kind == "masked" else None)
     blocks = pack_blocks(texts, teacher.tokenizer, cfg.block_size)
     order = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
     if len(blocks) <= cfg.held_out + cfg.batch_size:
@@ -469,7 +571,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
             answers = answer_positions(ids, teacher.tokenizer) if cfg.alpha_answer > 0 else None
             with _autocast(acc, cfg):
                 terms = distill_losses(ddp_model, teacher.model, ids, kind=kind, cfg=cfg, picked=picked,
-                                       inputs=inputs, keep=keep, answers=answers, answer_ids=answer_ids)
+                                       inputs=inputs, keep=keep, answers=answers, answer_ids=answer_ids) \
+                    if block_terms else {}
+                if prompted is not None:
+                    terms["prompted"] = prompted.term(model, teacher.model, step)
+                    terms["loss"] = terms.get("loss", 0) + cfg.alpha_prompted * terms["prompted"]
             progress.check_finite("distillation loss", terms["loss"].detach(), step=step, run_path=run_path)
             acc.backward(terms["loss"])
             acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -513,7 +619,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
             "teacher": cfg.teacher, "student_dir": str(out), "keep_layers": keep,
             "teacher_params": param_count(teacher.model), "student_params": param_count(model),
             "trainable_params": sum(p.numel() for p in trainable), "steps": done, "planned_steps": cfg.max_steps,
-            "tokens_seen": done * cfg.batch_size * cfg.block_size, "processes": acc.num_processes,
+            "tokens_seen": done * cfg.batch_size * cfg.block_size if block_terms else 0,
+            "prompted_texts": done * cfg.batch_size if prompted is not None else 0, "processes": acc.num_processes,
             "mixed_precision": cfg.mixed_precision or acc.mixed_precision, "held_out_curve": curve,
             "train_seconds": round(train_seconds, 3), "held_out_blocks": len(held),
             "teacher_quality": teacher_q, "undistilled_quality": before, "distilled_quality": after,
@@ -526,7 +633,9 @@ def summarize(result: DistillResult) -> str:
     t, u, d = result.teacher_quality, result.undistilled_quality, result.distilled_quality
     early = f" (of {result.planned_steps} planned: time limit)" if (result.planned_steps or 0) > result.steps else ""
     return (f"student (layers {result.keep_layers}, {result.student_params / 1e6:.1f}M params) after "
-            f"{result.steps} steps{early}, {result.tokens_seen / 1e6:.2f}M tokens, {result.train_seconds:.0f} s\n"
+            f"{result.steps} steps{early}, {result.tokens_seen / 1e6:.2f}M tokens"
+            f"{f', {result.prompted_texts} prompted texts' if result.prompted_texts else ''}, "
+            f"{result.train_seconds:.0f} s\n"
             f"held-out perplexity: teacher {t['perplexity']:.1f}  undistilled {u['perplexity']:.1f}  "
             f"distilled {d['perplexity']:.1f}\n"
             f"KL to teacher: undistilled {u['kl_to_teacher']:.3f}  distilled {d['kl_to_teacher']:.3f}\n"

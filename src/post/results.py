@@ -172,6 +172,7 @@ class DistillResult(StageResult):
     planned_steps: int | None = None  # more than ``steps`` when --max-minutes stopped the run
     mixed_precision: str | None = None
     held_out_curve: list[dict[str, float]] | None = None  # with --eval-every: {step, perplexity, kl_to_teacher}
+    prompted_texts: int | None = None  # texts seen behind random prompts (--alpha-prompted)
 
 
 @dataclass(frozen=True, kw_only=True)
