@@ -47,7 +47,7 @@ from post.resolve import load_configured_model
 from post.results import DistillResult
 from post.rundir import RESULT_FILE
 from post.scoring import backbone, head_logits
-from post.student import build_student, param_count, parse_keep_layers
+from post.student import build_student, layer_count, param_count, parse_keep_layers
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ def _start(cfg: DistillConfig, teacher: LoadedModel, keep: list[int]) -> LoadedM
         return build_student(teacher, cfg.keep_layers)
     start = load_configured_model(cfg, cfg.init_student)
     sc, tc = start.model.config, teacher.model.config
-    layers = getattr(sc, "num_hidden_layers", None) or getattr(sc, "n_layer", None)
+    layers = layer_count(sc)
     problems = []
     if layers != len(keep):
         problems.append(f"{layers} layers, not the {len(keep)} of --keep-layers {cfg.keep_layers}")
@@ -498,7 +498,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     teacher = load_configured_model(cfg, cfg.teacher)
     teacher.model.to(acc.device)
     tc = teacher.model.config
-    keep = parse_keep_layers(cfg.keep_layers, getattr(tc, "num_hidden_layers", None) or tc.n_layer)
+    keep = parse_keep_layers(cfg.keep_layers, layer_count(tc))
     student = _start(cfg, teacher, keep)
     kind = teacher.kind
     if cfg.alpha_prompted > 0 and (kind != "causal" or acc.num_processes > 1):
@@ -610,7 +610,10 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     acc.wait_for_everyone()
     model = acc.unwrap_model(ddp_model)
     model.eval()
-    after = quality(model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
+    if curve and curve[-1]["step"] == done:  # measured on these very weights at the last step
+        after = {k: v for k, v in curve[-1].items() if k != "step"}
+    else:
+        after = quality(model, teacher.model, held, kind=kind, tokenizer=teacher.tokenizer, seed=cfg.seed)
     if main_process:
         model.requires_grad_(False)
         out = save_model(LoadedModel(model=model, tokenizer=teacher.tokenizer, name=student.name, kind=kind,
@@ -621,7 +624,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
             "trainable_params": sum(p.numel() for p in trainable), "steps": done, "planned_steps": cfg.max_steps,
             "tokens_seen": done * cfg.batch_size * cfg.block_size if block_terms else 0,
             "prompted_texts": done * cfg.batch_size if prompted is not None else 0, "processes": acc.num_processes,
-            "mixed_precision": cfg.mixed_precision or acc.mixed_precision, "held_out_curve": curve,
+            "mixed_precision": "bf16" if cfg.mixed_precision == "bf16" else acc.mixed_precision,
+            "held_out_curve": curve,
             "train_seconds": round(train_seconds, 3), "held_out_blocks": len(held),
             "teacher_quality": teacher_q, "undistilled_quality": before, "distilled_quality": after,
         })

@@ -56,6 +56,11 @@ def parse_keep_layers(spec: str | int | Sequence[int], n_layers: int) -> list[in
     return sorted(out)
 
 
+def layer_count(config: PretrainedConfig) -> int:
+    """The number of blocks a model's config declares (num_hidden_layers, n_layer or num_layers)."""
+    return int(getattr(config, _layer_count_key(config)))
+
+
 def _layer_count_key(config: PretrainedConfig) -> str:
     for key in _LAYER_COUNT_KEYS:
         if isinstance(getattr(config, key, None), int):
