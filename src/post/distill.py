@@ -199,6 +199,12 @@ class DistillConfig(ModelOptions):
 
             check_template(self.corpus_template)
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``--dtype auto`` keeps float32 here: the student's weights train (use --mixed-precision bf16 for bf16
+        compute); an explicit dtype is taken as given."""
+        return torch.float32 if self.dtype == "auto" else ModelOptions.torch_dtype.fget(self)
+
 
 def templated(texts: list[str], template: str | None, mask_token: str | None) -> list[str]:
     """``texts`` wrapped in ``template`` up to its {mask} (causal), or with the mask token in it (masked)."""

@@ -470,15 +470,31 @@ def _canonical_config(value: Any) -> Any:
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """sha256 hex of the canonical config JSON and the input-embedding matrix (fp32 bytes).
+    """sha256 hex of the canonical config JSON and the input-embedding matrix rounded to bfloat16.
 
-    Identical for the same config and embeddings however the model was loaded or saved, so a
-    soft prompt can record which model (and vocabulary) it was tuned for.
+    Identical for the same config and embeddings however the model was loaded or saved, in float32 or
+    bfloat16 (``--dtype``), so a soft prompt can record which model (and vocabulary) it was tuned for and be
+    used on the same model in the other precision.
     """
+    return _fingerprint(model, torch.bfloat16, b"post-model-fingerprint-v2\0")
+
+
+def fingerprints(model: PreTrainedModel) -> tuple[str, str]:
+    """The fingerprints that name ``model``: this version's (:func:`model_fingerprint`) and the one over its float32
+    embeddings that prompt files written before it carry."""
+    return model_fingerprint(model), _fingerprint(model, torch.float32, b"post-model-fingerprint-v1\0")
+
+
+def fingerprint_matches(recorded: str, model: PreTrainedModel) -> bool:
+    """Whether a recorded fingerprint is one of ``model``'s (:func:`fingerprints`)."""
+    return recorded in fingerprints(model)
+
+
+def _fingerprint(model: PreTrainedModel, rounding: torch.dtype, salt: bytes) -> str:
     config = json.dumps(_canonical_config(model.config.to_dict()), sort_keys=True, separators=(",", ":"),
                         default=str)
-    weight = model.get_input_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
-    digest = hashlib.sha256(b"post-model-fingerprint-v1\0")
+    weight = model.get_input_embeddings().weight.detach().to("cpu").to(rounding).to(torch.float32).contiguous()
+    digest = hashlib.sha256(salt)
     digest.update(config.encode())
     digest.update(f"\0{tuple(weight.shape)}\0".encode())
     digest.update(weight.numpy())

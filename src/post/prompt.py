@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from post import __version__
 from post.cache import atomic_path
 from post.errors import ConfigError, PostError
-from post.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
+from post.models import LoadedModel, fingerprint_matches, model_fingerprint, tokenizer_fingerprint
 from post.tasks import Task
 
 FORMAT = "post-prompt/2"
@@ -258,7 +258,7 @@ def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = 
     if same_model and m.get("tokenizer") not in (None, tokenizer_fingerprint(loaded.tokenizer)):
         raise PostError(f"{where} was tuned with another tokenizer than {loaded.name}'s (same vocabulary size, other "
                         "tokens), so its label words would mean other tokens; pass the model it was tuned on.")
-    if same_model and m["fingerprint"] != model_fingerprint(loaded.model):
+    if same_model and not fingerprint_matches(m["fingerprint"], loaded.model):
         raise PostError(f"{where} was tuned on {m['name']} (fingerprint {m['fingerprint'][:12]}), not on {loaded.name} "
                         f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it.")
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import torch
 
 from post.config import ModelOptions, TaskOptions
 from post.data import LabelledDataset, load_labelled
 from post.models import LoadedModel, load_model
+
+log = logging.getLogger("post")
 
 
 def load_task(cfg: TaskOptions) -> LabelledDataset:
@@ -19,9 +24,13 @@ def load_task(cfg: TaskOptions) -> LabelledDataset:
 
 def load_configured_model(cfg: ModelOptions, name: str) -> LoadedModel:
     """Load ``name`` with a config's dtype, cache, device and remote-code setting."""
-    loaded = load_model(name, dtype=cfg.torch_dtype, cache_dir=cfg.cache_dir,
-                        trust_remote_code=cfg.trust_remote_code)
+    dtype = cfg.torch_dtype
+    loaded = load_model(name, dtype=dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
     loaded.model.to(cfg.torch_device)
+    if cfg.dtype == "auto":
+        how = "native" if dtype == torch.bfloat16 else "not native, or weights that train"
+        log.info("%s: dtype auto -> %s on %s (bf16 %s)", name, str(dtype).removeprefix("torch."),
+                 cfg.torch_device.type, how)
     return loaded
 
 

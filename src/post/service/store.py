@@ -22,7 +22,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from post.errors import PostError
-from post.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
+from post.models import LoadedModel, fingerprints, model_fingerprint, tokenizer_fingerprint
 from post.prompt import PromptFile, read_prompt, vocab_size
 from post.service.db import Prompt, new_id
 from post.service.errors import ApiError
@@ -37,11 +37,12 @@ class ModelIdentity:
     tokenizer: str
     hidden_size: int
     vocab_size: int
+    accepted: frozenset[str] = frozenset()  # fingerprints that name this model: this version's and the older fp32 one
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> ModelIdentity:
         return cls(loaded.name, model_fingerprint(loaded.model), tokenizer_fingerprint(loaded.tokenizer),
-                   loaded.hidden_size, vocab_size(loaded))
+                   loaded.hidden_size, vocab_size(loaded), frozenset(fingerprints(loaded.model)))
 
     def mismatch(self, meta: dict) -> str | None:
         """Why a prompt's model metadata does not match this model, or None."""
@@ -51,7 +52,7 @@ class ModelIdentity:
                     f"{self.vocab_size}")
         if m.get("tokenizer") not in (None, self.tokenizer):
             return "another tokenizer"
-        if m["fingerprint"] != self.fingerprint:
+        if m["fingerprint"] not in (self.accepted or {self.fingerprint}):
             return f"fingerprint {m['fingerprint'][:12]}, not {self.fingerprint[:12]}"
         return None
 
