@@ -180,6 +180,26 @@ def test_rerun_skips_everything_and_a_change_reruns_only_what_it_affects(finishe
     run_pipeline(load_pipeline_config(path), echo=lines.append)
 
 
+def test_dry_run_says_what_a_run_would_do_and_runs_nothing(finished, capsys):
+    from post.pipeline import plan_pipeline
+
+    root, path, result, _ = finished
+    out = root / "out"
+    before = {n: (out / n / "result.json").stat().st_mtime_ns for n in result["steps"]}
+    assert {p["status"] for p in plan_pipeline(load_pipeline_config(path))} == {"done earlier"}
+    plan = plan_pipeline(load_pipeline_config(path, ["transfer.steps=5"]))
+    moved = {p["step"] for p in plan if p["status"] != "done earlier"}
+    assert moved == {"transfer", "transfer-dp", "eval-post", "eval-post-dp", "transfer-undistilled",
+                     "transfer-undistilled-dp", "eval-post-undistilled", "eval-post-undistilled-dp", "reconstruct"}
+    assert {p["status"] for p in plan if p["step"] in moved} == {"would re-run"}
+    assert main(["run", str(path), "transfer.steps=5", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "9 of " in printed and "would re-run" in printed and "in float32" in printed
+    assert before == {n: (out / n / "result.json").stat().st_mtime_ns for n in result["steps"]}
+    with pytest.raises(ConfigError, match="n-tokens"):
+        plan_pipeline(load_pipeline_config(path, ["tune.n_tokens=0"]))
+
+
 def test_interrupted_step_resumes(tmp_path, monkeypatch):
     import post.transfer as t
 

@@ -144,6 +144,8 @@ def _pipeline_parsers(sub: Any) -> None:
     run.add_argument("--out", type=Path | None, default=None, help="Output directory (overrides the config's out).")
     run.add_argument("--only", type=str | None, default=None, help="Comma-separated steps to (re-)run; others must "
                      "have finished.")
+    run.add_argument("--dry_run", action=ActionYesNo, default=False, help="Check the config and list each step with "
+                     "what it would do (run, re-run, or done earlier) and the models' dtype and device; run nothing.")
     sub.add_subcommand("run", run, help="Run the whole pipeline (distil, tune, transfer, baselines, attack, report).")
     demo = Parser(description="The built-in demo: smollm2-135m, its distilled student, private mr, public "
                    "airline, ε=8, end to end with a report.", exit_on_error=False)
@@ -241,11 +243,27 @@ def _run_pipeline(command: str, ns: Any) -> None:
     else:
         cfg = load_pipeline_config(ns.config, list(ns.overrides or []), ns.out)
     only = [s.strip() for s in ns.get("only").split(",") if s.strip()] if ns.get("only") else None
+    if ns.get("dry_run"):
+        _print_plan(cfg)
+        return
     t0 = time.perf_counter()
     result = run_pipeline(cfg, only=only)
     print(result["table"])
     print(f"report: {result['report']}")
     print(f"pipeline finished in {duration(time.perf_counter() - t0)}; all run directories under {result['out']}")
+
+
+def _print_plan(cfg: Any) -> None:
+    from post.pipeline import plan_pipeline
+
+    plan = plan_pipeline(cfg)
+    n = len(plan)
+    for i, p in enumerate(plan, 1):
+        print(f"[{i:2d}/{n}] {p['step']:<24} {p['party']:<8} {p['status']:<13} {p['what']}")
+    runs = sum(p["status"] != "done earlier" for p in plan)
+    dtype = str(cfg.torch_dtype).removeprefix("torch.")
+    print(f"{runs} of {n} steps would run, under {cfg.out}; models on {cfg.torch_device} in {dtype}"
+          + (" (dtype auto; distillation keeps float32)" if cfg.dtype == "auto" else ""))
 
 
 def _fetch(ns: Any) -> None:
@@ -308,6 +326,7 @@ def _setup_logging() -> None:
 
 
 _RUN_OPTIONS = ("--out", "--only")
+_RUN_FLAGS = ("-h", "--help", "--dry_run", "--no_dry_run")
 
 
 def _run_options_first(argv: list[str]) -> list[str]:
@@ -325,7 +344,7 @@ def _run_options_first(argv: list[str]) -> list[str]:
             options += argv[i:i + 2]
             i += 2
             continue
-        (options if arg.startswith(tuple(o + "=" for o in _RUN_OPTIONS)) or arg in ("-h", "--help") else rest
+        (options if arg.startswith(tuple(o + "=" for o in _RUN_OPTIONS)) or arg in _RUN_FLAGS else rest
          ).append(arg)
         i += 1
     return [argv[0], *options, *rest]

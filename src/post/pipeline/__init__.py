@@ -55,9 +55,9 @@ from post.pipeline.config import (
     mode_suffix,
     parse_override,
 )
-from post.pipeline.run import STATE_FILE, run_pipeline
+from post.pipeline.run import STATE_FILE, plan_pipeline, run_pipeline
 from post.pipeline.steps import STEPS, Step, StepDecl, build_steps, check_steps, declare, dry_run
 
 __all__ = ["MODES", "OPTIONAL_SECTIONS", "SECTIONS", "STATE_FILE", "STEPS", "PipelineConfig", "Step", "StepDecl",
            "build_steps", "builtin_configs", "check_steps", "declare", "dry_run", "load_pipeline_config",
-           "mode_epsilon", "mode_suffix", "parse_override", "run_pipeline"]
+           "mode_epsilon", "mode_suffix", "parse_override", "plan_pipeline", "run_pipeline"]

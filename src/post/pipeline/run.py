@@ -20,7 +20,7 @@ from typing import Any
 
 from post.errors import ConfigError, PostError
 from post.pipeline.config import PipelineConfig
-from post.pipeline.steps import EVALUATE, StepDecl, check_steps
+from post.pipeline.steps import EVALUATE, StepDecl, check_steps, placeholder
 from post.progress import duration
 from post.results import StageResult, load_result
 from post.rundir import RESULT_FILE, read_json, to_plain, write_json
@@ -31,6 +31,31 @@ STATE_FILE = "pipeline.json"
 def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
     blob = json.dumps({"config": to_plain(config), "deps": [keys[d] for d in deps]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan_pipeline(cfg: PipelineConfig, rows: Sequence[StepDecl] | None = None) -> list[dict[str, Any]]:
+    """What ``post run`` would do now, without running anything: each step's name, party, what it does and
+    ``would run``, ``done earlier`` (its result is there under the same key) or ``would re-run`` (its options or
+    an input changed). A step that would run stands in for its result with a placeholder, so every step after it
+    whose config reads that result shows as running too. Bad options fail here, as they would in the run."""
+    out = Path(cfg.out)
+    state_path = out / STATE_FILE
+    keys: dict[str, str] = dict(read_json(state_path).get("keys", {})) if state_path.exists() else {}
+    results: dict[str, StageResult] = {}
+    new_keys: dict[str, str] = {}
+    plan = []
+    for step in check_steps(cfg, rows):
+        key = _key(step.build(results), step.deps, new_keys)
+        new_keys[step.name] = key
+        d = out / step.name
+        if (d / RESULT_FILE).exists() and keys.get(step.name) == key:
+            status = "done earlier"
+            results[step.name] = load_result(d)
+        else:
+            status = "would re-run" if d.exists() and keys.get(step.name) not in (None, key) else "would run"
+            results[step.name] = placeholder(step.decl.stage.result, step.stage, step.name)
+        plan.append({"step": step.name, "party": step.party, "what": step.what, "status": status})
+    return plan
 
 
 def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Callable[[str], None] | None = None,
