@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
@@ -86,3 +87,27 @@ def test_chance_and_formatting():
     assert at_chance(0.45, 0.56, 2) and not at_chance(0.56, 0.66, 2) and at_chance(0.30, 0.40, 3)
     assert format_interval(0.7, 0.604, 0.781, 100) == "70.0 [60.4–78.1] n=100"
     assert format_p(None) == "" and format_p(0.0004) == "<0.001" and format_p(0.0412) == "0.041"
+
+
+def test_prior_shift_bound_is_a_bound_and_is_reached():
+    """No constant shift of the margin beats the reported best accuracy or its smallest p, and both are reached."""
+    from post.stats import mcnemar_exact, prior_shift_bound
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        y = rng.integers(0, 2, 120)
+        margin = rng.normal(0.8 * (2 * y - 1) - 0.6 * trial, 1.0).round(2)  # ties, and a lean to one class
+        out = prior_shift_bound(margin, y)
+        zs = (margin > 0).astype(int) == y
+        assert out["zero_shot"]["accuracy"] == pytest.approx(zs.mean())
+        best, low = out["best_accuracy"], out["smallest_p"]
+        for cut in np.linspace(margin.min() - 2, margin.max() + 2, 3001):
+            right = (margin > cut).astype(int) == y
+            assert right.mean() <= best["accuracy"] + 1e-12
+            assert mcnemar_exact(zs.tolist(), right.tolist())["p_value"] >= low["p"] - 1e-12
+        for row in (best, low):  # each reported shift gives what it says
+            right = (margin > row["shift"]).astype(int) == y
+            assert right.mean() == pytest.approx(row["accuracy"])
+            assert mcnemar_exact(zs.tolist(), right.tolist())["p_value"] == pytest.approx(row["p"])
+    with pytest.raises(PostError):
+        prior_shift_bound([0.1, 0.2], [1])

@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 
+import numpy as np
+
 from post.errors import PostError
 
 
@@ -103,3 +105,27 @@ def format_p(p: float | None) -> str:
     if p is None:
         return ""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def prior_shift_bound(margin: Sequence[float], labels: Sequence[int]) -> dict[str, dict[str, float]]:
+    """What a constant shift of a two-class score margin (class 1 minus class 0) can do against the unshifted
+    margin on the same examples: the best accuracy any shift reaches, and the smallest exact McNemar p.
+
+    Every decision a shift can make is tried: a threshold between each pair of neighbouring margins and past both
+    ends. The shifts are read off ``labels``, so both figures are oracle bounds on what a label-prior correction
+    alone (calibration, a prompt that only evens out the classes) can show on these examples, not settings.
+    """
+    m, y = np.asarray(margin, dtype=np.float64), np.asarray(labels, dtype=int)
+    if m.shape != y.shape or m.ndim != 1 or not len(m):
+        raise PostError(f"need one margin per label, got {m.shape} and {y.shape}.")
+    zs = (m > 0).astype(int) == y
+    u = np.unique(m)
+    cuts = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]])
+    rows = []
+    for cut in cuts:
+        right = (m > cut).astype(int) == y
+        rows.append({"shift": float(cut), "accuracy": float(right.mean()),
+                     "p": float(mcnemar_exact(zs.tolist(), right.tolist())["p_value"])})
+    return {"zero_shot": {"accuracy": float(zs.mean())},
+            "best_accuracy": max(rows, key=lambda r: (r["accuracy"], -r["p"])),
+            "smallest_p": min(rows, key=lambda r: (r["p"], -r["accuracy"]))}
