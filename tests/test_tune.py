@@ -398,3 +398,32 @@ def test_a_run_that_finished_its_plan_is_not_reported_as_stopped_early_on_resume
     (tmp_path / "result.json").unlink()
     again = tune(cfg, tmp_path)
     assert (again.steps, again.stopped_early) == (1, False)
+
+
+def test_patience_keeps_the_best_validated_prompt_across_a_resume(data_csv, tmp_path, monkeypatch):
+    """Validation 0.5, 0.9, 0.6, 0.6 at steps 0-3 with patience 2: the run stops at step 3 and keeps step 1's prompt,
+    the same prompt a run planned for 1 step ends with; a resume after the stop keeps it too."""
+    import post.tune as t
+
+    real = t.classification_metrics
+    script = iter([0.5, 0.9, 0.6, 0.6, 0.5, 0.9, 0.6, 0.6])
+
+    def scripted(scores, labels, names):
+        m = real(scores, labels, names)
+        return {**m, "accuracy": next(script)} if len(labels) == 7 else m  # the 7 validation texts only
+
+    monkeypatch.setattr(t, "classification_metrics", scripted)
+    cfg = config(data_csv, epochs=1, max_steps=8, eval_every=1, patience=2, eval_limit=7, test=False)
+    r = tune(cfg, tmp_path / "a")
+    assert (r.steps, r.stopped_early, r.kept_step, r.val_accuracy) == (3, True, 1, 0.9)
+    assert [p["val_accuracy"] for p in r.validation_curve] == [0.5, 0.9, 0.6, 0.6]
+    one = tune(config(data_csv, epochs=1, max_steps=1, eval_every=1000, eval_limit=7, test=False), tmp_path / "one")
+    kept = read_prompt(r.prompt).tensor
+    assert torch.equal(kept, read_prompt(one.prompt).tensor)
+    three = tune(config(data_csv, epochs=1, max_steps=3, eval_every=1000, eval_limit=7, test=False), tmp_path / "3")
+    assert not torch.equal(kept, read_prompt(three.prompt).tensor)  # the last prompt was a different one
+    (tmp_path / "a" / "result.json").unlink()
+    again = tune(cfg, tmp_path / "a")
+    assert again.kept_step == 1 and torch.equal(read_prompt(again.prompt).tensor, kept)
+    # without patience nothing is selected: the last prompt is kept
+    assert tune(config(data_csv, epochs=1, max_steps=2, test=False), tmp_path / "b").kept_step is None

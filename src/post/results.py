@@ -196,7 +196,8 @@ class TuneResult(StageResult):
     ``train_seconds`` is required but may be None in old results; ``test`` holds the test-split
     metrics (n, accuracy, class_names, ...) of a run asked to score the test split. ``steps`` is the
     steps taken (fewer than ``planned_steps`` when ``stopped_early``); ``validation_curve`` the
-    validations, each with its step and ``val_accuracy``, the last of which is ``val_accuracy``.
+    validations, each with its step and ``val_accuracy``. With ``--patience`` the prompt kept is the best
+    validated one, from step ``kept_step``, and ``val_accuracy`` is its; otherwise the last.
     """
 
     STAGE: ClassVar[str | None] = "tune"
@@ -218,6 +219,7 @@ class TuneResult(StageResult):
     stopped_early: bool | None = None
     val_accuracy: float | None = None
     validation_curve: list[dict[str, Any]] | None = None
+    kept_step: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

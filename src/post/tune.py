@@ -89,9 +89,9 @@ class TuneConfig(TaskOptions, ModelOptions):
         eval_every: Validate every this many steps (default: once per epoch).
         patience: Stop early once this many validations in a row have not beaten the best one
             before them (a plateau; the step-0 validation counts; the run's ``steps`` and
-            ``stopped_early`` say where). The prompt kept is the last one, not the best validated.
-            Not with --dp: the step count the ledger publishes would then depend on private
-            validation data.
+            ``stopped_early`` say where). The prompt kept is the best validated one (``kept_step``;
+            the step-0 prompt if no step beat it), as early stopping keeps the best checkpoint. Not
+            with --dp: the step count the ledger publishes would then depend on private validation data.
         test: Score the final prompt on the test split.
         dp: Train with DP-SGD.
         epsilon: Target ε (with --dp).
@@ -208,6 +208,7 @@ class DPRandomness:
 
 # The secret seed is stored in the checkpoint as four 32-bit words (safetensors holds no big ints).
 _SECRET_KEY = "dp_secret"
+_BEST_KEY = "best_prompt"  # checkpoint tensor: the best-validated prompt (--patience)
 
 
 def _secret_tensor(seed: int) -> torch.Tensor:
@@ -410,11 +411,14 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
     prompt = prompt.to(loaded.model.device).requires_grad_(True)
     opt = _make_optimizer(cfg, prompt)
     start, history, elapsed_before, secret = 0, [], 0.0, None
+    best: dict[str, Any] = {}  # with --patience: the best validation's step, accuracy and prompt, kept at the end
     if (ckpt := load_checkpoint(run.path, params={"prompt": prompt}, optimizer=opt)) is not None:
         tensors, meta = ckpt
         with torch.no_grad():
             prompt.copy_(tensors["prompt"])
         start, history, elapsed_before = int(meta["step"]), list(meta["history"]), float(meta["elapsed"])
+        if _BEST_KEY in tensors and "best" in meta:
+            best = {"prompt": tensors[_BEST_KEY].to(prompt), **meta["best"]}
         if _SECRET_KEY in tensors:
             secret = _secret_from(tensors[_SECRET_KEY])
         log.info("resuming from step %d", start)
@@ -440,9 +444,11 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
         randomness = DPRandomness(None if cfg.secure_mode else secret)
 
     def checkpoint(done: int) -> None:
-        save_checkpoint(run.path, tensors={"prompt": prompt, **extra_tensors}, params={"prompt": prompt},
+        kept = {_BEST_KEY: best["prompt"]} if best else {}
+        save_checkpoint(run.path, tensors={"prompt": prompt, **extra_tensors, **kept}, params={"prompt": prompt},
                         optimizer=opt, meta={"step": done, "history": history,
-                                             "elapsed": elapsed_before + time.perf_counter() - t0})
+                                             "elapsed": elapsed_before + time.perf_counter() - t0,
+                                             **({"best": {k: best[k] for k in ("step", "val")}} if best else {})})
     eval_every = cfg.eval_every or plan.steps_per_epoch
 
     def reserve(done: int) -> None:
@@ -459,6 +465,8 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
         point = {"step": step, "epoch": step / plan.steps_per_epoch, "val_accuracy": m["accuracy"]}
         run.log(**point)
         log.info("step %d/%d  validation accuracy %.4f", step, plan.total_steps, m["accuracy"])
+        if cfg.patience is not None and (not best or m["accuracy"] > best["val"]):
+            best.update(prompt=prompt.detach().clone(), step=step, val=m["accuracy"])
         return point
 
     log.info("tuning a %d-token prompt on %s: %d training examples, %d steps%s", cfg.n_tokens, cfg.model,
@@ -512,6 +520,14 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
                          plan.total_steps)
                 break
     train_seconds = elapsed_before + time.perf_counter() - t0
+    val_accuracy, kept_step = history[-1]["val_accuracy"], None
+    if best:
+        kept_step, val_accuracy = best["step"], best["val"]
+        if best["val"] > history[-1]["val_accuracy"]:
+            with torch.no_grad():
+                prompt.copy_(best["prompt"])
+            log.info("keeping the prompt of step %d, the best validation (accuracy %.4f; the last, step %d: %.4f)",
+                     best["step"], best["val"], done, history[-1]["val_accuracy"])
 
     ledger = plan.ledger.after(plan.total_steps) if plan.ledger is not None else None
     if ledger is not None:
@@ -520,7 +536,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
         "model": cfg.model, "task": cfg.task, "n_tokens": cfg.n_tokens, "dp": cfg.dp, "steps": done,
         "planned_steps": plan.total_steps, "stopped_early": stopped_early,
         "n_train": plan.n_train, "train_seconds": round(train_seconds, 3), "validation_curve": history,
-        "val_accuracy": history[-1]["val_accuracy"], "privacy": ledger.to_dict() if ledger else None,
+        "val_accuracy": val_accuracy, "kept_step": kept_step, "privacy": ledger.to_dict() if ledger else None,
         "epsilon": ledger.epsilon if ledger else None, "delta": ledger.delta if ledger else None,
     }
     if cfg.test:
