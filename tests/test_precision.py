@@ -152,3 +152,18 @@ def test_the_fingerprint_is_the_same_in_fp32_and_bf16_and_older_fp32_fingerprint
     with torch.no_grad():  # an edit that bf16 can see changes it
         b.get_input_embeddings().weight[7, 3] += 0.05
     assert model_fingerprint(b) != model_fingerprint(a)
+
+
+def test_label_rows_of_the_head_multiply_in_fp32_on_a_bf16_model():
+    """A bf16 product rounds class scores to coarse steps, so classes tie and a tie goes to class 0."""
+    from post.scoring import head_logits
+
+    m = tiny_model("llama").model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    hidden = (torch.randn(6, 64) * 3).to(torch.bfloat16)
+    ids = torch.tensor([5, 9, 11])
+    got = head_logits(m, hidden, ids)
+    w = m.get_output_embeddings().weight[ids]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, hidden.float() @ w.float().T)
+    assert not torch.equal(got, (hidden @ w.T).float())  # the bf16 product is coarser

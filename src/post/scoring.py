@@ -332,12 +332,15 @@ def _lm_head(model: nn.Module) -> nn.Module:
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """LM-head logits for hidden states (..., d): all V, or only ``token_ids`` (W,) if given."""
+    """LM-head logits for hidden states (..., d): all V, or only ``token_ids`` (W,) if given.
+
+    The few rows of ``token_ids`` are multiplied in float32 whatever the model's dtype: a bf16 product rounds
+    class scores of ~10 to steps of 1/16, so two classes would often tie exactly (and a tie goes to class 0)."""
     head = _lm_head(model)
     if isinstance(head, nn.Linear) and token_ids is not None:
-        weight = head.weight[token_ids]
-        bias = head.bias[token_ids] if head.bias is not None else None
-        logits = nn.functional.linear(hidden, weight, bias)
+        weight = head.weight[token_ids].float()
+        bias = head.bias[token_ids].float() if head.bias is not None else None
+        logits = nn.functional.linear(hidden.float(), weight, bias)
     else:
         logits = head(hidden)
         if token_ids is not None:
