@@ -10,7 +10,8 @@ the same sentences:
 
 - the best accuracy any shift reaches (the *oracle* shift, read off this split's labels: a bound, not a
   setting anyone could pick), with its Wilson 95% interval and exact McNemar p;
-- the smallest McNemar p any shift reaches, with that shift's accuracy.
+- the smallest McNemar p of a shift that beats zero-shot, with that shift's accuracy, and how many of the
+  distinct shifts reach p < 0.05.
 
 If that smallest p is above 0.05, no method whose whole effect is a label-prior correction (calibration, a
 prompt that only evens out the classes) can be significantly above zero-shot on this split, however it sets
@@ -49,8 +50,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data = load_labelled(args.task)
-    if len(data.task.classes) != 2:
-        raise SystemExit(f"{args.task} has {len(data.task.classes)} classes; the bound is for two.")
+    if len(data.class_names) != 2:
+        raise SystemExit(f"{args.task} has {len(data.class_names)} classes; the bound is for two.")
     split = data.split(args.split)
     loaded = load_model(args.model, dtype=DTYPES[args.dtype])
     enc = Encoder(data.task, loaded.tokenizer, loaded.kind, args.max_length)
@@ -68,9 +69,11 @@ def main() -> None:
     b, s = out["best_accuracy"], out["smallest_p"]
     print(f"best constant shift of the class margin (oracle, read off these labels): {cell(b['accuracy'])}, "
           f"McNemar p vs zero-shot {format_p(b['p'])}")
-    print(f"smallest p any shift reaches: {format_p(s['p'])} (accuracy {100 * s['accuracy']:.1f}%)")
+    print(f"smallest p of a shift that beats zero-shot: {format_p(s['p'])} (accuracy {100 * s['accuracy']:.1f}%); "
+          f"{out['significant']['shifts']} of the {out['significant']['of']} distinct shifts reach p < 0.05")
     verdict = "can" if s["p"] < 0.05 else "cannot"
-    print(f"=> a label-prior correction alone {verdict} be significantly (p < 0.05) above zero-shot on this split.")
+    print(f"=> a label-prior correction alone {verdict} be significantly (p < 0.05) above zero-shot on this split"
+          + (" (only by landing on one of those shifts)" if verdict == "can" else "") + ".")
     if args.pipeline is not None:
         for res in sorted(args.pipeline.glob("eval-post*/result.json")):
             r = json.loads(res.read_text())

@@ -109,7 +109,8 @@ def format_p(p: float | None) -> str:
 
 def prior_shift_bound(margin: Sequence[float], labels: Sequence[int]) -> dict[str, dict[str, float]]:
     """What a constant shift of a two-class score margin (class 1 minus class 0) can do against the unshifted
-    margin on the same examples: the best accuracy any shift reaches, and the smallest exact McNemar p.
+    margin on the same examples: the best accuracy any shift reaches, and the smallest exact McNemar p of a shift
+    that is more accurate than no shift (p 1.0 when none is).
 
     Every decision a shift can make is tried: a threshold between each pair of neighbouring margins and past both
     ends. The shifts are read off ``labels``, so both figures are oracle bounds on what a label-prior correction
@@ -126,6 +127,8 @@ def prior_shift_bound(margin: Sequence[float], labels: Sequence[int]) -> dict[st
         right = (m > cut).astype(int) == y
         rows.append({"shift": float(cut), "accuracy": float(right.mean()),
                      "p": float(mcnemar_exact(zs.tolist(), right.tolist())["p_value"])})
+    better = [r for r in rows if r["accuracy"] > zs.mean()] or [{"shift": 0.0, "accuracy": float(zs.mean()), "p": 1.0}]
     return {"zero_shot": {"accuracy": float(zs.mean())},
             "best_accuracy": max(rows, key=lambda r: (r["accuracy"], -r["p"])),
-            "smallest_p": min(rows, key=lambda r: (r["p"], -r["accuracy"]))}
+            "smallest_p": min(better, key=lambda r: (r["p"], -r["accuracy"])),
+            "significant": {"shifts": sum(r["p"] < 0.05 for r in better), "of": len(rows)}}
