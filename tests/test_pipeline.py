@@ -107,6 +107,7 @@ def test_report_is_self_contained(finished):
     assert "src='http" not in html and 'src="http' not in html  # nothing fetched when it is opened
     md = (root / "out" / "report.md").read_text()
     assert "| tune-source-dp | user |" in md
+    assert "; frozen models in float32 on cpu;" in md and result["dtype"] == "float32"
     goals = json.loads((root / "out" / "report.json").read_text())["goals"]
     assert {g["dp"] for g in goals} == {False, True}
     assert "Prompt reconstruction check" in md and "reference (public)" in md

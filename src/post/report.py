@@ -359,8 +359,9 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
     compute = sum(float(v or 0) for v in seconds.values())
     md: list[str] = [f"# POST report: {_short(summary.get('task'))} → {_short(summary.get('target'))}", "",
                      f"Private task `{summary.get('task')}`, target Φt `{summary.get('target')}`, public text "
-                     f"`{summary.get('public')}`; all steps together took {duration(compute)} (this last "
-                     f"invocation {duration(summary.get('seconds'))}; finished steps are not run again).", "",
+                     f"`{summary.get('public')}`{_precision(summary)}; all steps together took {duration(compute)} "
+                     f"(this last invocation {duration(summary.get('seconds'))}; finished steps are not run "
+                     "again).", "",
                      "## Results", "", table_md, ""]
     md += _transfer_lines(out, steps)
     if goal_rows:
@@ -472,6 +473,14 @@ def _short(name: Any) -> str:
     """A file path's name, anything else as it is (titles stay readable)."""
     text = str(name)
     return Path(text).name if "/" in text and Path(text).suffix else text
+
+
+def _precision(summary: Mapping[str, Any]) -> str:
+    """"; frozen models in bfloat16 on cpu" (distillation trains in float32), or "" for a summary written before the
+    dtype was recorded."""
+    if not summary.get("dtype"):
+        return ""
+    return f"; frozen models in {summary['dtype']} on {summary.get('device', '?')}"
 
 
 def _step_seconds(out: Path, name: str, s: dict[str, Any]) -> Any:
