@@ -10,6 +10,10 @@ Every stage runs in this process on one torch thread; with ``--clock cpu`` (the 
 the stages' own ``train_seconds`` included, reads this process's CPU time instead of the wall clock, so
 other jobs on a shared machine (time slices taken away) do not count. ``--clock wall`` keeps the wall
 clock. Predictions come from each run's own batches (:func:`post.cost.compare_run_dirs`).
+
+``--dtype bfloat16`` (with its own ``--out``) calibrates and runs the prompt stages with the frozen models in
+bf16, as ``--dtype auto`` runs them on a CPU with native bf16; distillation trains in float32 under auto, so
+its stage runs only in float32.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import torch
 TEACHER, KEEP = "smollm2-135m", "0,10,20,29"
 
 
-def _stage(name: str, out: Path) -> None:
+def _stage(name: str, out: Path, dtype: str = "float32") -> None:
     from post.distill import DistillConfig, distill
     from post.student import StudentConfig, make_student
     from post.transfer import TransferConfig, transfer
     from post.tune import TuneConfig, tune
 
     student = make_student(StudentConfig(teacher=TEACHER, keep_layers=KEEP), out / "student").model_dir
-    tune_kw = {"task": "mr", "max_length": 64, "n_tokens": 10, "eval_limit": 32, "test": False}
+    tune_kw = {"task": "mr", "max_length": 64, "n_tokens": 10, "eval_limit": 32, "test": False, "dtype": dtype}
     if name == "tune-source":
         tune(TuneConfig(model=student, batch_size=32, max_steps=12, **tune_kw), out / name)
     elif name == "tune-source-dp":
@@ -40,12 +44,15 @@ def _stage(name: str, out: Path) -> None:
         tune(TuneConfig(model=TEACHER, batch_size=16, micro_batch_size=16, max_steps=5, **tune_kw), out / name)
     elif name.startswith("transfer-"):
         if not (out / "tune-source" / "prompt.safetensors").is_file():
-            _stage("tune-source", out)
+            _stage("tune-source", out, dtype)
         mode = name.removeprefix("transfer-")
         transfer(TransferConfig(source_model=student, prompt=out / "tune-source" / "prompt.safetensors",
                                 target_model=TEACHER, mode=mode, steps=8, batch_size=8, public_limit=48,
-                                max_length=64, alpha=0.5), out / name)
+                                max_length=64, alpha=0.5, dtype=dtype), out / name)
     elif name == "distill":
+        if dtype != "float32":
+            raise SystemExit("distillation trains its student in float32 (dtype auto keeps it): run it with --dtype "
+                             "float32")
         distill(DistillConfig(teacher=TEACHER, keep_layers=KEEP, max_steps=3, batch_size=4, block_size=128,
                               held_out=4), out / name)
     else:
@@ -58,6 +65,8 @@ def main() -> None:
     ap.add_argument("stage", nargs="?")
     ap.add_argument("--out", type=Path, default=Path("runs/cost-validate"))
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the frozen models' dtype (use another --out for each)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.clock == "cpu":
@@ -65,15 +74,16 @@ def main() -> None:
     from post import cost
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rates_path = args.out / f"rates-{args.clock}.json"
+    rates_path = args.out / (f"rates-{args.clock}.json" if args.dtype == "float32"
+                             else f"rates-{args.clock}-{args.dtype}.json")
     if args.action == "calibrate":
         rates = cost.calibrate(TEACHER, KEEP, n_tokens=10, text_tokens=36, batch=8, steps=2, threads=1,
-                               clock=args.clock)
+                               clock=args.clock, dtype=args.dtype)
         rates_path.write_text(json.dumps(rates.to_dict(), indent=2) + "\n")
         print(rates.label)
     elif args.action == "run":
         t0 = time.perf_counter()
-        _stage(args.stage, args.out)
+        _stage(args.stage, args.out, args.dtype)
         print(f"{args.stage}: {time.perf_counter() - t0:.1f} s ({args.clock} clock) in {args.out / args.stage}")
     else:
         rates = cost.Rates(**json.loads(rates_path.read_text()))

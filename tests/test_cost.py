@@ -264,7 +264,7 @@ def test_compare_run_dirs_reads_saved_rates_and_never_calibrates_when_told(tmp_p
     assert cost.report_section(tmp_path, calibrate_missing=False) == ""
     calls = []
 
-    def fake(target, keep):
+    def fake(target, keep, dtype="float32"):
         calls.append(target)
         return Rates(2e9, 1e9)
 
@@ -469,3 +469,35 @@ def test_dp_ledger_writes_by_hand_and_against_a_dp_run(tmp_path, monkeypatch):
     assert stage.ledger_writes == during == cost.dp_ledger_writes(7, 3) == 3  # before step 1, at 3 and at 6
     plain = dataclasses.replace(stage, ledger_writes=0).timed(Rates(1e9, 1e9)).seconds
     assert stage.timed(Rates(1e9, 1e9, ledger_write=0.5)).seconds == pytest.approx(plain + 1.5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_runs_are_compared_only_with_rates_of_their_own_dtype(tmp_path, monkeypatch, native):
+    """A bf16 run (dtype auto on native-bf16 hardware) is not predicted from fp32 rates, nor an fp32 run from bf16
+    ones; a distillation under auto trains in fp32, and calibration follows the prompt runs' dtype."""
+    import yaml
+
+    import post.config
+
+    monkeypatch.setattr(post.config, "native_bf16", lambda device: native)
+    runs = {"tune-target": {"model": "smollm2-135m", "dtype": "auto"},
+            "distill": {"teacher": "smollm2-135m", "keep_layers": "0,29", "dtype": "auto"},
+            "tune-explicit": {"model": "smollm2-135m", "dtype": "bfloat16"}}
+    for name, cfg in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+    got = {name: cost.run_dtype(tmp_path / name) for name in runs}
+    assert got == {"tune-target": "bfloat16" if native else "float32", "distill": "float32",
+                   "tune-explicit": "bfloat16"}
+    asked = []
+    cost._calibrate_for([tmp_path / n for n in runs], lambda t, k, dtype: asked.append(dtype) or Rates(1, 1))
+    assert asked == ["bfloat16"]  # two prompt runs in bf16 (one explicit): the majority of the prompt runs
+
+    stage = cost.StageCost("tune-target", "user", parts=[])
+    monkeypatch.setattr(cost, "run_dir_costs", lambda run: [(stage, 1.0)] if run.name == "tune-target" else [])
+    for name in runs:
+        (tmp_path / name / "result.json").write_text("{}")
+    rows = {d: cost.compare_run_dirs(tmp_path, Rates(1e9, 1e9, dtype=d)) for d in ("float32", "bfloat16")}
+    kept = "bfloat16" if native else "float32"
+    assert [r["run"] for r in rows[kept]] == ["tune-target"]
+    assert rows["float32" if native else "bfloat16"] == []

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from post.config import require
-from post.errors import PostError
+from post.errors import ConfigError, PostError
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,7 @@ class Rates:
     loss_per_logit: float = 0.0
     ledger_write: float = 0.0
     label: str = ""
+    dtype: str = "float32"  # the frozen models' dtype the rates were measured in (runs in another are not compared)
 
     @classmethod
     def device(cls, peak: float, utilisation: float, label: str = "") -> Rates:
@@ -486,6 +487,8 @@ class CostConfig:
         calibrate_model: Model to measure (default: --target): an alias, a directory or tiny-*.
         calibrate_batch: Sequences per calibration step.
         calibrate_steps: Timed steps per measurement.
+        calibrate_dtype: The frozen models' dtype to measure in: float32, bfloat16, or auto (bfloat16 where this
+            machine computes it natively, as ``--dtype auto`` runs them).
         threads: torch threads while calibrating (0: leave as is).
         clock: What --calibrate times: wall (elapsed) or cpu (this process's CPU time: an unloaded machine's
             rates when other jobs share this one).
@@ -528,6 +531,7 @@ class CostConfig:
     calibrate_model: str | None = None
     calibrate_batch: int = 8
     calibrate_steps: int = 2
+    calibrate_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     threads: int = 1
     clock: Literal["wall", "cpu"] = "wall"
     format: Literal["text", "json"] = "text"
@@ -552,6 +556,8 @@ class CostConfig:
         require(0 < self.utilisation <= 1, "utilisation", f"must be in (0, 1], got {self.utilisation}.")
         require(self.format in ("text", "json"), "format", "must be text or json.")
         require(self.clock in ("wall", "cpu"), "clock", "must be wall or cpu.")
+        require(self.calibrate_dtype in ("float32", "bfloat16", "auto"), "calibrate_dtype",
+                "must be float32, bfloat16 or auto.")
 
     def workload(self) -> Setting:
         """The named setting with every option given here put over it."""
@@ -818,23 +824,27 @@ def _distill_per_logit(teacher: Any, student: Any, teacher_arch: Arch, rates: Ra
 
 def calibrate(model: str, keep_layers: str, *, n_tokens: int = 10, text_tokens: int = 40, batch: int = 8,
               steps: int = 2, threads: int = 1, cache_dir: Path | None = None, clock: str = "wall",
-              device: str = "auto") -> Rates:
+              device: str = "auto", dtype: str = "float32") -> Rates:
     """Measured forward/backward FLOP/s of ``model`` and its layer-dropped student, and the DP overhead.
 
     Runs the real code paths on synthetic inputs of ``text_tokens`` tokens: :func:`post.scoring.examples_hidden`
     and the label-word head under no_grad (forward, packed as the step packs),
     :meth:`post.tune.PromptTrainer.mean_gradient` (forward + backward) and
     ``dp_gradient`` (DP). Backward rate = backward FLOPs ÷ (step time − forward time). ``clock="cpu"`` times
-    this process's CPU time: the rates of an unloaded machine, when other jobs share this one.
+    this process's CPU time: the rates of an unloaded machine, when other jobs share this one. ``dtype``: the
+    frozen models' dtype (float32, or bfloat16 as ``--dtype auto`` gives on hardware with native bf16).
     """
     import torch
 
+    from post.config import DTYPES
     from post.models import load_model
     from post.student import build_student
 
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(model, cache_dir=cache_dir)
+    if dtype not in DTYPES:
+        raise PostError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    loaded = load_model(model, cache_dir=cache_dir, dtype=DTYPES[dtype])
     if device != "cpu" and torch.cuda.is_available():  # time the device the runs used
         loaded.model.to(device if device != "auto" else "cuda")
     arch = arch_from_config(loaded.model.config.to_dict(), name=model)
@@ -846,10 +856,23 @@ def calibrate(model: str, keep_layers: str, *, n_tokens: int = 10, text_tokens: 
     per_logit = _distill_per_logit(loaded, student, arch, Rates(t[0], t[1], s[0], s[1]), kw["clock"])
     ledger = _ledger_write(kw["clock"])
     return Rates(t[0], t[1], s[0], s[1], dp_overhead=t[2], loss_per_logit=per_logit, ledger_write=ledger,
-                 label=f"measured on {model} here ({torch.get_num_threads()} thread(s), {clock} clock): forward "
-                       f"{t[0] / 1e9:.1f} / backward {t[1] / 1e9:.1f} GFLOP/s, student {s[0] / 1e9:.1f} / "
+                 dtype=dtype,
+                 label=f"measured on {model} in {dtype} here ({torch.get_num_threads()} thread(s), {clock} clock): "
+                       f"forward {t[0] / 1e9:.1f} / backward {t[1] / 1e9:.1f} GFLOP/s, student {s[0] / 1e9:.1f} / "
                        f"{s[1] / 1e9:.1f} GFLOP/s, DP step ÷ step {t[2]:.2f}, distillation loss "
                        f"{per_logit * 1e9:.1f} ns/logit, DP ledger {ledger:.2f} s a write")
+
+
+def _resolved_dtype(dtype: str, device: str = "auto") -> str:
+    """A ``--dtype`` as :class:`post.config.ModelOptions` resolves it here (``auto``: bfloat16 where ``device``
+    computes it natively); a device this machine lacks resolves as the CPU."""
+    from post.config import ModelOptions
+
+    try:
+        resolved = ModelOptions(dtype=dtype, device=device).torch_dtype
+    except ConfigError:
+        resolved = ModelOptions(dtype=dtype, device="cpu").torch_dtype
+    return str(resolved).removeprefix("torch.")
 
 
 def config_rates(cfg: CostConfig, w: Setting) -> Rates:
@@ -862,7 +885,8 @@ def config_rates(cfg: CostConfig, w: Setting) -> Rates:
     elif cfg.calibrate:
         rates = calibrate(cfg.calibrate_model or w.target, w.keep_layers, n_tokens=w.n_tokens,
                           text_tokens=int(min(w.text_tokens, w.max_length)), batch=cfg.calibrate_batch,
-                          steps=cfg.calibrate_steps, threads=cfg.threads, clock=cfg.clock)
+                          steps=cfg.calibrate_steps, threads=cfg.threads, clock=cfg.clock,
+                          dtype=_resolved_dtype(cfg.calibrate_dtype))
     else:
         peak = cfg.peak_flops or DEVICE_PEAKS[cfg.device.lower()]
         rates = Rates.device(peak, cfg.utilisation,
@@ -1135,14 +1159,26 @@ def run_dir_costs(run: Path) -> list[tuple[StageCost, float]]:
     return []
 
 
+def run_dtype(run: Path) -> str:
+    """The dtype a finished run's frozen models computed in, as its config resolves on this machine (``auto``:
+    bfloat16 where the device has it natively; distillation keeps float32 under auto)."""
+    cfg = _read_config(run)
+    dtype = str(cfg.get("dtype") or "float32")
+    if dtype == "auto" and "teacher" in cfg:  # a distillation: its student's weights train in float32
+        return "float32"
+    return _resolved_dtype(dtype, str(cfg.get("device") or "auto"))
+
+
 def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibrate_missing: bool = True,
                      calibrate_fn: Callable[..., Rates] | None = None) -> list[dict[str, Any]]:
     """Predicted vs measured seconds for every tune/transfer/distill run directory under ``out_dir``.
 
     ``out_dir`` is a pipeline's output directory (or one run directory). Without ``rates`` they are
     read from ``out_dir/cost-calibration.json``, or (``calibrate_missing``) measured once on the target
-    named in the runs (:func:`calibrate`, about a minute for a 135M model on a CPU) and kept there so later
-    calls (the report) reuse them; with neither, there is nothing to compare and the list is empty.
+    named in the runs (:func:`calibrate`, about a minute for a 135M model on a CPU, in the dtype the runs'
+    frozen models took) and kept there so later calls (the report) reuse them; with neither, there is nothing
+    to compare and the list is empty. A run whose frozen models computed in another dtype than the rates'
+    (:func:`run_dtype`) is left out, with a warning.
     Each row: run, party, detail, flops, predicted_seconds, measured_seconds, error (predicted ÷ measured − 1).
     """
     from post.rundir import RESULT_FILE
@@ -1150,10 +1186,10 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
     out = Path(out_dir)
     runs = [out] if (out / RESULT_FILE).is_file() else sorted(
         p for p in out.iterdir() if p.is_dir() and (p / RESULT_FILE).is_file())
-    pairs: list[tuple[StageCost, float]] = []
+    pairs: list[tuple[StageCost, float, str]] = []
     for run in runs:
         try:
-            pairs += run_dir_costs(run)
+            pairs += [(stage, measured, run_dtype(run)) for stage, measured in run_dir_costs(run)]
         except (PostError, KeyError, OSError, ValueError) as e:
             log.warning("cost: skipping %s (%s)", run, e)
     if not pairs:
@@ -1168,7 +1204,11 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
             rates = _calibrate_for(runs, calibrate_fn or calibrate)
             saved.write_text(json.dumps(rates.to_dict(), indent=2) + "\n", encoding="utf-8")
     rows = []
-    for stage, measured in pairs:
+    for stage, measured, dtype in pairs:
+        if dtype != rates.dtype:
+            log.warning("cost: %s ran its frozen models in %s, the rates are for %s: not compared (calibrate in %s)",
+                        stage.stage, dtype, rates.dtype, dtype)
+            continue
         stage.timed(rates)
         rows.append({"run": stage.stage, "party": stage.party, "detail": stage.note, "flops": stage.flops,
                      "predicted_seconds": stage.seconds, "measured_seconds": measured,
@@ -1188,7 +1228,9 @@ def _calibrate_for(runs: Sequence[Path], calibrate_fn: Callable[..., Rates]) -> 
                 target = _read_config(run).get("model")
     if target is None:
         raise PostError("no target model named in these run directories; pass rates to compare_run_dirs.")
-    return calibrate_fn(target, keep)
+    # the dtype the prompt runs took (distillation keeps float32 under auto; its rows are skipped if they differ)
+    dtypes = [run_dtype(run) for run in runs if "teacher" not in _read_config(run)] or ["float32"]
+    return calibrate_fn(target, keep, dtype=max(set(dtypes), key=dtypes.count))
 
 
 def report_section(out_dir: str | Path, rates: Rates | None = None, *, calibrate_missing: bool = True) -> str:
