@@ -427,3 +427,22 @@ def test_patience_keeps_the_best_validated_prompt_across_a_resume(data_csv, tmp_
     assert again.kept_step == 1 and torch.equal(read_prompt(again.prompt).tensor, kept)
     # without patience nothing is selected: the last prompt is kept
     assert tune(config(data_csv, epochs=1, max_steps=2, test=False), tmp_path / "b").kept_step is None
+
+
+def test_patience_on_a_tie_keeps_the_earliest_best_prompt_and_says_so(data_csv, tmp_path, monkeypatch):
+    """Validation 0.5, 0.9, 0.9: the prompt kept and the step reported are the same one (step 1)."""
+    import post.tune as t
+
+    real = t.classification_metrics
+    script = iter([0.5, 0.9, 0.9, 0.5, 0.9])
+
+    def scripted(scores, labels, names):
+        m = real(scores, labels, names)
+        return {**m, "accuracy": next(script)} if len(labels) == 7 else m
+
+    monkeypatch.setattr(t, "classification_metrics", scripted)
+    cfg = config(data_csv, epochs=1, max_steps=2, eval_every=1, patience=2, eval_limit=7, test=False)
+    r = tune(cfg, tmp_path / "a")
+    assert (r.steps, r.kept_step, r.val_accuracy) == (2, 1, 0.9)
+    one = tune(config(data_csv, epochs=1, max_steps=1, eval_every=1000, eval_limit=7, test=False), tmp_path / "one")
+    assert torch.equal(read_prompt(r.prompt).tensor, read_prompt(one.prompt).tensor)

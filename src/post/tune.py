@@ -417,8 +417,12 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
         with torch.no_grad():
             prompt.copy_(tensors["prompt"])
         start, history, elapsed_before = int(meta["step"]), list(meta["history"]), float(meta["elapsed"])
-        if _BEST_KEY in tensors and "best" in meta:
-            best = {"prompt": tensors[_BEST_KEY].to(prompt), **meta["best"]}
+        if cfg.patience is not None and not cfg.dp:
+            if _BEST_KEY in tensors and "best" in meta:
+                best = {"prompt": tensors[_BEST_KEY].to(prompt), **meta["best"]}
+            elif history:  # a checkpoint written before the best prompt was kept: nothing may undercut its best
+                top = max(range(len(history)), key=lambda i: history[i]["val_accuracy"])
+                best = {"prompt": None, "step": history[top]["step"], "val": history[top]["val_accuracy"]}
         if _SECRET_KEY in tensors:
             secret = _secret_from(tensors[_SECRET_KEY])
         log.info("resuming from step %d", start)
@@ -444,11 +448,11 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
         randomness = DPRandomness(None if cfg.secure_mode else secret)
 
     def checkpoint(done: int) -> None:
-        kept = {_BEST_KEY: best["prompt"]} if best else {}
+        kept = {_BEST_KEY: best["prompt"]} if best.get("prompt") is not None else {}
         save_checkpoint(run.path, tensors={"prompt": prompt, **extra_tensors, **kept}, params={"prompt": prompt},
                         optimizer=opt, meta={"step": done, "history": history,
                                              "elapsed": elapsed_before + time.perf_counter() - t0,
-                                             **({"best": {k: best[k] for k in ("step", "val")}} if best else {})})
+                                             **({"best": {k: best[k] for k in ("step", "val")}} if kept else {})})
     eval_every = cfg.eval_every or plan.steps_per_epoch
 
     def reserve(done: int) -> None:
@@ -521,11 +525,11 @@ def tune(cfg: TuneConfig, run_dir: str | Path) -> TuneResult:
                 break
     train_seconds = elapsed_before + time.perf_counter() - t0
     val_accuracy, kept_step = history[-1]["val_accuracy"], None
-    if best:
+    if best.get("prompt") is not None:  # --patience (never with DP): the best validated prompt, ties to the earliest
         kept_step, val_accuracy = best["step"], best["val"]
-        if best["val"] > history[-1]["val_accuracy"]:
-            with torch.no_grad():
-                prompt.copy_(best["prompt"])
+        with torch.no_grad():
+            prompt.copy_(best["prompt"])
+        if best["step"] != history[-1]["step"]:
             log.info("keeping the prompt of step %d, the best validation (accuracy %.4f; the last, step %d: %.4f)",
                      best["step"], best["val"], done, history[-1]["val_accuracy"])
 
