@@ -40,6 +40,29 @@ def test_auto_is_bf16_only_where_the_hardware_has_it_and_never_for_weights_that_
     assert ModelOptions().dtype == "float32"
 
 
+def test_native_bf16_on_cuda_needs_ampere_not_emulation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes when emulating too
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_bf16(torch.device("cuda")) is native
+
+
+def test_a_pre_v2_prompt_on_a_bf16_model_is_refused_with_a_hint(data_csv, tmp_path):
+    from post.models import _fingerprint, load_model
+    from post.prompt import check_compatible
+
+    target_dir = save_model(tiny_model("llama"), tmp_path / "m")
+    ps = tune(TuneConfig(model=str(target_dir), task=str(data_csv), label_words=LABEL_WORDS, n_tokens=4, epochs=1,
+                         batch_size=8, lr=0.1, test=False), tmp_path / "ps")
+    pf = read_prompt(ps.prompt)
+    fp32 = load_model(str(target_dir))
+    pf.meta["model"]["fingerprint"] = _fingerprint(fp32.model, torch.float32, b"post-model-fingerprint-v1\0")
+    check_compatible(pf, fp32)  # an old file on the model in float32: accepted
+    with pytest.raises(post.errors.PostError, match="try --dtype float32"):
+        check_compatible(pf, load_model(str(target_dir), dtype=torch.bfloat16))
+
+
 def test_native_bf16_reads_the_device():
     assert native_bf16(torch.device("meta")) is False
     if not torch.cuda.is_available():

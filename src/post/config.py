@@ -22,8 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU with
     AVX512-BF16 or AMX (there a bf16 matmul runs about 2.2x an fp32 one; on other CPUs it is emulated and slower)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cuda":  # Ampere (8.0) and later; older GPUs emulate bf16 (is_bf16_supported says yes)
+        return bool(torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0))
     if device.type == "cpu":
         return any(bool(getattr(torch.cpu, check, lambda: False)())
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

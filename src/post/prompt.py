@@ -259,8 +259,12 @@ def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = 
         raise PostError(f"{where} was tuned with another tokenizer than {loaded.name}'s (same vocabulary size, other "
                         "tokens), so its label words would mean other tokens; pass the model it was tuned on.")
     if same_model and not fingerprint_matches(m["fingerprint"], loaded.model):
+        hint = "" if loaded.model.dtype == torch.float32 else (
+            f" (the model is loaded in {str(loaded.model.dtype).removeprefix('torch.')}: a prompt file written before "
+            "fingerprints ignored the precision matches its model only in float32, so try --dtype float32)")
         raise PostError(f"{where} was tuned on {m['name']} (fingerprint {m['fingerprint'][:12]}), not on {loaded.name} "
-                        f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it.")
+                        f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it"
+                        f"{hint}.")
 
 
 def load_prompt(path: str | os.PathLike[str], loaded: LoadedModel, *, same_model: bool = True) -> PromptFile:
