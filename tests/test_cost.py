@@ -491,7 +491,8 @@ def test_runs_are_compared_only_with_rates_of_their_own_dtype(tmp_path, monkeypa
                    "tune-explicit": "bfloat16"}
     asked = []
     cost._calibrate_for([tmp_path / n for n in runs], lambda t, k, dtype: asked.append(dtype) or Rates(1, 1))
-    assert asked == ["bfloat16"]  # two prompt runs in bf16 (one explicit): the majority of the prompt runs
+    # the prompt runs' majority dtype (both bf16 on native hardware; else one each, and a tie goes to float32)
+    assert asked == ["bfloat16" if native else "float32"]
 
     stage = cost.StageCost("tune-target", "user", parts=[])
     monkeypatch.setattr(cost, "run_dir_costs", lambda run: [(stage, 1.0)] if run.name == "tune-target" else [])
@@ -501,3 +502,12 @@ def test_runs_are_compared_only_with_rates_of_their_own_dtype(tmp_path, monkeypa
     kept = "bfloat16" if native else "float32"
     assert [r["run"] for r in rows[kept]] == ["tune-target"]
     assert rows["float32" if native else "bfloat16"] == []
+    # rates saved in float32 before the runs took bf16 are measured again, in bf16, and saved
+    (tmp_path / "cost-calibration.json").write_text(json.dumps(Rates(1e9, 1e9).to_dict()))
+    asked.clear()
+    rows = cost.compare_run_dirs(tmp_path, calibrate_fn=lambda t, k, dtype: asked.append(dtype) or Rates(
+        1e9, 1e9, dtype=dtype))
+    assert asked == (["bfloat16"] if native else [])
+    assert [r["run"] for r in rows] == ["tune-target"]
+    saved = json.loads((tmp_path / "cost-calibration.json").read_text())["dtype"]
+    assert saved == kept

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -1198,9 +1199,9 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
         saved = out / "cost-calibration.json"
         if saved.is_file():
             rates = Rates(**json.loads(saved.read_text(encoding="utf-8")))
-        elif not calibrate_missing:
-            return []
-        else:
+        if rates is None or (calibrate_missing and rates.dtype != _prompt_runs_dtype(runs)):
+            if not calibrate_missing:
+                return []
             rates = _calibrate_for(runs, calibrate_fn or calibrate)
             saved.write_text(json.dumps(rates.to_dict(), indent=2) + "\n", encoding="utf-8")
     rows = []
@@ -1228,9 +1229,14 @@ def _calibrate_for(runs: Sequence[Path], calibrate_fn: Callable[..., Rates]) -> 
                 target = _read_config(run).get("model")
     if target is None:
         raise PostError("no target model named in these run directories; pass rates to compare_run_dirs.")
-    # the dtype the prompt runs took (distillation keeps float32 under auto; its rows are skipped if they differ)
-    dtypes = [run_dtype(run) for run in runs if "teacher" not in _read_config(run)] or ["float32"]
-    return calibrate_fn(target, keep, dtype=max(set(dtypes), key=dtypes.count))
+    return calibrate_fn(target, keep, dtype=_prompt_runs_dtype(runs))
+
+
+def _prompt_runs_dtype(runs: Sequence[Path]) -> str:
+    """The dtype most of the prompt runs (not distillation, which keeps float32 under auto) computed in; float32
+    on a tie or with none."""
+    counts = Counter(run_dtype(run) for run in runs if "teacher" not in _read_config(run))
+    return max(sorted(counts), key=lambda d: (counts[d], d == "float32"), default="float32")
 
 
 def report_section(out_dir: str | Path, rates: Rates | None = None, *, calibrate_missing: bool = True) -> str:
