@@ -143,6 +143,12 @@ def test_bf16_tuning_learns_and_saves_an_fp32_prompt_and_dp_spends_the_same_epsi
     b = tune(TuneConfig(**{**dp, "dtype": "float32"}), tmp_path / "dp32")
     assert a.privacy["epsilon"] == pytest.approx(b.privacy["epsilon"])
     assert a.privacy["noise_multiplier"] == pytest.approx(b.privacy["noise_multiplier"])
+    # each run records the dtype its frozen model computed in, and the cost model reads it from there
+    from post.cost import run_dtype
+
+    recorded = {d: json.loads((tmp_path / d / "result.json").read_text())["model_dtype"] for d in ("np", "dp32")}
+    assert recorded == {"np": "bfloat16", "dp32": "float32"}
+    assert run_dtype(tmp_path / "np") == "bfloat16" and run_dtype(tmp_path / "dp16") == "bfloat16"
 
 
 def test_transfer_into_a_bf16_target_learns_an_fp32_prompt(data_csv, tmp_path):

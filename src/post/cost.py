@@ -1161,8 +1161,14 @@ def run_dir_costs(run: Path) -> list[tuple[StageCost, float]]:
 
 
 def run_dtype(run: Path) -> str:
-    """The dtype a finished run's frozen models computed in, as its config resolves on this machine (``auto``:
-    bfloat16 where the device has it natively; distillation keeps float32 under auto)."""
+    """The dtype a finished run's frozen models computed in: as its ``result.json`` records it (``model_dtype``), or
+    for a run written before that, as its config resolves on this machine (``auto``: bfloat16 where the device has
+    it natively; distillation keeps float32 under auto)."""
+    from post.rundir import RESULT_FILE, read_json
+
+    if (run / RESULT_FILE).is_file() and isinstance(done := read_json(run / RESULT_FILE), dict) and isinstance(
+            done.get("model_dtype"), str):
+        return done["model_dtype"]  # recorded by the run, on the machine that ran it
     cfg = _read_config(run)
     dtype = str(cfg.get("dtype") or "float32")
     if dtype == "auto" and "teacher" in cfg:  # a distillation: its student's weights train in float32

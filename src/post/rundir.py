@@ -88,6 +88,9 @@ class RunDir:
                             "choose another --out.") from None
         self.started = time.time()
         self.config = to_plain(config)
+        # the dtype the frozen models computed in, as this machine resolved --dtype (auto differs by hardware)
+        resolved = getattr(config, "torch_dtype", None)
+        self.precision = {"model_dtype": str(resolved).removeprefix("torch.")} if resolved is not None else {}
         saved = self.path / CONFIG_FILE
         if saved.exists():
             self._check_same_config(saved)
@@ -135,7 +138,8 @@ class RunDir:
 
     def finish(self, result: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``result.json`` (stage, seconds, figures) atomically and return it."""
-        full = {"stage": self.stage, "seconds": round(time.time() - self.started, 3), **to_plain(result)}
+        full = {"stage": self.stage, "seconds": round(time.time() - self.started, 3), **self.precision,
+                **to_plain(result)}
         write_json(self.result_path, full)
         return full
 
