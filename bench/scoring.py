@@ -54,13 +54,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the model's dtype, for every method alike")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     data = load_labelled(args.task)
     texts = list(data.split("test").texts[: args.n])
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
     enc = Encoder(data.task, loaded.tokenizer, loaded.kind, args.max_length)
     verb = Verbalizer.build(data.task, loaded.tokenizer)
     model = loaded.model
@@ -119,7 +121,7 @@ def main() -> None:
               "raw model forward": run, "padded, bucketed": run,
               "padded, not bucketed": sum(b.input_ids.numel() for b in unsorted) + n * len(texts)}
     print(f"model {args.model}  prompt={n} tokens  n={len(texts)}  tokens={n_tok} (prompt included)  "
-          f"batch={args.batch_size}  threads={args.threads}  clock={args.clock}  "
+          f"batch={args.batch_size}  threads={args.threads}  clock={args.clock}  dtype={args.dtype}  "
           f"best of {args.rounds} interleaved rounds")
     print(f"{'method':<26}{'seconds':>10}{'examples/s':>14}{'tokens run':>12}")
     for name, t in best.items():
