@@ -39,3 +39,11 @@ def interrupted_on_call(monkeypatch, owner, name: str, n: int):
         yield
     finally:
         monkeypatch.setattr(owner, name, real)
+
+
+def launch_failure(proc) -> str:
+    """What a failed ``accelerate launch`` printed: the start of its stderr (where a rank's own error or abort
+    message comes, before the launcher's summary) and the end (the summary), and the end of stdout."""
+    err = proc.stderr
+    head = err if len(err) <= 6000 else err[:3500] + "\n[...]\n" + err[-2500:]
+    return f"{head}\n-- stdout tail --\n{proc.stdout[-1500:]}"

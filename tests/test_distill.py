@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+from helpers import launch_failure
 from post.distill import (
     DistillConfig,
     answer_kl,
@@ -228,7 +229,7 @@ def test_two_processes_match_one(corpus, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "post", "distill", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, launch_failure(proc)
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["processes"] == 2 and one.processes == 1
     for key in ("perplexity", "kl_to_teacher"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_sentiment_csv
+from helpers import launch_failure, write_sentiment_csv
 from post.errors import ConfigError
 from post.models import load_model, save_model, tiny_model
 from post.student import build_student
@@ -295,7 +295,7 @@ def test_transfer_two_processes_match_one(setup, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "post", "transfer", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, launch_failure(proc)
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["processes"] == 2 and one.processes == 1
     torch.testing.assert_close(read_prompt(two["prompt"]).tensor, read_prompt(one.prompt).tensor,
