@@ -254,6 +254,7 @@ def _run_pipeline(command: str, ns: Any) -> None:
 
 
 def _print_plan(cfg: Any) -> None:
+    from post.config import dtype_name
     from post.pipeline import plan_pipeline
 
     plan = plan_pipeline(cfg)
@@ -261,7 +262,7 @@ def _print_plan(cfg: Any) -> None:
     for i, p in enumerate(plan, 1):
         print(f"[{i:2d}/{n}] {p['step']:<24} {p['party']:<8} {p['status']:<13} {p['what']}")
     runs = sum(p["status"] != "done earlier" for p in plan)
-    dtype = str(cfg.torch_dtype).removeprefix("torch.")
+    dtype = dtype_name(cfg.torch_dtype)
     print(f"{runs} of {n} steps would run, under {cfg.out}; models on {cfg.torch_device} in {dtype}"
           + (" (dtype auto; distillation keeps float32)" if cfg.dtype == "auto" else ""))
 

@@ -19,6 +19,11 @@ from post.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as --dtype spells it: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU with
     AVX512-BF16 or AMX (there a bf16 matmul runs about 2.2x an fp32 one; on other CPUs it is emulated and slower)."""

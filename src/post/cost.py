@@ -867,13 +867,13 @@ def calibrate(model: str, keep_layers: str, *, n_tokens: int = 10, text_tokens: 
 def _resolved_dtype(dtype: str, device: str = "auto") -> str:
     """A ``--dtype`` as :class:`post.config.ModelOptions` resolves it here (``auto``: bfloat16 where ``device``
     computes it natively); a device this machine lacks resolves as the CPU."""
-    from post.config import ModelOptions
+    from post.config import ModelOptions, dtype_name
 
     try:
         resolved = ModelOptions(dtype=dtype, device=device).torch_dtype
     except ConfigError:
         resolved = ModelOptions(dtype=dtype, device="cpu").torch_dtype
-    return str(resolved).removeprefix("torch.")
+    return dtype_name(resolved)
 
 
 def config_rates(cfg: CostConfig, w: Setting) -> Rates:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from post import __version__
 from post.cache import atomic_path
+from post.config import dtype_name
 from post.errors import ConfigError, PostError
 from post.models import LoadedModel, fingerprint_matches, model_fingerprint, tokenizer_fingerprint
 from post.tasks import Task
@@ -260,7 +261,7 @@ def check_compatible(pf: PromptFile, loaded: LoadedModel, *, same_model: bool = 
                         "tokens), so its label words would mean other tokens; pass the model it was tuned on.")
     if same_model and not fingerprint_matches(m["fingerprint"], loaded.model):
         hint = "" if loaded.model.dtype == torch.float32 else (
-            f" (the model is loaded in {str(loaded.model.dtype).removeprefix('torch.')}: a prompt file written before "
+            f" (the model is loaded in {dtype_name(loaded.model.dtype)}: a prompt file written before "
             "fingerprints ignored the precision matches its model only in float32, so try --dtype float32)")
         raise PostError(f"{where} was tuned on {m['name']} (fingerprint {m['fingerprint'][:12]}), not on {loaded.name} "
                         f"({model_fingerprint(loaded.model)[:12]}); pass the model it was tuned on, or transfer it"

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from post.config import ModelOptions, TaskOptions
+from post.config import ModelOptions, TaskOptions, dtype_name
 from post.data import LabelledDataset, load_labelled
 from post.models import LoadedModel, load_model
 
@@ -29,7 +29,7 @@ def load_configured_model(cfg: ModelOptions, name: str) -> LoadedModel:
     loaded.model.to(cfg.torch_device)
     if cfg.dtype == "auto":
         how = "native" if dtype == torch.bfloat16 else "not native, or weights that train"
-        log.info("%s: dtype auto -> %s on %s (bf16 %s)", name, str(dtype).removeprefix("torch."),
+        log.info("%s: dtype auto -> %s on %s (bf16 %s)", name, dtype_name(dtype),
                  cfg.torch_device.type, how)
     return loaded
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from post.cache import atomic_path
+from post.config import dtype_name
 from post.errors import PostError
 
 CONFIG_FILE = "config.yaml"
@@ -90,7 +91,7 @@ class RunDir:
         self.config = to_plain(config)
         # the dtype the frozen models computed in, as this machine resolved --dtype (auto differs by hardware)
         resolved = getattr(config, "torch_dtype", None)
-        self.precision = {"model_dtype": str(resolved).removeprefix("torch.")} if resolved is not None else {}
+        self.precision = {"model_dtype": dtype_name(resolved)} if resolved is not None else {}
         saved = self.path / CONFIG_FILE
         if saved.exists():
             self._check_same_config(saved)

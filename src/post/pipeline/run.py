@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from post.config import dtype_name
 from post.errors import ConfigError, PostError
 from post.pipeline.config import PipelineConfig
 from post.pipeline.steps import EVALUATE, StepDecl, check_steps, placeholder
@@ -132,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
     tab = table(TableConfig(runs=[out / s.name for s in steps if s.stage == EVALUATE.name],
                             target=cfg.target), out / "table")
     summary = {"out": str(out), "target": cfg.target, "task": cfg.task, "public": cfg.public,
-               "device": cfg.torch_device.type, "dtype": str(cfg.torch_dtype).removeprefix("torch."),
+               "device": cfg.torch_device.type, "dtype": dtype_name(cfg.torch_dtype),
                "steps": {s.name: {"party": s.party, "stage": s.stage, "key": new_keys[s.name],
                                   "what": s.what, **timings.get(s.name, {})} for s in steps},
                "seconds": round(time.perf_counter() - t_start, 3), "table": tab.table}
