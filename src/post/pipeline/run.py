@@ -34,14 +34,33 @@ def _key(config: Any, deps: list[str], keys: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _recorded_keys(out: Path) -> dict[str, str]:
+    """The step keys the last run of ``out`` recorded (``pipeline.json``), or none."""
+    state_path = out / STATE_FILE
+    return dict(read_json(state_path).get("keys", {})) if state_path.exists() else {}
+
+
+def _status(d: Path, recorded: str | None, key: str) -> str:
+    """What a step whose directory is ``d`` needs: ``done`` (its result is there under ``key``), ``rerun`` (it ran
+    under another key: its options or an input changed), ``resume`` (started, unfinished) or ``run``."""
+    finished = (d / RESULT_FILE).exists()
+    if finished and recorded == key:
+        return "done"
+    if d.exists() and recorded not in (None, key):
+        return "rerun"
+    return "resume" if d.exists() and not finished else "run"
+
+
+_PLANNED = {"done": "done earlier", "rerun": "would re-run", "resume": "would run", "run": "would run"}
+
+
 def plan_pipeline(cfg: PipelineConfig, rows: Sequence[StepDecl] | None = None) -> list[dict[str, Any]]:
     """What ``post run`` would do now, without running anything: each step's name, party, what it does and
     ``would run``, ``done earlier`` (its result is there under the same key) or ``would re-run`` (its options or
     an input changed). A step that would run stands in for its result with a placeholder, so every step after it
     whose config reads that result shows as running too. Bad options fail here, as they would in the run."""
     out = Path(cfg.out)
-    state_path = out / STATE_FILE
-    keys: dict[str, str] = dict(read_json(state_path).get("keys", {})) if state_path.exists() else {}
+    keys = _recorded_keys(out)
     results: dict[str, StageResult] = {}
     new_keys: dict[str, str] = {}
     plan = []
@@ -49,13 +68,10 @@ def plan_pipeline(cfg: PipelineConfig, rows: Sequence[StepDecl] | None = None) -
         key = _key(step.build(results), step.deps, new_keys)
         new_keys[step.name] = key
         d = out / step.name
-        if (d / RESULT_FILE).exists() and keys.get(step.name) == key:
-            status = "done earlier"
-            results[step.name] = load_result(d)
-        else:
-            status = "would re-run" if d.exists() and keys.get(step.name) not in (None, key) else "would run"
-            results[step.name] = placeholder(step.decl.stage.result, step.stage, step.name)
-        plan.append({"step": step.name, "party": step.party, "what": step.what, "status": status})
+        status = _status(d, keys.get(step.name), key)
+        results[step.name] = load_result(d) if status == "done" else placeholder(
+            step.decl.stage.result, step.stage, step.name)
+        plan.append({"step": step.name, "party": step.party, "what": step.what, "status": _PLANNED[status]})
     return plan
 
 
@@ -74,8 +90,8 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
     except OSError as e:
         raise PostError(f"cannot create the output directory {out} ({e.strerror}); choose another --out.") from None
     state_path = out / STATE_FILE
-    state: dict[str, Any] = read_json(state_path) if state_path.exists() else {}
-    keys: dict[str, str] = dict(state.get("keys", {}))
+    recorded = _recorded_keys(out)
+    keys = dict(recorded)
     steps = check_steps(cfg, rows)
     write_json(out / "pipeline-config.json", to_plain(cfg))
     if only:
@@ -94,23 +110,23 @@ def run_pipeline(cfg: PipelineConfig, *, only: list[str] | None = None, echo: Ca
         new_keys[step.name] = key
         d = out / step.name
         head = f"[{i:2d}/{n}] {step.name:<24} {step.party:<8}"
-        finished = (d / RESULT_FILE).exists()
-        if finished and keys.get(step.name) == key:
+        status = _status(d, keys.get(step.name), key)
+        if status == "done":
             results[step.name] = load_result(d)
             say(f"{head} done earlier ({step.what})")
             timings[step.name] = {"party": step.party, "seconds": results[step.name].seconds, "skipped": True}
             continue
         if only and step.name not in only:
-            if not finished:
+            if not (d / RESULT_FILE).exists():
                 raise PostError(f"step {step.name} has not run yet and --only leaves it out; run without --only first.")
             results[step.name] = load_result(d)
             continue
-        if d.exists() and keys.get(step.name) not in (None, key):
-            changed = [dep for dep in step.deps if state.get("keys", {}).get(dep) not in (None, new_keys[dep])]
+        if status == "rerun":
+            changed = [dep for dep in step.deps if recorded.get(dep) not in (None, new_keys[dep])]
             why = f"its input {', '.join(changed)} changed" if changed else "its options changed"
             say(f"{head} re-running: {why}")
             shutil.rmtree(d)
-        elif d.exists() and not finished:
+        elif status == "resume":
             say(f"{head} resuming ({step.what})")
         else:
             say(f"{head} running ({step.what})")
