@@ -479,15 +479,21 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return _fingerprint(model, torch.bfloat16, b"post-model-fingerprint-v2\0")
 
 
+def legacy_fingerprint(model: PreTrainedModel) -> str:
+    """The fingerprint over ``model``'s float32 embeddings that prompt files written before
+    :func:`model_fingerprint` rounded to bfloat16 carry."""
+    return _fingerprint(model, torch.float32, b"post-model-fingerprint-v1\0")
+
+
 def fingerprints(model: PreTrainedModel) -> tuple[str, str]:
-    """The fingerprints that name ``model``: this version's (:func:`model_fingerprint`) and the one over its float32
-    embeddings that prompt files written before it carry."""
-    return model_fingerprint(model), _fingerprint(model, torch.float32, b"post-model-fingerprint-v1\0")
+    """The fingerprints that name ``model``: this version's and the legacy one."""
+    return model_fingerprint(model), legacy_fingerprint(model)
 
 
 def fingerprint_matches(recorded: str, model: PreTrainedModel) -> bool:
-    """Whether a recorded fingerprint is one of ``model``'s (:func:`fingerprints`)."""
-    return recorded in fingerprints(model)
+    """Whether a recorded fingerprint is one of ``model``'s (:func:`fingerprints`); the legacy one is hashed only
+    when this version's does not match."""
+    return recorded == model_fingerprint(model) or recorded == legacy_fingerprint(model)
 
 
 def _fingerprint(model: PreTrainedModel, rounding: torch.dtype, salt: bytes) -> str:

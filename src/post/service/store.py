@@ -22,7 +22,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from post.errors import PostError
-from post.models import LoadedModel, fingerprints, model_fingerprint, tokenizer_fingerprint
+from post.models import LoadedModel, fingerprints, tokenizer_fingerprint
 from post.prompt import PromptFile, read_prompt, vocab_size
 from post.service.db import Prompt, new_id
 from post.service.errors import ApiError
@@ -41,8 +41,9 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> ModelIdentity:
-        return cls(loaded.name, model_fingerprint(loaded.model), tokenizer_fingerprint(loaded.tokenizer),
-                   loaded.hidden_size, vocab_size(loaded), frozenset(fingerprints(loaded.model)))
+        current, legacy = fingerprints(loaded.model)
+        return cls(loaded.name, current, tokenizer_fingerprint(loaded.tokenizer), loaded.hidden_size,
+                   vocab_size(loaded), frozenset((current, legacy)))
 
     def mismatch(self, meta: dict) -> str | None:
         """Why a prompt's model metadata does not match this model, or None."""
