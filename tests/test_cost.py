@@ -490,7 +490,9 @@ def test_runs_are_compared_only_with_rates_of_their_own_dtype(tmp_path, monkeypa
     assert got == {"tune-target": "bfloat16" if native else "float32", "distill": "float32",
                    "tune-explicit": "bfloat16"}
     asked = []
-    cost._calibrate_for([tmp_path / n for n in runs], lambda t, k, dtype: asked.append(dtype) or Rates(1, 1))
+    paths = [tmp_path / n for n in runs]
+    wanted = cost._prompt_runs_dtype(paths, {p: cost.run_dtype(p) for p in paths})
+    cost._calibrate_for(paths, lambda t, k, dtype: asked.append(dtype) or Rates(1, 1), wanted)
     # the prompt runs' majority dtype (both bf16 on native hardware; else one each, and a tie goes to float32)
     assert asked == ["bfloat16" if native else "float32"]
 

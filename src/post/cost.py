@@ -1194,9 +1194,11 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
     runs = [out] if (out / RESULT_FILE).is_file() else sorted(
         p for p in out.iterdir() if p.is_dir() and (p / RESULT_FILE).is_file())
     pairs: list[tuple[StageCost, float, str]] = []
+    dtypes: dict[Path, str] = {}  # each run's frozen-model dtype, read once
     for run in runs:
         try:
-            pairs += [(stage, measured, run_dtype(run)) for stage, measured in run_dir_costs(run)]
+            dtypes[run] = run_dtype(run)
+            pairs += [(stage, measured, dtypes[run]) for stage, measured in run_dir_costs(run)]
         except (PostError, KeyError, OSError, ValueError) as e:
             log.warning("cost: skipping %s (%s)", run, e)
     if not pairs:
@@ -1205,10 +1207,11 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
         saved = out / "cost-calibration.json"
         if saved.is_file():
             rates = Rates(**json.loads(saved.read_text(encoding="utf-8")))
-        if rates is None or (calibrate_missing and rates.dtype != _prompt_runs_dtype(runs)):
+        wanted = _prompt_runs_dtype(runs, dtypes)
+        if rates is None or (calibrate_missing and rates.dtype != wanted):
             if not calibrate_missing:
                 return []
-            rates = _calibrate_for(runs, calibrate_fn or calibrate)
+            rates = _calibrate_for(runs, calibrate_fn or calibrate, wanted)
             saved.write_text(json.dumps(rates.to_dict(), indent=2) + "\n", encoding="utf-8")
     rows = []
     for stage, measured, dtype in pairs:
@@ -1223,7 +1226,7 @@ def compare_run_dirs(out_dir: str | Path, rates: Rates | None = None, *, calibra
     return rows
 
 
-def _calibrate_for(runs: Sequence[Path], calibrate_fn: Callable[..., Rates]) -> Rates:
+def _calibrate_for(runs: Sequence[Path], calibrate_fn: Callable[..., Rates], dtype: str) -> Rates:
     target, keep = None, "0,-1"
     for run in runs:
         cfg = _read_config(run)
@@ -1235,13 +1238,13 @@ def _calibrate_for(runs: Sequence[Path], calibrate_fn: Callable[..., Rates]) -> 
                 target = _read_config(run).get("model")
     if target is None:
         raise PostError("no target model named in these run directories; pass rates to compare_run_dirs.")
-    return calibrate_fn(target, keep, dtype=_prompt_runs_dtype(runs))
+    return calibrate_fn(target, keep, dtype=dtype)
 
 
-def _prompt_runs_dtype(runs: Sequence[Path]) -> str:
-    """The dtype most of the prompt runs (not distillation, which keeps float32 under auto) computed in; float32
-    on a tie or with none."""
-    counts = Counter(run_dtype(run) for run in runs if "teacher" not in _read_config(run))
+def _prompt_runs_dtype(runs: Sequence[Path], dtypes: dict[Path, str]) -> str:
+    """The dtype most of the prompt runs (not distillation, which keeps float32 under auto) computed in (``dtypes``:
+    each run's :func:`run_dtype`); float32 on a tie or with none."""
+    counts = Counter(dtypes[run] for run in runs if run in dtypes and "teacher" not in _read_config(run))
     return max(sorted(counts), key=lambda d: (counts[d], d == "float32"), default="float32")
 
 
