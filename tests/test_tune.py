@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from helpers import write_sentiment_csv
 from post.accounting import PrivacyLedger
@@ -287,6 +288,25 @@ def test_cli_tune_and_evaluate_with_prompt(data_csv, tmp_path, capsys):
     e = json.loads((tmp_path / "e" / "result.json").read_text())
     t = json.loads((tmp_path / "t" / "result.json").read_text())
     assert e["accuracy"] == t["test_accuracy"] and e["prompt"]["n_tokens"] == 4
+
+
+def test_a_run_is_rerun_from_its_saved_config(data_csv, tmp_path, capsys):
+    """A run directory's config.yaml (it starts with 'stage: tune') re-runs the run; flags override it."""
+    args = ["--model", "tiny-llama", "--task", str(data_csv), "--label-words", LABEL_WORDS, "--n-tokens", "4",
+            "--max-steps", "3", "--batch-size", "8", "--lr", "0.1", "--test", "false", "--eval-limit", "4"]
+    assert main(["tune", *args, "--out", str(tmp_path / "t")]) == 0
+    saved = tmp_path / "t" / "config.yaml"
+    assert saved.read_text().startswith("stage: tune\n")
+    assert main(["user", "tune", "--config", str(saved), "--out", str(tmp_path / "again")]) == 0
+    assert main(["tune", f"--config={saved}", "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
+    prompt = {d: read_prompt(tmp_path / d / "prompt.safetensors").tensor for d in ("t", "again", "seed1")}
+    assert torch.equal(prompt["again"], prompt["t"])  # the same settings: the same prompt
+    assert not torch.equal(prompt["seed1"], prompt["t"])  # the flag overrode the file's seed
+    assert yaml.safe_load((tmp_path / "seed1" / "config.yaml").read_text())["seed"] == 1
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(saved), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the settings of a 'post tune' run, not 'post evaluate'" in err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -351,13 +351,31 @@ def _run_options_first(argv: list[str]) -> list[str]:
     return [argv[0], *options, *rest]
 
 
-def _check_config_files(args: Sequence[str]) -> None:
-    """Refuse a --config file that names another config file (the parser would crash on it)."""
+def _command_stage(args: Sequence[str]) -> str:
+    """The stage name a run directory of this command records (``post user tune`` -> tune, ``attack lira`` ->
+    attack-lira)."""
+    words = list(args[:2])
+    if words and words[0] in ("user", "provider"):
+        words = words[1:]
+    if len(words) == 2 and words[0] == "attack":
+        return words[1] if words[1] == "reconstruct" else f"attack-{words[1]}"
+    return words[0] if words else ""
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    """Check every --config file; a run directory's ``config.yaml`` is taken as it is.
+
+    A file that names another config file is refused (the parser would crash on it). A stage's saved
+    ``config.yaml`` starts with ``stage: NAME``: for the command that wrote it that line is dropped, so
+    ``post transfer --config RUN/config.yaml --seed 1 --out OTHER`` re-runs a run with one change; for
+    another command it is refused with the command to use.
+    """
+    out = list(args)
     for i, arg in enumerate(args):
         if arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
+            at, path = i + 1, args[i + 1]
         elif arg.startswith("--config="):
-            path = arg.partition("=")[2]
+            at, path = i, arg.partition("=")[2]
         else:
             continue
         if not path or not Path(path).is_file():
@@ -366,9 +384,21 @@ def _check_config_files(args: Sequence[str]) -> None:
             doc = yaml.safe_load(Path(path).read_text(encoding="utf-8", errors="replace"))
         except yaml.YAMLError:
             continue  # and a malformed one
-        if isinstance(doc, dict) and any(str(k).replace("-", "_") in ("config", "print_config") for k in doc):
+        if not isinstance(doc, dict):
+            continue
+        if any(str(k).replace("-", "_") in ("config", "print_config") for k in doc):
             raise ConfigError(f"--config {path}: a config file can't hold 'config' or 'print_config'; "
                               "give every file with its own --config.")
+        if "stage" not in doc:
+            continue
+        stage, command = str(doc.pop("stage")), _command_stage(args)
+        if stage != command:
+            wrote = stage.replace("attack-", "attack ") if stage.startswith("attack-") else stage
+            raise ConfigError(f"--config {path} holds the settings of a 'post {wrote}' run, not 'post {command}': "
+                              f"give it to post {wrote}, or delete its 'stage: {stage}' line.")
+        text = yaml.safe_dump(doc, sort_keys=False) if doc else "{}"
+        out[at] = text if arg == "--config" else f"--config={text}"
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args
     args = _run_options_first(_normalize_flags([a for a in args if a != "--debug"]))
     try:
-        _check_config_files(args)
+        args = _config_files(args)
         parser = build_parser()
         try:
             ns = parser.parse_args(args)
