@@ -368,7 +368,10 @@ def write_report(out: str | Path, summary: Mapping[str, Any] | None = None) -> P
         md += ["## Goals", "", "POST: test accuracy % [Wilson 95% interval] n = test sentences; p: exact McNemar "
                "test against that method on the same sentences; a beat counts at p < 0.05 (\"higher, not "
                "significant\" otherwise); \"baseline failed\": PT on Φt is within its 95% "
-               "interval of chance (1 / classes), so no ratio to it means anything.", "",
+               "interval of chance (1 / classes), so no ratio to it means anything. Each row is one draw: the "
+               "user's tuning and the transfer move with the seed (and a DP run with its secret noise); "
+               "`python bench/seed_spread.py --pipeline DIR` re-runs them with other seeds and counts how often "
+               "each goal holds.", "",
                "| task | setting | POST | " + " | ".join(name for name, _ in BEATS) + " | POST ÷ PT on Φt "
                "| ≥ 95% of PT on Φt |", "|---|---|---|" + "---|" * len(BEATS) + "---|---|"]
         md += [f"| {g['task']} | {g['setting']} | {_post_cell(g)} | "
