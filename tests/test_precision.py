@@ -196,3 +196,24 @@ def test_label_rows_of_the_head_multiply_in_fp32_on_a_bf16_model():
     assert got.dtype == torch.float32
     assert torch.equal(got, hidden.float() @ w.float().T)
     assert not torch.equal(got, (hidden @ w.T).float())  # the bf16 product is coarser
+
+
+def test_the_whole_vocabulary_head_multiplies_in_fp32_on_a_bf16_model():
+    """The transfer's vocab loss matches small prompt-induced changes of vocabulary logits; a bf16 product rounds
+    them. A bf16 head runs in fp32 a block of rows at a time; a float32 model's head is untouched."""
+    from post.scoring import _fp32_linear, head_logits
+
+    m = tiny_model("llama").model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    hidden = (torch.randn(6, 64) * 3).to(torch.bfloat16)
+    w = m.get_output_embeddings().weight
+    got = head_logits(m, hidden)
+    assert got.dtype == torch.float32 and got.shape == (6, w.shape[0])
+    assert torch.equal(got, torch.nn.functional.linear(hidden.float(), w.float()))
+    assert not torch.equal(got, m.get_output_embeddings()(hidden).float())  # the bf16 product is coarser
+    bias = torch.randn(w.shape[0]).to(torch.bfloat16)
+    blocks = _fp32_linear(hidden, w, bias, rows=7)  # blocks of 7 rows, the last one short
+    torch.testing.assert_close(blocks, hidden.float() @ w.float().T + bias.float(), rtol=0, atol=1e-5)
+    m32 = tiny_model("llama").model
+    h32 = torch.randn(6, 64)
+    assert torch.equal(head_logits(m32, h32), m32.get_output_embeddings()(h32))

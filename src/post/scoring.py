@@ -331,16 +331,32 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return out
 
 
+def _fp32_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rows: int = 8192) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` in float32 for a half-precision weight, ``rows`` output rows at a time (each
+    block converted on its own: a Llama-3 head in float32 would be 2 GB)."""
+    h = hidden.float()
+    return torch.cat([nn.functional.linear(h, weight[i:i + rows].float(),
+                                           None if bias is None else bias[i:i + rows].float())
+                      for i in range(0, weight.shape[0], rows)], -1)
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """LM-head logits for hidden states (..., d): all V, or only ``token_ids`` (W,) if given.
 
-    The few rows of ``token_ids`` are multiplied in float32 whatever the model's dtype: a bf16 product rounds
-    class scores of ~10 to steps of 1/16, so two classes would often tie exactly (and a tie goes to class 0)."""
+    A linear head multiplies in float32 whatever the model's dtype: a bf16 product rounds class scores of ~10 to
+    steps of 1/16, so two classes would often tie exactly (and a tie goes to class 0), and it rounds the small
+    prompt-induced changes of vocabulary logits that the transfer's vocab loss matches. The few rows of
+    ``token_ids`` are taken first; the whole vocabulary of a bf16/fp16 head goes a block of rows at a time
+    (:func:`_fp32_linear`), so no float32 copy of the whole head is ever made. A masked LM's head (dense, norm,
+    decoder) runs in the model's dtype."""
     head = _lm_head(model)
     if isinstance(head, nn.Linear) and token_ids is not None:
         weight = head.weight[token_ids].float()
         bias = head.bias[token_ids].float() if head.bias is not None else None
         logits = nn.functional.linear(hidden.float(), weight, bias)
+    elif isinstance(head, nn.Linear) and head.weight.dtype in (torch.bfloat16, torch.float16):
+        logits = _fp32_linear(hidden, head.weight, head.bias)
     else:
         logits = head(hidden)
         if token_ids is not None:
