@@ -130,8 +130,8 @@ def main() -> None:
                          "p_vs_source": vs_src["p_value"] if vs_src else None,
                          "runs": {k: str(v) for k, v in runs.items()}})
         posts = [r["post"] for r in rows]
-        bars = {"≥ 95% of PT on Φt": sum((r["of_target"] or 0) >= 0.95 for r in rows),
-                "above PT on Φs, p < 0.05": sum(r["post"] > r["source"] and (r["p_vs_source"] or 1) < 0.05
+        bars = {} if pt_acc is None else {"≥ 95% of PT on Φt": sum(r["of_target"] >= 0.95 for r in rows)}
+        bars |= {"above PT on Φs, p < 0.05": sum(r["post"] > r["source"] and (r["p_vs_source"] or 1) < 0.05
                                                 for r in rows),
                 "above zero-shot Φt, p < 0.05": sum(r["post"] > zs_acc and (r["p_vs_zero_shot"] or 1) < 0.05
                                                     for r in rows)}
