@@ -57,7 +57,9 @@ def _step(command: str, config: Path, out: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "post", command, "--config", str(config), *extra, "--out", str(out)]
     print(f"  $ post {command} --config {config} {' '.join(extra)} --out {out}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode:
+        raise SystemExit(f"post {command} failed (its error is above); finished steps are kept, so re-running "
+                         "this command resumes.")
     print(f"    {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -97,6 +99,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/seed-spread"))
     args = ap.parse_args()
     pipe, tune = args.pipeline, _tune_flags(args.tune_option)
+    if not (pipe / "pipeline-result.json").is_file():
+        raise SystemExit(f"{pipe} is not a finished pipeline directory (no pipeline-result.json): run post run "
+                         "CONFIG --out DIR first.")
     own = args.split == "test" and not tune  # the pipeline's own run is a row of the same setting
     if own and 0 in args.seeds:
         raise SystemExit("seed 0 is the pipeline's own run and is always included; pass other seeds.")
