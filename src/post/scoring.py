@@ -351,12 +351,11 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor 
     (:func:`_fp32_linear`), so no float32 copy of the whole head is ever made. A masked LM's head (dense, norm,
     decoder) runs in the model's dtype."""
     head = _lm_head(model)
-    if isinstance(head, nn.Linear) and token_ids is not None:
-        weight = head.weight[token_ids].float()
-        bias = head.bias[token_ids].float() if head.bias is not None else None
-        logits = nn.functional.linear(hidden.float(), weight, bias)
-    elif isinstance(head, nn.Linear) and head.weight.dtype in (torch.bfloat16, torch.float16):
-        logits = _fp32_linear(hidden, head.weight, head.bias)
+    if isinstance(head, nn.Linear) and (token_ids is not None or head.weight.dtype in (torch.bfloat16, torch.float16)):
+        weight, bias = head.weight, head.bias
+        if token_ids is not None:
+            weight, bias = weight[token_ids], None if bias is None else bias[token_ids]
+        logits = _fp32_linear(hidden, weight, bias)
     else:
         logits = head(hidden)
         if token_ids is not None:
