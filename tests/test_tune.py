@@ -307,6 +307,13 @@ def test_a_run_is_rerun_from_its_saved_config(data_csv, tmp_path, capsys):
     assert main(["evaluate", "--config", str(saved), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "holds the settings of a 'post tune' run, not 'post evaluate'" in err and not (tmp_path / "e").exists()
+    other = tmp_path / "reconstruct.yaml"  # a run directory's stage name is not always its command's
+    other.write_text("stage: reconstruct\nprompt: p.safetensors\n")
+    assert main(["tune", "--config", str(other), "--out", str(tmp_path / "r")]) == 2
+    assert "a 'post attack reconstruct' run, not 'post tune': give it to post attack reconstruct" in \
+        capsys.readouterr().err
+    assert main(["attack", "lira", "--config", str(saved), "--out", str(tmp_path / "l")]) == 2
+    assert "a 'post tune' run, not 'post attack lira'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad, message", [

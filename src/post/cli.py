@@ -351,15 +351,18 @@ def _run_options_first(argv: list[str]) -> list[str]:
     return [argv[0], *options, *rest]
 
 
+# Stages whose run directories record another name than their command's (the rest record the command's name).
+_STAGE_COMMANDS = {"attack-lira": "attack lira", "attack-canary": "attack canary", "reconstruct": "attack reconstruct"}
+
+
 def _command_stage(args: Sequence[str]) -> str:
     """The stage name a run directory of this command records (``post user tune`` -> tune, ``attack lira`` ->
     attack-lira)."""
     words = list(args[:2])
     if words and words[0] in ("user", "provider"):
         words = words[1:]
-    if len(words) == 2 and words[0] == "attack":
-        return words[1] if words[1] == "reconstruct" else f"attack-{words[1]}"
-    return words[0] if words else ""
+    command = " ".join(words[:2] if words[:1] == ["attack"] else words[:1])
+    return {c: s for s, c in _STAGE_COMMANDS.items()}.get(command, command)
 
 
 def _config_files(args: Sequence[str]) -> list[str]:
@@ -393,8 +396,8 @@ def _config_files(args: Sequence[str]) -> list[str]:
             continue
         stage, command = str(doc.pop("stage")), _command_stage(args)
         if stage != command:
-            wrote = stage.replace("attack-", "attack ") if stage.startswith("attack-") else stage
-            raise ConfigError(f"--config {path} holds the settings of a 'post {wrote}' run, not 'post {command}': "
+            wrote, used = _STAGE_COMMANDS.get(stage, stage), _STAGE_COMMANDS.get(command, command)
+            raise ConfigError(f"--config {path} holds the settings of a 'post {wrote}' run, not 'post {used}': "
                               f"give it to post {wrote}, or delete its 'stage: {stage}' line.")
         text = yaml.safe_dump(doc, sort_keys=False) if doc else "{}"
         out[at] = text if arg == "--config" else f"--config={text}"
