@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from post.evaluate import read_predictions
-from post.stats import format_p, paired_mcnemar, wilson_interval
+from post.stats import accuracy_interval, format_p, paired_mcnemar
 
 MODES = {"non-private": "", "dp": "-dp"}
 
@@ -129,7 +129,7 @@ def main() -> None:
                 raise SystemExit(f"{runs['eval-post']} scored {post_n} examples, zero-shot {n}: not the same split.")
             vs_zs, vs_src = paired_mcnemar(post, zs), paired_mcnemar(post, src)
             rows.append({"seed": seed, "source": src_acc, "post": post_acc,
-                         "post_interval": wilson_interval(round(post_acc * n), n),
+                         "post_interval": accuracy_interval(post_acc, n),
                          "of_target": post_acc / pt_acc if pt_acc else None,
                          "p_vs_zero_shot": vs_zs["p_value"] if vs_zs else None,
                          "p_vs_source": vs_src["p_value"] if vs_src else None,
