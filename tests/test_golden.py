@@ -12,13 +12,17 @@ bug, a reordered random draw...). To regenerate the files after such a change, r
 
     POST_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py
 
-which rewrites ``tests/golden/*.json`` and reports each test as skipped with "updated ..." (never as
+which rewrites this machine's files and reports each test as skipped with "updated ..." (never as
 passed); review ``git diff tests/golden`` before committing. Without the variable a missing or
 different file fails, with a diff of the JSON.
 
-The files were recorded on CPU (one torch thread, as tests/conftest.py sets); another torch version or
-CPU kernel may move the last bits of a float. Such a change is not a refactor's fault: regenerate the
-files and say so in the commit.
+The files were recorded on CPU (one torch thread, as tests/conftest.py sets). The same code gives other last
+bits under other CPU kernels (torch's AVX-512 and AVX2 kernels sum in other orders), so each vector ISA that
+torch dispatches to (``torch.backends.cpu.get_cpu_capability()``) keeps its own copy,
+``tests/golden/<isa>/<name>.json``, and a run must equal one of the recorded copies bit for bit. A change of the
+numbers fails on every machine; a machine whose ISA has no copy yet fails until one is recorded there (another
+torch version may move the last bits as well: regenerate and say so in the commit). A change that is meant to
+alter the numbers must regenerate every ISA's copy, each on its own kind of machine.
 """
 
 from __future__ import annotations
@@ -50,23 +54,36 @@ LABEL_WORDS = "negative=bad;positive=good"
 FIRST = 6  # metrics lines kept per run
 
 
+def isa() -> str:
+    """The vector ISA torch's CPU kernels dispatch to here ("avx2", "avx512", ...): the key of the golden copies."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
 def check_golden(name: str, actual: dict[str, Any]) -> None:
-    """Compare ``actual`` with ``tests/golden/<name>.json`` exactly, or rewrite that file under POST_UPDATE_GOLDEN=1."""
-    path = GOLDEN / f"{name}.json"
+    """Compare ``actual`` exactly with the recorded copies ``tests/golden/*/<name>.json`` (it must equal one), or
+    rewrite this machine's copy, ``tests/golden/<isa>/<name>.json``, under POST_UPDATE_GOLDEN=1."""
+    path = GOLDEN / isa() / f"{name}.json"
     text = json.dumps(actual, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     if UPDATE:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         old = path.read_text(encoding="utf-8") if path.exists() else None
         path.write_text(text, encoding="utf-8")
         pytest.skip(f"updated {path} ({'unchanged' if old == text else 'changed' if old else 'new'}); "
                     "review `git diff tests/golden` and say why in the commit")
-    assert path.exists(), f"{path} is missing; write it with POST_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py"
-    stored = path.read_text(encoding="utf-8")
-    if json.loads(text) != json.loads(stored):
-        diff = "\n".join(difflib.unified_diff(stored.splitlines(), text.splitlines(), f"{path} (stored)", "this run",
-                                              lineterm="", n=2))
-        pytest.fail(f"{name}: the numbers changed (see the module docstring; torch {torch.__version__}):\n"
-                    f"{diff[:6000]}", pytrace=False)
+    copies = sorted(GOLDEN.glob(f"*/{name}.json"))
+    assert path.exists() or copies, (f"{path} is missing; write it with POST_UPDATE_GOLDEN=1 .venv/bin/pytest "
+                                     "tests/test_golden.py")
+    if any(json.loads(text) == json.loads(p.read_text(encoding="utf-8")) for p in copies):
+        return
+    ref = path if path.exists() else copies[0]
+    stored = ref.read_text(encoding="utf-8")
+    diff = "\n".join(difflib.unified_diff(stored.splitlines(), text.splitlines(), f"{ref} (stored)", "this run",
+                                          lineterm="", n=2))
+    recorded = ", ".join(p.parent.name for p in copies)
+    hint = "" if path.exists() else (f" No copy was recorded on a {isa()} machine (recorded: {recorded}); if the "
+                                     "code is unchanged, record one with POST_UPDATE_GOLDEN=1.")
+    pytest.fail(f"{name}: the numbers changed (see the module docstring; torch {torch.__version__}, "
+                f"{isa()}).{hint}\n{diff[:6000]}", pytrace=False)
 
 
 def tensor_digest(t: torch.Tensor) -> dict[str, Any]:
@@ -107,13 +124,36 @@ def test_check_golden_is_exact_and_updates_only_when_asked(tmp_path, monkeypatch
     with pytest.raises(AssertionError, match="POST_UPDATE_GOLDEN=1"):
         check_golden("g", {"loss": 0.1})
     monkeypatch.setattr(module, "UPDATE", True)
-    with pytest.raises(pytest.skip.Exception, match="updated .*g.json .new."):
+    with pytest.raises(pytest.skip.Exception, match=f"updated .*{isa()}.g.json .new."):
         check_golden("g", {"loss": 0.1})
     monkeypatch.setattr(module, "UPDATE", False)
     check_golden("g", {"loss": 0.1})
     with pytest.raises(pytest.fail.Exception, match="the numbers changed"):
         check_golden("g", {"loss": math.nextafter(0.1, 1.0)})
-    assert json.loads((tmp_path / "g.json").read_text()) == {"loss": 0.1}
+    assert json.loads((tmp_path / isa() / "g.json").read_text()) == {"loss": 0.1}
+
+
+def test_a_run_must_equal_one_recorded_copy_bit_for_bit(tmp_path, monkeypatch):
+    """Another ISA's copy counts when it is equal; a machine whose ISA has no copy and matches none fails and says
+    so; this ISA's own copy is the one the diff is shown against."""
+    import math
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "GOLDEN", tmp_path)
+    monkeypatch.setattr(module, "UPDATE", False)
+    (tmp_path / "other-isa").mkdir()
+    (tmp_path / "other-isa" / "g.json").write_text(json.dumps({"loss": 0.1}))
+    check_golden("g", {"loss": 0.1})  # equal to another machine's copy: the same numbers
+    with pytest.raises(pytest.fail.Exception, match=f"No copy was recorded on a {isa()} machine .recorded: other-isa"):
+        check_golden("g", {"loss": math.nextafter(0.1, 1.0)})
+    (tmp_path / isa()).mkdir()
+    (tmp_path / isa() / "g.json").write_text(json.dumps({"loss": 0.2}))
+    check_golden("g", {"loss": 0.1})
+    check_golden("g", {"loss": 0.2})
+    with pytest.raises(pytest.fail.Exception, match=f"{isa()}.g.json .stored.") as err:
+        check_golden("g", {"loss": 0.3})
+    assert "No copy" not in str(err.value)
 
 
 # --- the stages ---------------------------------------------------------------------------------------------------
