@@ -298,5 +298,8 @@ def test_transfer_two_processes_match_one(setup, tmp_path):
     assert proc.returncode == 0, launch_failure(proc)
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["processes"] == 2 and one.processes == 1
+    # the all-reduce sums the two halves' gradients in another order than one process does, and 20 Adam steps carry
+    # that rounding on: up to 8e-5 on AVX2 kernels (1e-5 sufficed under AVX-512). Another batch order (seed 1) moves
+    # the prompt by up to 0.14, batches of 4 (a process on its half alone) by 0.35: three orders of magnitude more
     torch.testing.assert_close(read_prompt(two["prompt"]).tensor, read_prompt(one.prompt).tensor,
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-3, atol=5e-4)
