@@ -10,7 +10,8 @@ round of each counts), so drift in the machine's load hits them alike. "batched"
 per call, and the rest of each example is packed end to end in rows attending to it through a KV cache;
 results put back in input order); "whole examples" is the same without that sharing (each example packed
 whole, prompt included); "bucketed" is the padded alternative (sorted by length, each batch padded to its
-own longest); "loop" scores one text per call; "raw forward" is the plain
+own longest); "loop" scores one text per call (one forward of the whole text: a lone text has no start to
+share, :func:`post.scoring.start_pays`); "raw forward" is the plain
 ``model(..., attention_mask, use_cache=False)`` over the bucketed batches (full-vocabulary logits at
 every position), i.e. what scoring would cost done naively; "not bucketed" is padded batches in input
 order. ``--clock cpu`` times this process's CPU seconds instead of the wall clock (on a machine shared

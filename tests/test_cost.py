@@ -402,19 +402,28 @@ def test_a_run_stopped_early_is_costed_by_the_steps_it_took(tmp_path, monkeypatc
     assert stage.note.startswith("1 steps, 1 validation")
 
 
-def test_scoring_with_a_shared_start_by_hand_and_against_the_forwards_it_runs():
+def test_scoring_with_a_shared_start_by_hand_and_against_the_forwards_it_runs(monkeypatch):
     """predict_scores runs the prompt and the template's head once, then the rest of each example packed, every
-    row attending over the start as well: by hand on fixed lengths, then against every forward the code runs."""
+    row attending over the start as well: by hand on fixed lengths, then against every forward the code runs.
+    Where the start saves too few tokens to pay for its forward (post.scoring.start_pays) every example runs
+    whole, in the model as in the code."""
+    from post import scoring
     from post.scoring import Encoder, head_ids, predict_scores, shares_prefix
     from post.tasks import Task, Verbalizer
 
     seqs = [[0] * n for n in LENGTHS]  # 10, 3, 7, 2, 9
+    answers = [n - 1 for n in LENGTHS]
+    # a 2-token start over 5 examples saves 8 tokens: short of scoring.SHARE_MIN_SAVED, so no start is shared
+    whole = cost._run(seqs, cost._buckets(seqs, 4, 1, True), 1, True)
+    assert cost._scored(seqs, answers, 1, 4, 1, True) == whole
+    assert cost._scored(seqs * 40, answers * 40, 1, 4, 1, True) != cost._run(
+        seqs * 40, cost._buckets(seqs * 40, 4, 1, True), 1, True)  # 200 examples save 398: shared
+    monkeypatch.setattr(scoring, "SHARE_MIN_SAVED", 1)  # from here on, any saving pays
     # A 2-token start (a 1-vector prompt and 1 head token), run once: 2 tokens, 2² attention. The rest of each
     # example is 9, 2, 6, 1, 8; rows of 9 best fit, longest first: 9 | 8 + 1 | 6 + 2; groups of about 4 examples'
     # rest (4 × 5.2 → 21): 9 + 9 = 18, then 8 more would pass 21: (9, 8, 1) and (6, 2). Each group in its tightest
     # rows: 9 | 8 + 1 (two rows of 9; one row of 18 ties, and the shorter rows win), and 6 + 2 in one row of 8.
     # Every row attends over the 2-token start too: 2 · 9 · (9 + 2) and 8 · (8 + 2).
-    answers = [n - 1 for n in LENGTHS]
     want = Tokens(5, 2 + 2 * 9 + 8, 2**2 + 2 * 9 * 11 + 8 * 10)
     assert cost._scored(seqs, answers, 1, 4, 1, True) == want
     no_start = cost._run(seqs, cost._buckets(seqs, 4, 0, True), 0, True)

@@ -386,6 +386,35 @@ def test_shared_start_scores_equal_whole_examples(arch, template, prompt_tokens,
     np.testing.assert_allclose(got, padded, rtol=1e-4, atol=1e-5)
 
 
+def test_a_start_is_shared_only_where_it_saves_more_than_its_forward_costs(monkeypatch):
+    """One text never runs its start as a forward of its own (that only adds a forward: the one-at-a-time loop
+    paid 1.5x for it); a call shares the start once (n - 1) * start positions reach SHARE_MIN_SAVED. Either way the
+    scores are those of whole examples."""
+    import post.scoring as scoring
+
+    assert [scoring.start_pays(k, s) for k, s in [(1, 500), (2, 63), (2, 64), (5, 13), (6, 13), (22, 3), (23, 3),
+                                                  (1000, 0)]] == [False, False, True, False, True, False, True, False]
+    tiny = tiny_model("llama")
+    task = Task(template=HEADED)
+    enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
+    verb = Verbalizer.build(task, tiny.tokenizer)
+    prompt = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
+    start = 4 + len(scoring.head_ids(enc))
+    assert scoring.shares_prefix(tiny.model, enc)  # the check's own calls come before the count
+    calls = []
+    real = scoring.start_hidden
+    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    few = -(-scoring.SHARE_MIN_SAVED // start)  # the fewest texts whose start pays
+    texts = (TEXTS * few)[: few + 1]
+    whole = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False,
+                           share_prefix=False)
+    for k, shared in [(1, False), (few, False), (few + 1, True)]:
+        calls.clear()
+        got = predict_scores(tiny.model, enc, verb, texts[:k], batch_size=4, prompt=prompt, progress=False)
+        assert (sum(calls) == k) if shared else not calls, (k, calls)
+        np.testing.assert_allclose(got, whole[:k], rtol=1e-4, atol=1e-5)
+
+
 def test_a_backbone_that_ignores_the_4d_mask_never_shares_a_start(monkeypatch):
     """A backbone that drops the 4-D mask would let packed examples attend to their row-mates: the check
     catches it, and scoring runs whole examples, with the same scores as the honest backbone."""

@@ -990,12 +990,14 @@ def _scored(seqs: Sequence[Sequence[int]], answers: Sequence[int], head: int, si
     model packs and the examples share a start (the prompt and the template's ``head`` tokens,
     :class:`post.scoring.SharedStart`), that start once, then the rest of each example packed
     (:func:`post.scoring.prefix_groups`), every row's attention running over the start as well; else :func:`_run`
-    over :func:`_buckets`. It takes the start as shared wherever the model packs: what
-    :func:`post.scoring.shares_prefix` finds for every built-in causal model."""
+    over :func:`_buckets`. It takes the start as shared wherever the model packs and the start pays
+    (:func:`post.scoring.start_pays`): what :func:`post.scoring.shares_prefix` finds for every built-in causal
+    model."""
+    from post.scoring import prefix_groups, start_pays, tight_rows
+
     start = extra + head
-    if not (packing and start and seqs):
+    if not (packing and start_pays(len(seqs), start)):
         return _run(seqs, _buckets(seqs, size, extra, packing), extra, packing)
-    from post.scoring import prefix_groups, tight_rows
 
     skips = [min(head, int(a)) for a in answers]  # SharedStart.covers
     rest = [len(s) - k for s, k in zip(seqs, skips, strict=True)]
