@@ -404,7 +404,7 @@ def test_a_start_is_shared_only_where_it_saves_more_than_its_forward_costs(monke
     calls = []
     real = scoring.start_hidden
     monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
-    few = -(-scoring.SHARE_MIN_SAVED // start)  # the fewest texts whose start pays
+    few = -(-scoring.SHARE_MIN_SAVED // start)  # the most texts whose start does not pay; one more pays
     texts = (TEXTS * few)[: few + 1]
     whole = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False,
                            share_prefix=False)
@@ -432,12 +432,20 @@ def test_a_backbone_that_ignores_the_4d_mask_never_shares_a_start(monkeypatch):
     task = Task(template=HEADED)
     enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
     verb = Verbalizer.build(task, tiny.tokenizer)
+    monkeypatch.setattr(scoring, "SHARE_MIN_SAVED", 1)  # six texts' short start would not pay otherwise
+    calls = []
+    real = scoring.start_hidden
+    assert scoring.shares_prefix(tiny.model, enc)
+    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
     want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False)
+    assert sum(calls) == len(TEXTS)  # the honest backbone shares the start
     monkeypatch.setattr(body, "__class__", NoMask)
     monkeypatch.setattr(scoring, "_SHARES", weakref.WeakKeyDictionary())
     assert scoring.packs(tiny.model, enc) and not scoring.shares_prefix(tiny.model, enc)
+    calls.clear()
     np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False), want,
                                rtol=1e-4, atol=1e-5)
+    assert not calls
 
 
 def test_examples_past_the_sliding_window_run_whole(monkeypatch):
@@ -451,6 +459,10 @@ def test_examples_past_the_sliding_window_run_whole(monkeypatch):
     enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
     verb = Verbalizer.build(task, tiny.tokenizer)
     prompt = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
+    monkeypatch.setattr(scoring, "SHARE_MIN_SAVED", 1)  # six texts' start would not pay otherwise
+    calls = []
+    real = scoring.start_hidden
+    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
     want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt, progress=False,
                           share_prefix=False)
     assert not scoring.shares_prefix(tiny.model, enc)
@@ -460,13 +472,17 @@ def test_examples_past_the_sliding_window_run_whole(monkeypatch):
     assert scoring.shares_prefix(tiny.model, enc)  # and stays on for this model: the check is not re-run below
     wide = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt, progress=False,
                           share_prefix=False)
+    calls.clear()
     np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt,
                                               progress=False), wide, rtol=1e-4, atol=1e-5)
+    assert sum(calls) == len(TEXTS)  # widened, every example went through the shared start
     assert not np.allclose(wide, want, rtol=1e-4, atol=1e-5)  # the window matters for these texts
     monkeypatch.setattr(config, "sliding_window", 8)
     seqs, answers = enc.encode(TEXTS)
     with torch.no_grad():
         start = scoring.shared_start(tiny.model, scoring.head_ids(enc), prompt)
         assert scoring.start_hidden(tiny.model, enc.pad_id, [(seqs[2], answers[2], start.head, start)]) is None
+    calls.clear()
     np.testing.assert_allclose(predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt,
                                               progress=False), want, rtol=1e-4, atol=1e-5)
+    assert calls  # the shared path was taken, and its groups past the window fell back to whole examples
