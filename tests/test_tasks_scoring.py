@@ -344,6 +344,16 @@ def test_flash_attention_is_never_packed(monkeypatch):
 HEADED = "Review: {text}\nSentiment:{mask}"  # a template with a shared start before {text}
 
 
+def start_hidden_calls(monkeypatch) -> list[int]:
+    """From now on, the size of every post.scoring.start_hidden call: how many examples ran after a shared start."""
+    import post.scoring as scoring
+
+    calls: list[int] = []
+    real = scoring.start_hidden
+    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("template", [HEADED, "Review:{text}{mask}"])
 @pytest.mark.parametrize("prompt_tokens", [0, 4])
@@ -369,9 +379,7 @@ def test_shared_start_scores_equal_whole_examples(arch, template, prompt_tokens,
     # one token fewer
     assert skips == ({len(head)} if template == HEADED else {len(head), len(head) - 1}) and len(head) >= 2
     assert scoring.shares_prefix(tiny.model, enc)
-    calls = []
-    real = scoring.start_hidden
-    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    calls = start_hidden_calls(monkeypatch)
     got = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False)
     assert sum(calls) == len(texts) and len(calls) > 1  # every example went through the shared path
     calls.clear()
@@ -401,9 +409,7 @@ def test_a_start_is_shared_only_where_it_saves_more_than_its_forward_costs(monke
     prompt = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
     start = 4 + len(scoring.head_ids(enc))
     assert scoring.shares_prefix(tiny.model, enc)  # the check's own calls come before the count
-    calls = []
-    real = scoring.start_hidden
-    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    calls = start_hidden_calls(monkeypatch)
     few = -(-scoring.SHARE_MIN_SAVED // start)  # the most texts whose start does not pay; one more pays
     texts = (TEXTS * few)[: few + 1]
     whole = predict_scores(tiny.model, enc, verb, texts, batch_size=4, prompt=prompt, progress=False,
@@ -433,10 +439,8 @@ def test_a_backbone_that_ignores_the_4d_mask_never_shares_a_start(monkeypatch):
     enc = Encoder(task, tiny.tokenizer, tiny.kind, max_length=24)
     verb = Verbalizer.build(task, tiny.tokenizer)
     monkeypatch.setattr(scoring, "SHARE_MIN_SAVED", 1)  # six texts' short start would not pay otherwise
-    calls = []
-    real = scoring.start_hidden
-    assert scoring.shares_prefix(tiny.model, enc)
-    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    assert scoring.shares_prefix(tiny.model, enc)  # the check's own calls come before the count
+    calls = start_hidden_calls(monkeypatch)
     want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, progress=False)
     assert sum(calls) == len(TEXTS)  # the honest backbone shares the start
     monkeypatch.setattr(body, "__class__", NoMask)
@@ -460,9 +464,7 @@ def test_examples_past_the_sliding_window_run_whole(monkeypatch):
     verb = Verbalizer.build(task, tiny.tokenizer)
     prompt = tiny.model.get_input_embeddings()(torch.arange(5, 9)).detach()
     monkeypatch.setattr(scoring, "SHARE_MIN_SAVED", 1)  # six texts' start would not pay otherwise
-    calls = []
-    real = scoring.start_hidden
-    monkeypatch.setattr(scoring, "start_hidden", lambda m, pad, ex: calls.append(len(ex)) or real(m, pad, ex))
+    calls = start_hidden_calls(monkeypatch)
     want = predict_scores(tiny.model, enc, verb, TEXTS, batch_size=4, prompt=prompt, progress=False,
                           share_prefix=False)
     assert not scoring.shares_prefix(tiny.model, enc)
