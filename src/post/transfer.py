@@ -74,7 +74,8 @@ class TransferConfig(ModelOptions):
         source_model: The small model the prompt was tuned on (Φs).
         prompt: The prompt file ps from the user.
         target_model: The large model to transfer to (Φt).
-        public: Public text: airline, a labelled dataset's texts, a text/JSONL/CSV file, hf:NAME.
+        public: Public text: airline, reviews (movie-review sentences), a labelled dataset's texts, a
+            text/JSONL/CSV file, hf:NAME.
         public_limit: Use a seeded random subset of this many public texts.
         steps: Optimizer steps; the reported prompt is the one after exactly these.
         batch_size: Public examples per step (all processes together).

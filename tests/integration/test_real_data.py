@@ -11,10 +11,17 @@ from post.data import load_labelled, load_texts
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("name", ["mr", "airline", "wiki", "news"])
+@pytest.mark.parametrize("name", ["mr", "reviews", "airline", "wiki", "news"])
 def test_fetch_verifies_pinned_sha(name):
     path = fetch_dataset(name, verify=True)
     assert path.is_file() and source_ok(name, None, deep=True), BUILTIN_FILES[name].sha256
+
+
+def test_reviews_sentences_hold_no_mr_sentence():
+    reviews = load_texts("reviews")
+    assert len(reviews) == 42_537 and all(5 <= len(t.split()) <= 40 for t in reviews)
+    mr = {t.lower() for sp in load_labelled("mr").splits.values() for t in sp.texts}
+    assert not mr & {t.lower() for t in reviews}
 
 
 def test_mr_counts_and_split():
