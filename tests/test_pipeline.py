@@ -505,3 +505,11 @@ def test_the_calibrated_baseline_is_one_declared_step_on_the_public_texts(tmp_pa
     plain = dry_run(load_pipeline_config(tiny_config(tmp_path / "b", attack=None, undistilled=False,
                                                      reconstruct=None, baselines=["zero-shot"])))
     assert "eval-calibrated" not in plain  # only when asked for
+
+
+def test_unlabelled_public_text_needs_a_labelled_reference_for_the_reconstruction_control(tmp_path):
+    path = tiny_config(tmp_path, attack=None, undistilled=False, reconstruct={})
+    with pytest.raises(ConfigError, match="reference_task"):
+        load_pipeline_config(path, ["public=reviews"])
+    assert load_pipeline_config(path, ["public=reviews", "reconstruct.reference_task=airline"]).public == "reviews"
+    assert load_pipeline_config(path, ["public=reviews", "reconstruct=null"]).reconstruct is None

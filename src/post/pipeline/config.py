@@ -112,6 +112,13 @@ class PipelineConfig(TaskOptions, ModelOptions):
                 "modes", "dp-eps<E> calibrates σ to each ε, but the dp section fixes noise_multiplier; remove one.")
         require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
                 f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
+        if self.reconstruct is not None and isinstance(self.reconstruct, Mapping) \
+                and "reference_task" not in self.reconstruct:
+            from post.data import is_dataset_name
+
+            require(is_dataset_name(str(self.public).strip().lower()), "public",
+                    f"{self.public!r} is unlabelled text, and the reconstruction check tunes its control prompt on "
+                    "the public set's labels; set reconstruct.reference_task (e.g. airline), or reconstruct: null.")
         known = ("zero-shot", "calibrated", "target-tuning", "source-tuning", "direct", "zst", "proxy")
         bad = [b for b in self.baselines if b not in known]
         require(not bad, "baselines", f"unknown {bad}; choose from {', '.join(known)}.")
