@@ -217,3 +217,29 @@ def test_the_whole_vocabulary_head_multiplies_in_fp32_on_a_bf16_model():
     m32 = tiny_model("llama").model
     h32 = torch.randn(6, 64)
     assert torch.equal(head_logits(m32, h32), m32.get_output_embeddings()(h32))
+
+
+def test_a_bf16_masked_lm_head_decodes_in_fp32():
+    """RoBERTa's head (dense, gelu, norm, decoder) in bf16: the transform stays bf16, the decoder's product is
+    float32 (whole vocabulary, or only the label rows), so class scores do not round to coarse steps and tie."""
+    from post.scoring import _lm_head, head_logits
+
+    m = tiny_model("roberta").model.to(torch.bfloat16)
+    head, decoder = _lm_head(m), m.get_output_embeddings()
+    torch.manual_seed(0)
+    hidden = (torch.randn(6, head.dense.in_features) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        pre = head.layer_norm(torch.nn.functional.gelu(head.dense(hidden)))  # the transform, in bf16
+        full = torch.nn.functional.linear(pre.float(), decoder.weight.float(), decoder.bias.float())
+        old = head(hidden)  # no hook outside head_logits: the bf16 product
+        ids = torch.tensor([5, 9, 11])
+        got, rows = head_logits(m, hidden), head_logits(m, hidden, ids)
+    assert old.dtype == torch.bfloat16 and not torch.equal(old.float(), full)
+    assert got.dtype == torch.float32 and torch.equal(got, full)
+    assert rows.shape == (6, 3) and rows.dtype == torch.float32
+    torch.testing.assert_close(rows, full[:, ids], rtol=0, atol=1e-6)  # fewer rows: another summation blocking
+    assert not decoder._forward_hooks  # the hook is gone after each call
+    m32 = tiny_model("roberta").model  # float32: untouched
+    h32 = torch.randn(6, head.dense.in_features)
+    with torch.no_grad():
+        assert torch.equal(head_logits(m32, h32), _lm_head(m32)(h32))

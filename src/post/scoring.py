@@ -28,6 +28,7 @@ C classes.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import inspect
 import logging
@@ -341,6 +342,35 @@ def _fp32_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       for i in range(0, weight.shape[0], rows)], -1)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _rows(linear: nn.Linear, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's weight and bias, only the rows ``token_ids`` if given."""
+    weight, bias = linear.weight, linear.bias
+    if token_ids is not None:
+        weight, bias = weight[token_ids], None if bias is None else bias[token_ids]
+    return weight, bias
+
+
+@contextlib.contextmanager
+def _half_decoder_in_fp32(model: nn.Module, head: nn.Module, token_ids: torch.Tensor | None) -> Iterator[bool]:
+    """While open, a bf16/fp16 masked-LM head's decoder (its output embeddings, the last step of the head) returns
+    its product in float32 (:func:`_fp32_linear`), only the rows ``token_ids`` if given; yields whether it does.
+    Without it a bf16 RoBERTa rounds class scores to steps of 1/16 or coarser, and classes tie."""
+    decoder = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not (isinstance(decoder, nn.Linear) and decoder is not head and decoder.weight.dtype in HALF
+            and any(m is decoder for m in head.modules())):
+        yield False
+        return
+    weight, bias = _rows(decoder, token_ids)
+    handle = decoder.register_forward_hook(lambda _module, args, _output: _fp32_linear(args[0], weight, bias))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """LM-head logits for hidden states (..., d): all V, or only ``token_ids`` (W,) if given.
 
@@ -349,16 +379,15 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor 
     prompt-induced changes of vocabulary logits that the transfer's vocab loss matches. The few rows of
     ``token_ids`` are taken first; the whole vocabulary of a bf16/fp16 head goes a block of rows at a time
     (:func:`_fp32_linear`), so no float32 copy of the whole head is ever made. A masked LM's head (dense, norm,
-    decoder) runs in the model's dtype."""
+    decoder) runs its transform in the model's dtype and, in bf16/fp16, its decoder the same way in float32
+    (:func:`_half_decoder_in_fp32`)."""
     head = _lm_head(model)
-    if isinstance(head, nn.Linear) and (token_ids is not None or head.weight.dtype in (torch.bfloat16, torch.float16)):
-        weight, bias = head.weight, head.bias
-        if token_ids is not None:
-            weight, bias = weight[token_ids], None if bias is None else bias[token_ids]
-        logits = _fp32_linear(hidden, weight, bias)
+    if isinstance(head, nn.Linear) and (token_ids is not None or head.weight.dtype in HALF):
+        logits = _fp32_linear(hidden, *_rows(head, token_ids))
     else:
-        logits = head(hidden)
-        if token_ids is not None:
+        with _half_decoder_in_fp32(model, head, token_ids) as restricted:
+            logits = head(hidden)
+        if token_ids is not None and not restricted:
             logits = logits[..., token_ids]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
