@@ -1,7 +1,8 @@
 """What crosses in the transfer: a source that knows the task, and public text from the task's domain.
 
     python bench/source_knowledge.py [--student runs/demo/distill/student] [--sources prompt norms layers]
-                                     [--publics airline reviews] [--out runs/source-knowledge]
+                                     [--publics airline reviews] [--public-limit 96] [--transfer-steps 30]
+                                     [--out runs/source-knowledge]
 
 POST copies the change that the user's adaptation makes to the student's answers on public texts. On the demo's
 student a 10-token prompt stays at chance on Φs, so only the private data's label balance can cross. This bench
@@ -83,13 +84,13 @@ def _adapt(student, enc, verb, train, which: str) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def _transfer(target, task, texts, s_prompted, s_plain, seed: int = 0) -> torch.Tensor:
-    """pt fitted so that Φt's change matches the source's (α = 1), 30 steps of 8 at lr 3e-3, as the demo."""
+def _transfer(target, task, texts, s_prompted, s_plain, steps: int, seed: int = 0) -> torch.Tensor:
+    """pt fitted so that Φt's change matches the source's (α = 1), ``steps`` of 8 at lr 3e-3 (the demo: 30)."""
     tgt = Scorer(target, task, texts, mode="label-words", max_length=MAX_LENGTH)
     t_plain = tgt.constants(None, 8)
     pt = init_prompt(target, 10, init="text", init_text=task.init_text, seed=seed).requires_grad_(True)
     opt = torch.optim.Adam([pt], lr=3e-3)
-    for step in range(30):
+    for step in range(steps):
         idx = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[:8]
         terms = post_loss(tgt(idx, pt), t_plain[idx], s_prompted[idx], s_plain[idx], alpha=1.0, temperature=2.0)
         opt.zero_grad()
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
     ap.add_argument("--publics", nargs="+", default=["airline", "reviews"])
+    ap.add_argument("--public-limit", type=int, default=96, help="public texts for the transfer (the demo: 96)")
+    ap.add_argument("--transfer-steps", type=int, default=30, help="transfer steps of 8 (the demo: 30)")
     ap.add_argument("--out", type=Path, default=Path("runs/source-knowledge"))
     args = ap.parse_args()
     if not Path(args.student).exists():
@@ -125,12 +128,13 @@ def main() -> None:
     enc, verb = Encoder(task, student.tokenizer, student.kind, MAX_LENGTH), Verbalizer.build(task, student.tokenizer)
     pub_texts, pub_labels = public_labelled("airline", task, limit=400, seed=0)
     zs = _predict(target.model, enc, verb, val.texts)
-    out = {"n": len(labels), "zero_shot": _row(zs, labels, zs), "sources": {}}
+    out = {"n": len(labels), "public_limit": args.public_limit, "transfer_steps": args.transfer_steps,
+            "zero_shot": _row(zs, labels, zs), "sources": {}}
     print(f"zero-shot Φt on validation: {out['zero_shot']['accuracy']:.1%} (n = {len(labels)})", flush=True)
     publics = {}
     for name in args.publics:
         texts = load_texts(name)
-        publics[name] = [texts[i] for i in subset(len(texts), 96, 0)]  # the transfer's draw of 96 (seed 0)
+        publics[name] = [texts[i] for i in subset(len(texts), args.public_limit, 0)]  # the transfer's draw (seed 0)
     for which in args.sources:
         prompt = None
         if which == "prompt":
@@ -146,7 +150,7 @@ def main() -> None:
         for name, texts in publics.items():
             s_plain = Scorer(student, task, texts, mode="label-words", max_length=MAX_LENGTH).constants(None, 8)
             s_prompted = Scorer(adapted, task, texts, mode="label-words", max_length=MAX_LENGTH).constants(prompt, 8)
-            pt = _transfer(target, task, texts, s_prompted, s_plain)
+            pt = _transfer(target, task, texts, s_prompted, s_plain, args.transfer_steps)
             rec["post"][name] = _row(_predict(target.model, enc, verb, val.texts, pt), labels, zs)
             r = rec["post"][name]
             print(f"  {which} → POST with public {name}: {r['accuracy']:.1%} [{r['low']:.1%}–{r['high']:.1%}] "

@@ -513,3 +513,20 @@ def test_unlabelled_public_text_needs_a_labelled_reference_for_the_reconstructio
         load_pipeline_config(path, ["public=reviews"])
     assert load_pipeline_config(path, ["public=reviews", "reconstruct.reference_task=airline"]).public == "reviews"
     assert load_pipeline_config(path, ["public=reviews", "reconstruct=null"]).reconstruct is None
+    assert load_pipeline_config(path, ["public=reviews", "reconstruct.reference-task=airline"]).public == "reviews"
+    with pytest.raises(ConfigError, match="reference_task"):
+        load_pipeline_config(path, ["public=offline+airline", "reconstruct.reference_task=null"])
+    labelled = tmp_path / "public.csv"  # a labelled file is not refused: the control can tune on it
+    labelled.write_text("text,label\ngreat,positive\nbad,negative\n")
+    assert load_pipeline_config(path, [f"public={labelled}"]).public == str(labelled)
+
+
+def test_the_public_data_never_holds_the_private_task(tmp_path):
+    path = tiny_config(tmp_path, attack=None, undistilled=False, reconstruct=None)
+    for public in ("mr", " MR ", "reviews+mr", "airline + mr"):
+        with pytest.raises(ConfigError, match="private task"):
+            load_pipeline_config(path, ["task=mr", f"public={public}"])
+    for public in ("sst2", "glue/sst2", "reviews+sst2"):  # an alias of the private set is the private set
+        with pytest.raises(ConfigError, match="private task"):
+            load_pipeline_config(path, ["task=glue/sst2", f"public={public}"])
+    assert load_pipeline_config(path, ["task=mr", "public=reviews+airline"]).public == "reviews+airline"

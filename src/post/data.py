@@ -549,6 +549,24 @@ def is_dataset_name(name: str) -> bool:
     return low in BUILTIN_LABELLED or low in _HUB_ALIASES
 
 
+TEXT_SOURCES = ("offline", "wiki", "news", "reviews")  # the built-in unlabelled sources of load_texts
+
+
+def dataset_key(name: str) -> str:
+    """A dataset name as one key: trimmed, lower case, a hub alias as its set (``glue/sst2`` -> ``sst2``); a path
+    as given."""
+    low = str(name).strip().lower()
+    return _HUB_ALIASES.get(low, low)
+
+
+def is_unlabelled_text(name: str) -> bool:
+    """True for a text source that has no labels: a built-in text source, several joined by ``+``, a .txt file."""
+    key = str(name).strip()
+    if key.lower() in TEXT_SOURCES or key.lower().endswith(".txt"):
+        return True
+    return "+" in key and not Path(key).expanduser().exists()
+
+
 def load_labelled(name: str, *, text_column: str = "text", label_column: str = "label",
                   template: str | None = None, label_words: str | Mapping | None = None,
                   init_text: str | None = None, split_seed: int = 0, encoding: str = "utf-8",

@@ -110,13 +110,15 @@ class PipelineConfig(TaskOptions, ModelOptions):
                 f"lists one privacy level twice: {self.modes} (dp runs at the dp section's ε, {dp_eps:g}).")
         require(not (dp_section.get("noise_multiplier") is not None and any(mode_epsilon(m) for m in self.modes)),
                 "modes", "dp-eps<E> calibrates σ to each ε, but the dp section fixes noise_multiplier; remove one.")
-        require(str(self.public).strip().lower() != str(self.task).strip().lower(), "public",
-                f"is the private task {self.task!r}: the provider's public data must not be the user's private data.")
-        if self.reconstruct is not None and isinstance(self.reconstruct, Mapping) \
-                and "reference_task" not in self.reconstruct:
-            from post.data import is_dataset_name
+        from post.data import dataset_key, is_unlabelled_text
 
-            require(is_dataset_name(str(self.public).strip().lower()), "public",
+        private = dataset_key(str(self.task))
+        require(all(dataset_key(part) != private for part in str(self.public).split("+")), "public",
+                f"holds the private task {self.task!r}: the provider's public data must not be the user's private "
+                "data.")
+        if self.reconstruct is not None and isinstance(self.reconstruct, Mapping) \
+                and not section(self, "reconstruct").get("reference_task"):
+            require(not is_unlabelled_text(str(self.public)), "public",
                     f"{self.public!r} is unlabelled text, and the reconstruction check tunes its control prompt on "
                     "the public set's labels; set reconstruct.reference_task (e.g. airline), or reconstruct: null.")
         known = ("zero-shot", "calibrated", "target-tuning", "source-tuning", "direct", "zst", "proxy")
