@@ -243,3 +243,26 @@ def test_a_bf16_masked_lm_head_decodes_in_fp32():
     h32 = torch.randn(6, head.dense.in_features)
     with torch.no_grad():
         assert torch.equal(head_logits(m32, h32), _lm_head(m32)(h32))
+
+
+@pytest.mark.parametrize("arch", ["albert", "distilbert"])
+def test_a_masked_lm_whose_head_cannot_be_read_is_refused_at_load(arch):
+    """ALBERT's and DistilBERT's MLM heads are not an lm_head/cls module: their output embeddings alone would skip
+    the head's dense and norm layers and give wrong answers in every precision."""
+    import transformers
+
+    from post.errors import PostError
+    from post.models import _ready
+    from post.tiny import build_tiny
+
+    _, tokenizer, _ = build_tiny("roberta", 0)
+    small = {"vocab_size": len(tokenizer), "max_position_embeddings": 64}
+    if arch == "albert":
+        cfg = transformers.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, **small)
+        model = transformers.AlbertForMaskedLM(cfg)
+    else:
+        cfg = transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, **small)
+        model = transformers.DistilBertForMaskedLM(cfg)
+    with pytest.raises(PostError, match=f"masked LM \\({arch}\\).*cannot be read"):
+        _ready(model, tokenizer, f"tiny-{arch}", "masked", None)

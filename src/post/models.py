@@ -100,6 +100,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 TINY_MODELS: tuple[str, ...] = tuple(f"tiny-{arch}" for arch in TINY_ARCHS)
 
+# Where a masked LM keeps its whole MLM head (post.scoring reads it there); others are refused at load.
+MASKED_HEADS = ("lm_head", "cls")
+
 # Model types without a causal head: "auto" loads them as masked LMs.
 _ENCODER_TYPES = frozenset({
     "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
@@ -423,6 +426,11 @@ def _ready(
         if fallback is None:
             raise PostError(f"the tokenizer of {name} has no pad, eos or unk token to pad batches with.")
         tokenizer.pad_token = fallback
+    if kind == "masked" and not any(isinstance(getattr(model, n, None), torch.nn.Module) for n in MASKED_HEADS):
+        raise PostError(f"{name} is a masked LM ({model.config.model_type}) whose MLM head is not an "
+                        f"{' or '.join(MASKED_HEADS)} module, so its answers cannot be read here (its output "
+                        "embeddings alone would skip the head's dense and norm layers); masked families read here: "
+                        "RoBERTa, XLM-RoBERTa, CamemBERT, MPNet (lm_head), BERT, ERNIE, legacy DeBERTa (cls).")
     if kind == "masked" and tokenizer.mask_token is None:
         raise PostError(f"{name} was loaded as a masked LM but its tokenizer has no mask token; "
                         "use kind 'causal' or another model.")

@@ -322,6 +322,8 @@ def text_config(model: nn.Module) -> object:
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
+    """The LM head: a masked LM's whole MLM head (``lm_head`` or ``cls``: post.models.MASKED_HEADS; a masked LM
+    without one is refused at load), else the output embeddings."""
     for name in ("lm_head", "cls"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
