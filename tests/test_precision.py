@@ -266,3 +266,16 @@ def test_a_masked_lm_whose_head_cannot_be_read_is_refused_at_load(arch):
         model = transformers.DistilBertForMaskedLM(cfg)
     with pytest.raises(PostError, match=f"masked LM \\({arch}\\).*cannot be read"):
         _ready(model, tokenizer, f"tiny-{arch}", "masked", None)
+
+
+def test_the_fp32_decoder_passes_gradients_and_never_stays_behind():
+    from post.scoring import _lm_head, head_logits
+
+    m = tiny_model("roberta").model.to(torch.bfloat16)
+    width, decoder = _lm_head(m).dense.in_features, m.get_output_embeddings()
+    hidden = torch.randn(4, width).to(torch.bfloat16).requires_grad_(True)
+    head_logits(m, hidden, torch.tensor([5, 9])).sum().backward()  # as prompt tuning does through the head
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError):  # an error inside the head (a wrong width) still removes the hook
+        head_logits(m, torch.randn(4, width + 1).to(torch.bfloat16))
+    assert not decoder._forward_hooks
