@@ -42,6 +42,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from post.errors import PostError
+from post.models import MASKED_HEADS
 from post.tasks import Task, Verbalizer
 
 log = logging.getLogger(__name__)
@@ -322,9 +323,9 @@ def text_config(model: nn.Module) -> object:
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
-    """The LM head: a masked LM's whole MLM head (``lm_head`` or ``cls``: post.models.MASKED_HEADS; a masked LM
-    without one is refused at load), else the output embeddings."""
-    for name in ("lm_head", "cls"):
+    """The LM head: a masked LM's whole MLM head (one of :data:`post.models.MASKED_HEADS`; a masked LM without one
+    is refused at load), else the output embeddings."""
+    for name in MASKED_HEADS:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             return head
