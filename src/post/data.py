@@ -59,6 +59,7 @@ from post.corpus import (
     hub_texts,
     news_texts,
     normalise_text,
+    polarity_rows,
     read_table,
     require_columns,
     review_sentences,
@@ -281,8 +282,8 @@ def _remapped(splits: Mapping[str, Split], remap: list[int] | None) -> dict[str,
 # --------------------------------------------------------------------------- built-in labelled sets
 
 def _parse_mr(path: Path) -> tuple[list[str], list[str]]:
-    rows = [r for r in csv.reader(io.StringIO(decode_file(path, "utf-8"), newline="")) if len(r) >= 2]
-    return [r[1] for r in rows], [r[0] for r in rows]
+    rows = polarity_rows(path)
+    return [text for _, text in rows], [label for label, _ in rows]
 
 
 def _parse_airline(path: Path) -> tuple[list[str], list[str]]:
