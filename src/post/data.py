@@ -550,7 +550,18 @@ def is_dataset_name(name: str) -> bool:
     return low in BUILTIN_LABELLED or low in _HUB_ALIASES
 
 
-TEXT_SOURCES = ("offline", "wiki", "news", "reviews")  # the built-in unlabelled sources of load_texts
+# The built-in unlabelled sources of load_texts, by name.
+TEXT_SOURCES: dict[str, Callable[[str | os.PathLike[str] | None], list[str]]] = {
+    "offline": lambda cache_dir: wiki_paragraphs(cache_dir) + news_texts(cache_dir),
+    "wiki": wiki_paragraphs,
+    "news": news_texts,
+    "reviews": review_sentences,
+}
+
+
+def _joined(key: str) -> bool:
+    """True for several text sources joined by ``+`` (``offline+airline``), not a file whose name has a ``+``."""
+    return "+" in key and not Path(key).expanduser().exists()
 
 
 def dataset_key(name: str) -> str:
@@ -563,9 +574,7 @@ def dataset_key(name: str) -> str:
 def is_unlabelled_text(name: str) -> bool:
     """True for a text source that has no labels: a built-in text source, several joined by ``+``, a .txt file."""
     key = str(name).strip()
-    if key.lower() in TEXT_SOURCES or key.lower().endswith(".txt"):
-        return True
-    return "+" in key and not Path(key).expanduser().exists()
+    return key.lower() in TEXT_SOURCES or key.lower().endswith(".txt") or _joined(key)
 
 
 def load_labelled(name: str, *, text_column: str = "text", label_column: str = "label",
@@ -620,21 +629,15 @@ def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathL
         raise ConfigError(f"limit must be >= 0 (got {limit}).")
     key = str(name).strip()
     low = key.lower()
-    if "+" in key and not Path(key).expanduser().exists():
+    if _joined(key):
         parts = [p.strip() for p in key.split("+")]
         if not all(parts):
             raise ConfigError(f"text source {key!r} has an empty part; join sources as offline+airline.")
         texts = [t for p in parts for t in load_texts(p, cache_dir=cache_dir, encoding=encoding,
                                                        hub_loader=hub_loader, text_column=text_column)]
         return texts if limit is None else texts[:limit]
-    if low == "offline":
-        texts = wiki_paragraphs(cache_dir) + news_texts(cache_dir)
-    elif low == "wiki":
-        texts = wiki_paragraphs(cache_dir)
-    elif low == "news":
-        texts = news_texts(cache_dir)
-    elif low == "reviews":
-        texts = review_sentences(cache_dir)
+    if low in TEXT_SOURCES:
+        texts = TEXT_SOURCES[low](cache_dir)
     elif low.startswith("hf:"):
         texts = hub_texts(key, text_column, hub_loader)
     elif is_dataset_name(low):
@@ -642,7 +645,7 @@ def load_texts(name: str, *, limit: int | None = None, cache_dir: str | os.PathL
     else:
         path = Path(key).expanduser()
         if not path.suffix and not path.exists():
-            raise PostError(f"unknown text source {key!r}; choose offline, wiki, news, reviews, a labelled dataset "
+            raise PostError(f"unknown text source {key!r}; choose {', '.join(TEXT_SOURCES)}, a labelled dataset "
                             "name, hf:NAME[:CONFIG][:SPLIT], or a .txt/.csv/.tsv/.jsonl/.json/.parquet file.")
         if path.suffix.lower() == ".txt":
             check_file(path, (".txt",))
