@@ -168,6 +168,37 @@ def test_answer_distillation_moves_the_answer_distribution(corpus, tmp_path):
     assert "answer" in lines[0] and lines[-1]["answer"] < 0.5 * lines[0]["answer"]
 
 
+def test_answer_task_frames_the_corpus_as_its_template_and_label_words(corpus, tmp_path):
+    from post.data import default_task
+
+    task = default_task("sst2")  # its label words start with distinct tokens in the tiny model's vocabulary
+    words = [w for ws in task.label_words.values() for w in ws]
+    cfg = DistillConfig(teacher="x", alpha_answer=1.0, answer_task="sst2")
+    assert cfg.effective_template == task.template and cfg.effective_answer_words.split(";") == words
+    assert config(corpus).effective_template is None and config(corpus).effective_answer_words is None
+    kw = dict(alpha_ce=0.0, alpha_lm=0.0, alpha_cos=0.0, alpha_answer=1.0, max_steps=5, log_every=1,
+              checkpoint_every=100)
+
+    def answers(name, **options):
+        distill(config(corpus, **kw, **options), tmp_path / name)
+        return [json.loads(x)["answer"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    by_task = answers("task", answer_task="sst2")
+    assert by_task == answers("spelled", corpus_template=task.template, answer_words=";".join(words))
+    assert by_task != answers("other", corpus_template="{text} so {mask}", answer_words=";".join(words))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(alpha_answer=1.0, answer_task="mr", corpus_template="{text} so {mask}"), "answer.task"),
+    (dict(alpha_answer=1.0, answer_task="mr", answer_words=" bad; good"), "answer.task"),
+    (dict(answer_task="mr"), "alpha-answer"),
+    (dict(alpha_answer=1.0, answer_task="nonesuch"), "built-in task"),
+])
+def test_answer_task_refuses_what_it_cannot_mean(options, match):
+    with pytest.raises(ConfigError, match=match):
+        DistillConfig(teacher="x", **options)
+
+
 def test_kl_only_distillation_moves_the_student_toward_the_teacher(corpus, tmp_path):
     r = distill(config(corpus, alpha_lm=0.0, alpha_cos=0.0, max_steps=40, lr=3e-3), tmp_path)
     assert r.distilled_quality["kl_to_teacher"] < 0.7 * r.undistilled_quality["kl_to_teacher"]

@@ -92,6 +92,9 @@ class DistillConfig(ModelOptions):
             first tokens, ';'-separated, spaces kept: e.g. ' negative; positive' -> ' negative',
             ' positive'), i.e. the teacher's answer to the task's question, instead of the whole
             vocabulary. Public: the task's label words.
+        answer_task: A built-in task (mr, airline, sst2, ...) that frames the corpus for the answer term: its
+            template stands for --corpus-template and its label words for --answer-words (its definition only:
+            no labelled data is read). Give this or those two, not both.
         alpha_prompted: Weight of T²·KL(teacher ‖ student) over the whole vocabulary at the answer of each
             corpus text put in --prompted-task's template behind a random soft prompt of --prompted-tokens
             rows: the task's init-text prompt plus Gaussian noise (per-dimension std drawn uniformly up to
@@ -140,6 +143,7 @@ class DistillConfig(ModelOptions):
     alpha_hidden: float = 0.0
     alpha_answer: float = 0.0
     answer_words: str | None = None
+    answer_task: str | None = None
     alpha_prompted: float = 0.0
     prompted_task: str | None = None
     prompted_tokens: int = 10
@@ -174,17 +178,23 @@ class DistillConfig(ModelOptions):
                 "--alpha-prompted must be positive.")
         require((self.alpha_prompted > 0) == (self.prompted_task is not None), "prompted_task",
                 "and --alpha-prompted go together: the prompted term frames the corpus texts in that task's template.")
-        if self.prompted_task is not None:
-            from post.data import default_task
+        from post.data import default_task
 
-            require(default_task(self.prompted_task) is not None, "prompted_task",
-                    f"{self.prompted_task!r} is not a built-in task (mr, airline, sst2, ...).")
+        for name in ("prompted_task", "answer_task"):
+            if (value := getattr(self, name)) is not None:
+                require(default_task(value) is not None, name,
+                        f"{value!r} is not a built-in task (mr, airline, sst2, ...).")
+        if self.answer_task is not None:
+            require(self.corpus_template is None and self.answer_words is None, "answer_task",
+                    "sets the corpus template and the answer words from the task; don't also give --corpus-template "
+                    "or --answer-words.")
+            require(self.alpha_answer > 0, "answer_task", "frames the answer term: it needs --alpha-answer > 0.")
         require(self.prompted_tokens >= 1, "prompted_tokens", "must be at least 1.")
         require(self.prompted_noise >= 0, "prompted_noise", "must be non-negative.")
         require(self.answer_words is None or (self.alpha_answer > 0 and len(self.answer_words.split(";")) >= 2),
                 "answer_words", "needs --alpha-answer > 0 and at least two ';'-separated words.")
-        require(self.alpha_answer == 0 or self.corpus_template is not None, "alpha_answer",
-                "needs --corpus-template: the answer positions are where the templated texts end.")
+        require(self.alpha_answer == 0 or self.effective_template is not None, "alpha_answer",
+                "needs --corpus-template or --answer-task: the answer positions are where the templated texts end.")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
         require(0 < self.mlm_probability < 1, "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}.")
         require(self.held_out >= 1, "held_out", f"must be at least 1, got {self.held_out}.")
@@ -198,6 +208,24 @@ class DistillConfig(ModelOptions):
             from post.tasks import check_template
 
             check_template(self.corpus_template)
+
+    @property
+    def effective_template(self) -> str | None:
+        """The corpus template: --corpus-template, or --answer-task's template."""
+        return self._answer_task.template if self.answer_task is not None else self.corpus_template
+
+    @property
+    def effective_answer_words(self) -> str | None:
+        """The answer words (';'-separated): --answer-words, or every label word of --answer-task's classes."""
+        if self.answer_task is None:
+            return self.answer_words
+        return ";".join(w for ws in self._answer_task.label_words.values() for w in ws)
+
+    @property
+    def _answer_task(self) -> Any:
+        from post.data import default_task
+
+        return default_task(str(self.answer_task))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -516,13 +544,13 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
-    answer_ids = torch.tensor(answer_token_ids(cfg.answer_words, teacher.tokenizer), device=acc.device) \
-        if cfg.answer_words else None
+    answer_ids = torch.tensor(answer_token_ids(cfg.effective_answer_words, teacher.tokenizer), device=acc.device) \
+        if cfg.effective_answer_words else None
     # the block terms (all but the prompted one) run only when weighted
     block_terms = any(getattr(cfg, f"alpha_{n}") > 0 for n in ("ce", "lm", "cos", "hidden", "answer"))
     raw = load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir)
     prompted = PromptedAnswers(cfg, teacher, raw) if cfg.alpha_prompted > 0 else None
-    texts = templated(raw, cfg.corpus_template, teacher.tokenizer.mask_token if kind == "masked" else None)
+    texts = templated(raw, cfg.effective_template, teacher.tokenizer.mask_token if kind == "masked" else None)
     blocks = pack_blocks(texts, teacher.tokenizer, cfg.block_size)
     order = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
     if len(blocks) <= cfg.held_out + cfg.batch_size:
