@@ -279,3 +279,36 @@ def test_the_fp32_decoder_passes_gradients_and_never_stays_behind():
     with pytest.raises(RuntimeError):  # an error inside the head (a wrong width) still removes the hook
         head_logits(m, torch.randn(4, width + 1).to(torch.bfloat16))
     assert not decoder._forward_hooks
+
+
+def test_the_fp32_decoder_gives_each_thread_its_own_rows():
+    """Threads scoring through one bf16 masked LM (a service's workers) each get their own label rows: the hook
+    that makes the decoder's product float32 is registered on the shared module, so calls must not overlap."""
+    import threading
+
+    from post.scoring import _lm_head, head_logits
+
+    m = tiny_model("roberta").model.to(torch.bfloat16)
+    width = _lm_head(m).dense.in_features
+    torch.manual_seed(0)
+    hidden = torch.randn(4, width).to(torch.bfloat16)
+    asks = [torch.tensor(ids) for ids in ([5, 9], [11, 12, 13], [7], [20, 21, 22, 23])]
+    with torch.no_grad():
+        want = [head_logits(m, hidden, ids) for ids in asks]
+    wrong: list[str] = []
+
+    def worker(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(60):
+                got = head_logits(m, hidden, asks[k % len(asks)])
+                if got.shape != want[k % len(asks)].shape or not torch.equal(got, want[k % len(asks)]):
+                    wrong.append(f"thread {k}: {tuple(got.shape)}")
+                    return
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong
+    assert not m.get_output_embeddings()._forward_hooks

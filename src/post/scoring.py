@@ -32,6 +32,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -356,6 +357,9 @@ def _rows(linear: nn.Linear, token_ids: torch.Tensor | None) -> tuple[torch.Tens
     return weight, bias
 
 
+_DECODER_HOOK_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _half_decoder_in_fp32(model: nn.Module, head: nn.Module, token_ids: torch.Tensor | None) -> Iterator[bool]:
     """While open, a bf16/fp16 masked-LM head's decoder (its output embeddings, the last step of the head) returns
@@ -367,11 +371,14 @@ def _half_decoder_in_fp32(model: nn.Module, head: nn.Module, token_ids: torch.Te
         yield False
         return
     weight, bias = _rows(decoder, token_ids)
-    handle = decoder.register_forward_hook(lambda _module, args, _output: _fp32_linear(args[0], weight, bias))
-    try:
-        yield True
-    finally:
-        handle.remove()
+    # The hook sits on a shared module: two threads scoring at once (a service's workers) would each run the
+    # other's hook too and get its rows, so the calls through it take turns.
+    with _DECODER_HOOK_LOCK:
+        handle = decoder.register_forward_hook(lambda _module, args, _output: _fp32_linear(args[0], weight, bias))
+        try:
+            yield True
+        finally:
+            handle.remove()
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
