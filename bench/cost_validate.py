@@ -5,7 +5,9 @@
     python bench/cost_validate.py compare              # the table: predicted vs measured
 
 Stages: tune-source, tune-source-dp, tune-target, transfer-label-words, transfer-vocab, distill (the demo's
-shapes: smollm2-135m, student layers 0,10,20,29, mr at max length 64, 10-token prompt, airline public).
+shapes: smollm2-135m, student layers 0,10,20,29, mr at max length 64, 10-token prompt, airline public), and
+distill-framed / distill-prompted (public reviews in mr's frame, hidden-state and answer terms with no logit terms,
+the second with the prompted term too).
 Every stage runs in this process on one torch thread; with ``--clock cpu`` (the default) every timer,
 the stages' own ``train_seconds`` included, reads this process's CPU time instead of the wall clock, so
 other jobs on a shared machine (time slices taken away) do not count. ``--clock wall`` keeps the wall
@@ -55,6 +57,14 @@ def _stage(name: str, out: Path, dtype: str = "float32") -> None:
                              "float32")
         distill(DistillConfig(teacher=TEACHER, keep_layers=KEEP, max_steps=3, batch_size=4, block_size=128,
                               held_out=4), out / name)
+    elif name in ("distill-framed", "distill-prompted"):  # no logit terms: the heads are skipped
+        if dtype != "float32":
+            raise SystemExit("distillation trains its student in float32: run it with --dtype float32")
+        prompted = {"alpha_prompted": 20.0, "prompted_task": "mr"} if name == "distill-prompted" else {}
+        distill(DistillConfig(teacher=TEACHER, keep_layers=KEEP, max_steps=3, batch_size=4, block_size=128,
+                              held_out=4, corpus="reviews", answer_task="mr", alpha_ce=0.0, alpha_lm=0.0,
+                              alpha_cos=0.0, alpha_hidden=1.0, alpha_answer=20.0, temperature=1.0, **prompted),
+                out / name)
     else:
         raise SystemExit(f"unknown stage {name!r}")
 

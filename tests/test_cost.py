@@ -52,6 +52,29 @@ def test_flops_of_a_small_config_by_hand():
     assert train_step_flops(SMALL, t, head_cols=10, train_head=True).backward == train.backward + head_all
 
 
+def test_distillation_flops_count_only_the_terms_that_run():
+    """Without the KL and LM terms neither model runs its head over the blocks; the prompted term adds a teacher
+    forward and a student step over its texts with the head at each answer (by hand on the small config)."""
+    from post.cost import distill_parts
+
+    blocks, prompted = Tokens.uniform(3, 5), Tokens.uniform(2, 4)
+    layers_fwd = forward_flops(SMALL, blocks, head_cols=0)
+    head_all = 2 * 8 * 10 * 15  # the full vocabulary at all 15 block positions
+    full = distill_parts(SMALL, SMALL, blocks)
+    assert full[0].flops.total == layers_fwd.total + head_all and full[1].logits == 15 * 10
+    bare = distill_parts(SMALL, SMALL, blocks, heads=False)
+    assert bare[0].flops == layers_fwd and bare[1].logits == 0
+    assert bare[1].flops == train_step_flops(SMALL, blocks, head_cols=0)
+    assert full[1].flops.total - bare[1].flops.total == 2 * head_all  # the head forward and its input gradient
+    both = distill_parts(SMALL, SMALL, blocks, heads=False, prompted=prompted)
+    assert both[:2] == bare and [p.role for p in both[2:]] == ["target", "source"]
+    head_answers = 2 * 8 * 10 * 2  # the full vocabulary at the 2 answers
+    assert both[2].flops == Flops(forward_flops(SMALL, prompted, head_cols=0).total + head_answers)
+    assert both[3].flops.total == train_step_flops(SMALL, prompted, head_cols=0).total + 2 * head_answers
+    assert both[3].logits == 2 * 10
+    assert distill_parts(SMALL, SMALL, Tokens(), heads=False, prompted=prompted)[0].flops.total == 0
+
+
 def _eager(model):
     for m in model.modules():
         if hasattr(m, "config"):

@@ -428,6 +428,13 @@ def quality(model: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tens
     return {"perplexity": math.exp(nll / max(n_lm, 1)), "kl_to_teacher": kl / max(n_tok, 1)}
 
 
+def prompted_draw(cfg: DistillConfig, step: int, n_texts: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The prompted term's generator for ``step`` and the --batch-size text indices it draws first (the cost
+    model rebuilds the same batches from them)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_009 + step)
+    return g, torch.randperm(n_texts, generator=g)[: cfg.batch_size]
+
+
 class PromptedAnswers:
     """The prompted term's inputs: corpus texts in a task's template, each behind its own random soft prompt."""
 
@@ -447,8 +454,7 @@ class PromptedAnswers:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices of --batch-size texts, their (B, n, d) prompts), drawn from (seed, step)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 500_009 + step)
-        idx = torch.randperm(len(self.seqs), generator=g)[: self.cfg.batch_size]
+        g, idx = prompted_draw(self.cfg, step, len(self.seqs))
         b, (n, d) = len(idx), self.init.shape
         std = torch.rand(b, 1, 1, generator=g) * self.cfg.prompted_noise * self.rms
         prompts = self.init.unsqueeze(0) + torch.randn(b, n, d, generator=g) * std
