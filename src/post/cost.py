@@ -370,10 +370,10 @@ def distill_parts(teacher: Arch, student: Arch, blocks: Tokens, *, train_head: b
     every position when ``heads`` (the KL and LM terms; without them, as with only the cosine, hidden-state and
     answer terms, both models stop at their last hidden state: the answer term's few head rows are left out), and
     over the ``prompted`` texts (the prompted term: whole-vocabulary logits at each text's answer)."""
-    cols = teacher.vocab if heads else 0
-    parts = [Part(forward_flops(teacher, blocks, head_cols=cols, all_positions=True), "target"),
-             Part(train_step_flops(student, blocks, head_cols=cols, train_head=train_head), "source",
-                  logits=blocks.tokens * cols)]
+    t_cols, s_cols = (teacher.vocab, student.vocab) if heads else (0, 0)
+    parts = [Part(forward_flops(teacher, blocks, head_cols=t_cols, all_positions=True), "target"),
+             Part(train_step_flops(student, blocks, head_cols=s_cols, train_head=train_head), "source",
+                  logits=blocks.tokens * s_cols)]
     if prompted is not None and prompted.seqs:
         parts += [Part(forward_flops(teacher, prompted, head_cols=teacher.vocab), "target"),
                   Part(train_step_flops(student, prompted, head_cols=student.vocab, all_positions=False,
@@ -1152,11 +1152,10 @@ def distill_run_cost(run: Path) -> StageCost:
     teacher = _arch_of(cfg.teacher, cfg.cache_dir)
     student = teacher.keep(student_layers(cfg.keep_layers, teacher.n_layers))
     steps = int(_run_result(run).get("steps") or cfg.max_steps)  # --max-minutes may have stopped it early
-    block_terms = any(getattr(cfg, f"alpha_{n}") > 0 for n in ("ce", "lm", "cos", "hidden", "answer"))
-    blocks = Tokens.uniform(steps * cfg.batch_size, cfg.block_size) if block_terms else Tokens()
+    blocks = Tokens.uniform(steps * cfg.batch_size, cfg.block_size) if cfg.block_terms else Tokens()
     prompted = _prompted_tokens(cfg, steps) if cfg.alpha_prompted > 0 else None
-    parts = distill_parts(teacher, student, blocks, train_head=not cfg.freeze_head,
-                          heads=cfg.alpha_ce > 0 or cfg.alpha_lm > 0, prompted=prompted)
+    parts = distill_parts(teacher, student, blocks, train_head=not cfg.freeze_head, heads=cfg.logit_terms,
+                          prompted=prompted)
     return StageCost(run.name, "provider", parts, f"{steps} steps × {cfg.batch_size} × {cfg.block_size}"
                      + (" + prompted texts" if prompted is not None else ""))
 
@@ -1164,12 +1163,10 @@ def distill_run_cost(run: Path) -> StageCost:
 def _prompted_tokens(cfg: Any, steps: int) -> Tokens:
     """The tokens the prompted term's forwards ran: each step's texts (as the run drew them) in the task's
     template behind their prompts, packed as :func:`post.scoring.examples_hidden` packs them."""
-    from post.data import default_task, load_texts
-    from post.distill import PROMPTED_MAX_LENGTH, prompted_draw
-    from post.scoring import Encoder
+    from post.data import load_texts
+    from post.distill import prompted_draw, prompted_encoder
 
-    task = default_task(str(cfg.prompted_task))
-    enc = Encoder(task, _tokenizer(cfg.teacher, cfg.cache_dir), _kind(cfg.teacher, cfg.cache_dir), PROMPTED_MAX_LENGTH)
+    enc = prompted_encoder(cfg, _tokenizer(cfg.teacher, cfg.cache_dir), _kind(cfg.teacher, cfg.cache_dir))
     seqs, _ = enc.encode(load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir))
     groups = [prompted_draw(cfg, step, len(seqs))[1].tolist() for step in range(steps)]
     return _run(seqs, groups, cfg.prompted_tokens, enc.kind == "causal")

@@ -222,6 +222,16 @@ class DistillConfig(ModelOptions):
         return ";".join(w for ws in self._answer_task.label_words.values() for w in ws)
 
     @property
+    def logit_terms(self) -> bool:
+        """Whether a term needs the models' logits over the blocks (KL or LM); without one the heads are skipped."""
+        return self.alpha_ce > 0 or self.alpha_lm > 0
+
+    @property
+    def block_terms(self) -> bool:
+        """Whether any term runs over the corpus blocks (all but the prompted one)."""
+        return any(getattr(self, f"alpha_{n}") > 0 for n in ("ce", "lm", "cos", "hidden", "answer"))
+
+    @property
     def _answer_task(self) -> Any:
         from post.data import default_task
 
@@ -367,7 +377,7 @@ def distill_losses(student: torch.nn.Module, teacher: torch.nn.Module, ids: torc
     ``answers`` (a (B, L) mask of answer positions) only with ``cfg.alpha_answer``.
     """
     inputs = ids if inputs is None else inputs
-    heads = cfg.alpha_ce > 0 or cfg.alpha_lm > 0
+    heads = cfg.logit_terms
     with torch.no_grad():
         t_out = _forward(teacher, inputs, kind=kind, heads=heads)
     s_out = _forward(student, inputs, kind=kind, heads=heads)
@@ -435,20 +445,26 @@ def prompted_draw(cfg: DistillConfig, step: int, n_texts: int) -> tuple[torch.Ge
     return g, torch.randperm(n_texts, generator=g)[: cfg.batch_size]
 
 
+def prompted_encoder(cfg: DistillConfig, tokenizer: Any, kind: str) -> Any:
+    """The encoder of the prompted term's texts: --prompted-task's template, cut to PROMPTED_MAX_LENGTH."""
+    from post.data import default_task
+    from post.scoring import Encoder
+
+    task = default_task(str(cfg.prompted_task))
+    assert task is not None  # checked by the config
+    return Encoder(task, tokenizer, kind, PROMPTED_MAX_LENGTH)
+
+
 class PromptedAnswers:
     """The prompted term's inputs: corpus texts in a task's template, each behind its own random soft prompt."""
 
     def __init__(self, cfg: DistillConfig, teacher: LoadedModel, texts: list[str]) -> None:
-        from post.data import default_task
         from post.prompt import init_prompt
-        from post.scoring import Encoder
 
-        task = default_task(str(cfg.prompted_task))
-        assert task is not None  # checked by the config
         self.cfg = cfg
-        self.encoder = Encoder(task, teacher.tokenizer, teacher.kind, PROMPTED_MAX_LENGTH)
+        self.encoder = prompted_encoder(cfg, teacher.tokenizer, teacher.kind)
         self.seqs, self.answers = self.encoder.encode(texts)
-        self.init = init_prompt(teacher, cfg.prompted_tokens, init_text=task.init_text).float().cpu()
+        self.init = init_prompt(teacher, cfg.prompted_tokens, init_text=self.encoder.task.init_text).float().cpu()
         self.rows = teacher.model.get_input_embeddings().weight.detach().float().cpu()
         self.rms = float(self.rows.pow(2).mean().sqrt())
 
@@ -550,10 +566,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path) -> DistillResult:
     if kind == "masked" and teacher.tokenizer.mask_token_id is None:
         raise PostError(f"{cfg.teacher} is a masked LM without a mask token; it can't be distilled with MLM.")
     torch.manual_seed(cfg.seed)
-    answer_ids = torch.tensor(answer_token_ids(cfg.effective_answer_words, teacher.tokenizer), device=acc.device) \
-        if cfg.effective_answer_words else None
-    # the block terms (all but the prompted one) run only when weighted
-    block_terms = any(getattr(cfg, f"alpha_{n}") > 0 for n in ("ce", "lm", "cos", "hidden", "answer"))
+    words = cfg.effective_answer_words
+    answer_ids = torch.tensor(answer_token_ids(words, teacher.tokenizer), device=acc.device) if words else None
+    block_terms = cfg.block_terms  # the block terms run only when weighted
     raw = load_texts(cfg.corpus, limit=cfg.corpus_limit, cache_dir=cfg.cache_dir)
     prompted = PromptedAnswers(cfg, teacher, raw) if cfg.alpha_prompted > 0 else None
     texts = templated(raw, cfg.effective_template, teacher.tokenizer.mask_token if kind == "masked" else None)
