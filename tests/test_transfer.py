@@ -11,7 +11,15 @@ from post.errors import ConfigError
 from post.models import load_model, save_model, tiny_model
 from post.student import build_student
 from post.tasks import Task
-from post.transfer import Scorer, TransferConfig, heuristic_alpha, post_loss, transfer
+from post.transfer import (
+    Scorer,
+    TransferConfig,
+    heuristic_alpha,
+    post_loss,
+    proxy_label_loss,
+    proxy_labels,
+    transfer,
+)
 from post.tune import TuneConfig, tune
 
 LABEL_WORDS = "negative=bad;positive=good"
@@ -34,6 +42,32 @@ def test_post_loss_terms():
     manual = (torch.softmax(q / 2, -1) * (torch.log_softmax(q / 2, -1) - torch.log_softmax(p / 2, -1))).sum() * 4
     assert post_loss(p, t_0[:1, :5], q, s_0[:1, :5], alpha=0.0, temperature=2.0)["l1"].item() == pytest.approx(
         manual.item(), rel=1e-5)
+
+
+def test_proxy_labels_are_proxy_tunings_answer():
+    """Each text's label is argmax of Φt(x) + (Φs(ps; x) − Φs(x)): the target's answer moved by ps's change."""
+    t_0 = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
+    s_0 = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [3.0, 0.0]])
+    s_p = torch.tensor([[0.0, 3.0], [1.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    # row 0: a change of +3 for class 1 overturns the target's 2-point lead; row 1: +1 does not;
+    # row 2: +2 for class 0 overturns a 1-point lead; row 3: the student's absolute scores favour class 0
+    # but its change (−1 on class 0) is what counts, and it overturns the target's 0.5-point lead.
+    assert proxy_labels(t_0, s_p, s_0).tolist() == [1, 0, 0, 1]
+    assert proxy_labels(t_0, s_0, s_0).tolist() == t_0.argmax(1).tolist()  # no change: the target's own answer
+    t_p = torch.tensor([[0.0, 1.0], [3.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    terms = proxy_label_loss(t_p, proxy_labels(t_0, s_p, s_0))
+    assert terms["loss"].item() == pytest.approx(torch.nn.functional.cross_entropy(
+        t_p, torch.tensor([1, 0, 0, 1])).item())
+    assert terms["agree"].item() == pytest.approx(0.5)
+
+
+def test_proxy_labels_loss_needs_label_words_and_no_alpha(setup):
+    with pytest.raises(ConfigError, match="label-words"):
+        cfg(setup, loss="proxy-labels", alpha=None, mode="vocab")
+    with pytest.raises(ConfigError, match="no α"):
+        cfg(setup, loss="proxy-labels", mode="label-words", alpha=0.5)
+    with pytest.raises(ConfigError, match="post or proxy-labels"):
+        cfg(setup, loss="labels", mode="label-words")
 
 
 def test_heuristic_alpha_matches_the_paper():
@@ -130,6 +164,38 @@ def test_label_word_mode_and_watch_curve(setup, tmp_path):
     r = transfer(cfg(setup, mode="label-words", alpha=0.5, watch_task=str(data), watch_every=30), tmp_path)
     assert [p["step"] for p in r.watch_curve] == [0, 30, 60]
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+
+
+def test_proxy_labels_transfer_fits_the_labels(setup, tmp_path):
+    """With --loss proxy-labels the prompt learns proxy tuning's answers on the public texts; no α is measured."""
+    from post.prompt import read_prompt
+
+    root, data, public, source_dir, target_dir, ps = setup
+    # The source is the target itself (ps was tuned there): the labels are then what Φt(ps) answers.
+    run_dir = tmp_path / "transfer"  # as the pipeline names the step, for the report's line below
+    r = transfer(cfg(setup, loss="proxy-labels", mode="label-words", alpha=None, alpha_public=None, steps=40),
+                 run_dir)
+    assert r.alpha is None and r.loss == "proxy-labels" and r.alpha_source.startswith("not used")
+    # The labels, rebuilt independently from the three cached constants.
+    texts = [t for t in public.read_text().splitlines() if t]
+    task = read_prompt(ps.prompt).task
+    tgt = Scorer(load_model(str(target_dir)), task, texts, mode="label-words", max_length=128)
+    t_0 = tgt.constants(None, 8)
+    labels = proxy_labels(t_0, tgt.constants(read_prompt(ps.prompt).tensor, 8), t_0)
+    assert (labels != t_0.argmax(1)).any()  # ps changes some answers: there is something to learn
+    shares = torch.bincount(labels, minlength=2).double() / len(labels)
+    assert list(r.proxy_label_shares.values()) == pytest.approx(shares.tolist())
+    assert r.proxy_labels_as_target == pytest.approx(float((labels == t_0.argmax(1)).double().mean()))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "ce" in x]
+    assert len(rows) == 40 and np.mean([x["ce"] for x in rows[-5:]]) < np.mean([x["ce"] for x in rows[:5]])
+    pt = read_prompt(r.prompt).tensor
+    agree = float((tgt(np.arange(len(texts)), pt).argmax(1) == labels).double().mean())
+    assert agree > float((t_0.argmax(1) == labels).double().mean())
+    assert read_prompt(r.prompt).meta["transferred_from"]["loss"] == "proxy-labels"
+    from post.report import _transfer_lines
+
+    (line,) = [x for x in _transfer_lines(tmp_path, {"transfer": {}}) if x.startswith("- `transfer`")]
+    assert "proxy tuning's class" in line and "α" not in line and "40 steps" in line
 
 
 def test_heuristic_alpha_needs_its_inputs(setup, tmp_path, caplog):

@@ -323,9 +323,13 @@ def _transfer_lines(out: Path, steps: dict[str, Any]) -> list[str]:
     for name in steps_of(steps, *rows_of(TRANSFER_STAGE)):
         if (r := _maybe(out / name, TransferResult)) is None:
             continue
-        lines.append(f"- `{name}`: matched {_LOSS.get(r.mode, r.mode)}, α = {float(r.alpha):.2f} "
-                     f"({r.alpha_source or 'given'}), {r.steps} steps on {r.public_texts} public texts "
-                     f"of `{r.public}`")
+        if r.alpha is None:  # --loss proxy-labels
+            shares = ", ".join(f"{c} {v:.0%}" for c, v in (r.proxy_label_shares or {}).items())
+            how = (f"fitted to proxy tuning's class on each public text (cross-entropy; {shares}; "
+                   f"{(r.proxy_labels_as_target or 0):.0%} as the target answers alone)")
+        else:
+            how = f"matched {_LOSS.get(r.mode, r.mode)}, α = {float(r.alpha):.2f} ({r.alpha_source or 'given'})"
+        lines.append(f"- `{name}`: {how}, {r.steps} steps on {r.public_texts} public texts of `{r.public}`")
     return ["Transfers:", "", *lines, ""] if lines else []
 
 

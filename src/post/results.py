@@ -239,11 +239,14 @@ class TransferResult(_PromptTransfer):
 
     ``target_zero_shot`` and ``source_accuracy`` are what a heuristic α was computed from (None for a
     given α); ``watch_curve`` the watched accuracies (each with its step), empty when nothing was watched.
+    ``loss`` is ``post`` (the paper's) or ``proxy-labels``; for the latter ``alpha`` is None and
+    ``proxy_label_shares`` / ``proxy_labels_as_target`` say how the public texts were labelled (the share of each
+    class, and of texts labelled as the target answers them alone).
     """
 
     STAGE: ClassVar[str | None] = "transfer"
 
-    alpha: float
+    alpha: float | None
     mode: str
     steps: int
     public: str
@@ -256,6 +259,9 @@ class TransferResult(_PromptTransfer):
     source_accuracy: float | None = None
     processes: int | None = None
     watch_curve: list[dict[str, Any]] | None = None
+    loss: str = "post"
+    proxy_label_shares: dict[str, float] | None = None
+    proxy_labels_as_target: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

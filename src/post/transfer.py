@@ -10,6 +10,14 @@ answer position, temperature T:
 Only pt is trained (Adam). Φs(ps; x), Φs(x) and Φt(x) do not depend on pt: they are computed once
 per public example, so a step costs one forward+backward of the target.
 
+``--loss proxy-labels`` (label-words mode) trains pt on the same three constants differently: each public
+text gets the class that proxy tuning gives it, argmax over classes of Φt(x) + (Φs(ps; x) − Φs(x)) (the
+target's own answer moved by the change that ps makes on the student), and pt is fitted to those classes by
+cross-entropy. The change term L2 asks the target to reproduce the student's change on every text alike,
+which a prompt on a different model can only do in part; the labels ask only for the answers that the
+change decides. α is not used. What the provider reads is the same as for the paper's loss (ps, the
+student and public text), so the privacy of the transfer is unchanged.
+
 ``--mode vocab`` (the paper) compares full-vocabulary distributions and needs both models to
 share a tokenizer. ``--mode label-words`` compares the class distributions (mean label-word
 logits per class, each model with its own tokenizer), so a prompt can move across vocabularies
@@ -91,6 +99,8 @@ class TransferConfig(ModelOptions):
         temperature: Softmax temperature T.
         mode: vocab (full-vocabulary distributions, same tokenizer) or label-words (class
             distributions: works across tokenizers and widths).
+        loss: post (the paper's (1 − α)·L1 + α·L2) or proxy-labels (label-words mode: cross-entropy
+            against proxy tuning's class on each public text, argmax of Φt(x) + Φs(ps; x) − Φs(x); no α).
         max_length: Maximum tokens per input (text truncated from the left).
         watch_task: Optional labelled data (the user's) scored every --watch-every steps to draw a
             curve; it never selects the prompt.
@@ -116,6 +126,7 @@ class TransferConfig(ModelOptions):
     source_accuracy: float | None = None
     temperature: float = 2.0
     mode: Literal["vocab", "label-words"] = "vocab"
+    loss: Literal["post", "proxy-labels"] = "post"
     max_length: int = 128
     watch_task: str | None = None
     watch_split: str = "validation"
@@ -137,6 +148,12 @@ class TransferConfig(ModelOptions):
             require(v is None or 0 <= v <= 1, name, f"must be an accuracy in [0, 1], got {v}.")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
         require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
+        require(self.loss in ("post", "proxy-labels"), "loss", f"must be post or proxy-labels, got {self.loss!r}.")
+        if self.loss == "proxy-labels":
+            require(self.mode == "label-words", "loss", "proxy-labels labels each public text with a class: it "
+                    "needs --mode label-words.")
+            require(self.alpha is None and self.target_zero_shot is None, "loss",
+                    "proxy-labels has no α to weight: drop --alpha, --target-zero-shot and --source-accuracy.")
         require(self.public_limit is None or self.public_limit >= 1, "public_limit", "must be at least 1.")
         require(self.alpha_public_limit >= 2, "alpha_public_limit", "must be at least 2.")
         if isinstance(self.alpha_public, str) and self.alpha_public.strip().lower() in ("", "none", "null"):
@@ -167,6 +184,17 @@ def post_loss(t_prompted: torch.Tensor, t_plain: torch.Tensor, s_prompted: torch
     l1 = kl(t_prompted, s_prompted)
     l2 = kl(t_prompted - t_plain, s_prompted - s_plain)
     return {"l1": l1, "l2": l2, "loss": (1 - alpha) * l1 + alpha * l2}
+
+
+def proxy_labels(t_plain: torch.Tensor, s_prompted: torch.Tensor, s_plain: torch.Tensor) -> torch.Tensor:
+    """Proxy tuning's class for each row of (N, K) class scores: argmax of Φt(x) + (Φs(ps; x) − Φs(x))."""
+    return (t_plain + (s_prompted - s_plain)).argmax(-1)
+
+
+def proxy_label_loss(t_prompted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy of Φt(pt; x)'s class scores against the proxy labels; ``agree``: the share already given."""
+    ce = F.cross_entropy(t_prompted, labels)
+    return {"ce": ce, "agree": (t_prompted.detach().argmax(-1) == labels).float().mean(), "loss": ce}
 
 
 class Scorer:
@@ -293,14 +321,19 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
     if cfg.mode == "vocab":
         _check_same_tokenizer(source, target)
     t_alpha = time.perf_counter()
-    alpha, alpha_info = resolve_alpha(cfg, ps, task, source, target)
+    alpha: float | None
+    if cfg.loss == "proxy-labels":  # no α to weight: nothing to measure
+        alpha, alpha_info = None, {"alpha_source": "not used (--loss proxy-labels)"}
+    else:
+        alpha, alpha_info = resolve_alpha(cfg, ps, task, source, target)
     alpha_info["alpha_seconds"] = round(time.perf_counter() - t_alpha, 3)
     public = load_texts(cfg.public, cache_dir=cfg.cache_dir)
     texts = [public[i] for i in subset(len(public), cfg.public_limit, cfg.seed)]
     if len(texts) < cfg.batch_size:
         raise PostError(f"{cfg.public} gives {len(texts)} texts, fewer than --batch-size {cfg.batch_size}.")
 
-    log.info("caching source and target outputs on %d public texts (mode %s, α=%.3f)", len(texts), cfg.mode, alpha)
+    log.info("caching source and target outputs on %d public texts (mode %s, %s)", len(texts), cfg.mode,
+             "proxy labels" if alpha is None else f"α={alpha:.3f}")
     t0 = time.perf_counter()
     src = Scorer(source, task, texts, mode=cfg.mode, max_length=cfg.max_length)
     tgt = Scorer(target, task, texts, mode=cfg.mode, max_length=cfg.max_length)
@@ -309,6 +342,16 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
     t_plain = tgt.constants(None, cfg.batch_size)
     cache_seconds = time.perf_counter() - t0
     del source
+    labels, label_info = None, {}
+    if cfg.loss == "proxy-labels":
+        labels = proxy_labels(t_plain, s_prompted, s_plain)
+        shares = torch.bincount(labels, minlength=len(task.class_names)).double() / len(labels)
+        unchanged = float((labels == t_plain.argmax(-1)).double().mean())
+        label_info = {"proxy_label_shares": dict(zip(task.class_names, shares.tolist(), strict=True)),
+                      "proxy_labels_as_target": unchanged}
+        log.info("proxy labels on %d public texts: %s; %.1f%% the target's own answer", len(labels),
+                 ", ".join(f"{c} {v:.1%}" for c, v in zip(task.class_names, shares.tolist(), strict=True)),
+                 100 * unchanged)
 
     pt = init_prompt(target, ps.n_tokens, init="text", init_text=task.init_text, seed=cfg.seed)
     pt = pt.to(target.model.device).requires_grad_(True)
@@ -331,8 +374,12 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
             global_idx = torch.randperm(n, generator=g)[: cfg.batch_size]
             idx = global_idx[acc.process_index :: acc.num_processes]
             t_prompted = tgt(idx, pt)
-            terms = post_loss(t_prompted, t_plain[idx].to(t_prompted.device), s_prompted[idx].to(t_prompted.device),
-                              s_plain[idx].to(t_prompted.device), alpha=alpha, temperature=cfg.temperature)
+            if labels is not None:
+                terms = proxy_label_loss(t_prompted, labels[idx].to(t_prompted.device))
+            else:
+                terms = post_loss(t_prompted, t_plain[idx].to(t_prompted.device),
+                                  s_prompted[idx].to(t_prompted.device), s_plain[idx].to(t_prompted.device),
+                                  alpha=float(alpha), temperature=cfg.temperature)
             (grad,) = torch.autograd.grad(terms["loss"], pt)
             if acc.num_processes > 1:
                 grad = acc.reduce(grad, reduction="mean")
@@ -360,11 +407,13 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
         path = save_prompt(run_path / PROMPT_FILE, pt, loaded=target, task=task, privacy=ps.meta.get("privacy"),
                            extra={"transferred_from": {
                                "model": ps.meta["model"], "prompt_checksum": ps.meta["checksum"], "alpha": alpha,
-                               "mode": cfg.mode, "steps": cfg.steps, "public": cfg.public, "public_texts": n}})
+                               "mode": cfg.mode, "loss": cfg.loss, "steps": cfg.steps, "public": cfg.public,
+                               "public_texts": n}})
         ledger = ps.meta.get("privacy")
         run.finish({
             "source_model": cfg.source_model, "target_model": cfg.target_model, "prompt": str(path),
-            "alpha": alpha, **alpha_info, "mode": cfg.mode, "steps": cfg.steps, "public": cfg.public,
+            "alpha": alpha, **alpha_info, "mode": cfg.mode, "loss": cfg.loss, **label_info, "steps": cfg.steps,
+            "public": cfg.public,
             "public_texts": n, "processes": acc.num_processes, "cache_seconds": round(cache_seconds, 3),
             "train_seconds": round(train_seconds, 3), "watch_curve": curve,
             "epsilon": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None,
@@ -402,5 +451,6 @@ class _Watch:
 def summarize(result: TransferResult) -> str:
     curve = result.watch_curve or []
     watch = f"  watch accuracy {curve[0]['accuracy']:.4f} -> {curve[-1]['accuracy']:.4f}" if curve else ""
-    return (f"transferred to {result.target_model} in {result.steps} steps (α={result.alpha:.3f}, "
+    how = "proxy labels" if result.alpha is None else f"α={result.alpha:.3f}"
+    return (f"transferred to {result.target_model} in {result.steps} steps ({how}, "
             f"{result.mode}, {result.train_seconds:.0f} s){watch}\nprompt: {result.prompt}")
