@@ -198,6 +198,29 @@ def test_finished_run_is_not_redone_and_other_settings_are_refused(nonprivate, d
         tune(config(data_csv, lr=0.5), out)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A config.yaml written before a field was added matches that field's default, and nothing else."""
+    import yaml
+
+    from post.rundir import RunDir
+    from post.transfer import TransferConfig
+
+    cfg = TransferConfig(source_model="s", prompt=tmp_path / "p", target_model="t", alpha=1.0)
+    RunDir(tmp_path / "run", stage="transfer", config=cfg)
+    saved = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["loss"]  # as a version without --loss wrote it
+    saved.write_text(yaml.safe_dump(old))
+    RunDir(tmp_path / "run", stage="transfer", config=cfg)
+    with pytest.raises(PostError, match=r"changed: alpha, loss, mode\)"):
+        RunDir(tmp_path / "run", stage="transfer",
+               config=TransferConfig(source_model="s", prompt=tmp_path / "p", target_model="t", mode="label-words",
+                                     loss="proxy-labels"))
+    with pytest.raises(PostError, match="changed: lr"):
+        RunDir(tmp_path / "run", stage="transfer", config=TransferConfig(
+            source_model="s", prompt=tmp_path / "p", target_model="t", alpha=1.0, lr=0.5))
+
+
 def test_micro_batches_accumulate_to_the_same_gradients(data_csv):
     loaded = tiny_model("llama")
     from post.data import load_labelled

@@ -67,6 +67,22 @@ def read_json(path: Path) -> Any:
         raise PostError(f"{path} is not valid JSON ({e}); delete it and re-run the stage.") from None
 
 
+_ABSENT = object()
+
+
+def _field_defaults(config: Any) -> dict[str, Any]:
+    """The plain default of each field of a dataclass config that has one (nothing for a mapping)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_plain(f.default_factory())
+    return out
+
+
 class RunDir:
     """One stage's output directory.
 
@@ -89,6 +105,7 @@ class RunDir:
                             "choose another --out.") from None
         self.started = time.time()
         self.config = to_plain(config)
+        self._defaults = _field_defaults(config)
         # the dtype the frozen models computed in, as this machine resolved --dtype (auto differs by hardware)
         resolved = getattr(config, "torch_dtype", None)
         self.precision = {"model_dtype": dtype_name(resolved)} if resolved is not None else {}
@@ -109,7 +126,9 @@ class RunDir:
             raise PostError(f"{saved} is unreadable; delete the run directory {self.path} or pick another "
                             "--out.") from None
         new = {"stage": self.stage, **self.config}
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # A setting that a later version added, at its default, leaves the run what it was.
+        changed = sorted(k for k in set(old) | set(new)
+                         if (old[k] if k in old else self._defaults.get(k, _ABSENT)) != new.get(k))
         if changed:
             raise PostError(f"{self.path} holds a {old.get('stage', '?')} run with other settings (changed: "
                             f"{', '.join(changed)}); pick another --out or delete that directory.")
