@@ -74,6 +74,9 @@ def main() -> None:
         if not (tr_run / RESULT_FILE).is_file() or not (post_run / RESULT_FILE).is_file():
             raise SystemExit(f"{args.pipeline} has no finished transfer{sfx} and eval-post{sfx}; run the pipeline.")
         base = _config(TransferConfig, tr_run)
+        if base.loss != "post":
+            raise SystemExit(f"{tr_run} ran --loss {base.loss}, which has no α; this bench compares α for the "
+                             "paper's loss (transfer.loss: post).")
         out = args.out / (sfx.lstrip("-") or "non-private")
         # The user's side of the old private-query α: Φt zero-shot and ps on Φs, on private validation text.
         ev = _config(EvaluateConfig, post_run, split="validation", limit=VALIDATION_LIMIT)

@@ -166,36 +166,61 @@ def test_label_word_mode_and_watch_curve(setup, tmp_path):
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
-def test_proxy_labels_transfer_fits_the_labels(setup, tmp_path):
-    """With --loss proxy-labels the prompt learns proxy tuning's answers on the public texts; no α is measured."""
+def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, monkeypatch):
+    """With --loss proxy-labels each step's targets are proxy tuning's answers on its public texts; no α."""
+    import post.transfer as tr
     from post.prompt import read_prompt
 
     root, data, public, source_dir, target_dir, ps = setup
-    # The source is the target itself (ps was tuned there): the labels are then what Φt(ps) answers.
+    # A ps of the source (a 1-layer student of the target), so that Φs(x) and Φt(x) differ.
+    ps_s = tune(TuneConfig(model=str(source_dir), task=str(data), label_words=LABEL_WORDS, n_tokens=4, epochs=3,
+                           batch_size=8, lr=0.1, test=False), tmp_path / "ps-source")
+    seen = []
+    real = tr.proxy_label_loss
+    monkeypatch.setattr(tr, "proxy_label_loss", lambda t, labels: seen.append(labels.clone()) or real(t, labels))
     run_dir = tmp_path / "transfer"  # as the pipeline names the step, for the report's line below
-    r = transfer(cfg(setup, loss="proxy-labels", mode="label-words", alpha=None, alpha_public=None, steps=40),
-                 run_dir)
+    r = transfer(cfg(setup, source_model=str(source_dir), prompt=ps_s.prompt, loss="proxy-labels",
+                     mode="label-words", alpha=None, alpha_public=None, steps=40), run_dir)
     assert r.alpha is None and r.loss == "proxy-labels" and r.alpha_source.startswith("not used")
-    # The labels, rebuilt independently from the three cached constants.
+    # The labels, rebuilt independently from the three constants.
     texts = [t for t in public.read_text().splitlines() if t]
-    task = read_prompt(ps.prompt).task
-    tgt = Scorer(load_model(str(target_dir)), task, texts, mode="label-words", max_length=128)
-    t_0 = tgt.constants(None, 8)
-    labels = proxy_labels(t_0, tgt.constants(read_prompt(ps.prompt).tensor, 8), t_0)
-    assert (labels != t_0.argmax(1)).any()  # ps changes some answers: there is something to learn
+    task = read_prompt(ps_s.prompt).task
+    src, tgt = (Scorer(load_model(str(d)), task, texts, mode="label-words", max_length=128)
+                for d in (source_dir, target_dir))
+    t_0, s_0 = tgt.constants(None, 8), src.constants(None, 8)
+    labels = proxy_labels(t_0, src.constants(read_prompt(ps_s.prompt).tensor, 8), s_0)
+    # Every step trained on exactly these labels, for its own batch.
+    assert len(seen) == 40
+    for step, got in enumerate(seen):
+        idx = torch.randperm(len(texts), generator=torch.Generator().manual_seed(step))[:8]
+        assert got.tolist() == labels[idx].tolist()
     shares = torch.bincount(labels, minlength=2).double() / len(labels)
     assert list(r.proxy_label_shares.values()) == pytest.approx(shares.tolist())
     assert r.proxy_labels_as_target == pytest.approx(float((labels == t_0.argmax(1)).double().mean()))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "ce" in x]
     assert len(rows) == 40 and np.mean([x["ce"] for x in rows[-5:]]) < np.mean([x["ce"] for x in rows[:5]])
-    pt = read_prompt(r.prompt).tensor
-    agree = float((tgt(np.arange(len(texts)), pt).argmax(1) == labels).double().mean())
-    assert agree > float((t_0.argmax(1) == labels).double().mean())
     assert read_prompt(r.prompt).meta["transferred_from"]["loss"] == "proxy-labels"
     from post.report import _transfer_lines
 
     (line,) = [x for x in _transfer_lines(tmp_path, {"transfer": {}}) if x.startswith("- `transfer`")]
     assert "proxy tuning's class" in line and "α" not in line and "40 steps" in line
+
+
+def test_proxy_labels_transfer_moves_the_target_to_the_labels(setup, tmp_path):
+    """Where ps changes the answers (source = target, whose ps it is), pt learns the changed answers."""
+    from post.prompt import read_prompt
+
+    root, data, public, source_dir, target_dir, ps = setup
+    r = transfer(cfg(setup, loss="proxy-labels", mode="label-words", alpha=None, alpha_public=None, steps=40),
+                 tmp_path)
+    texts = [t for t in public.read_text().splitlines() if t]
+    tgt = Scorer(load_model(str(target_dir)), read_prompt(ps.prompt).task, texts, mode="label-words",
+                 max_length=128)
+    t_0 = tgt.constants(None, 8)
+    labels = proxy_labels(t_0, tgt.constants(read_prompt(ps.prompt).tensor, 8), t_0)
+    assert (labels != t_0.argmax(1)).any()  # ps changes some answers: there is something to learn
+    agree = float((tgt(np.arange(len(texts)), read_prompt(r.prompt).tensor).argmax(1) == labels).double().mean())
+    assert agree > float((t_0.argmax(1) == labels).double().mean())
 
 
 def test_heuristic_alpha_needs_its_inputs(setup, tmp_path, caplog):

@@ -15,7 +15,8 @@ text gets the class that proxy tuning gives it, argmax over classes of Φt(x) + 
 target's own answer moved by the change that ps makes on the student), and pt is fitted to those classes by
 cross-entropy. The change term L2 asks the target to reproduce the student's change on every text alike,
 which a prompt on a different model can only do in part; the labels ask only for the answers that the
-change decides. α is not used. What the provider reads is the same as for the paper's loss (ps, the
+change decides. α is not used. The labels are built from class scores, so, like the label-words loss, they need no
+shared tokenizer. What the provider reads is the same as for the paper's loss (ps, the
 student and public text), so the privacy of the transfer is unchanged.
 
 ``--mode vocab`` (the paper) compares full-vocabulary distributions and needs both models to
