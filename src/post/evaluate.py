@@ -162,8 +162,9 @@ def calibrate(scores: np.ndarray, public_scores: np.ndarray) -> tuple[np.ndarray
     return log_softmax(scores.astype(np.float64), axis=1) - np.log(prior), prior
 
 
-def combine_proxy(target: np.ndarray, source_prompted: np.ndarray, source_plain: np.ndarray) -> np.ndarray:
-    """(N, C) proxy-tuned class scores ``Φt(x) + (Φs(ps; x) − Φs(x))`` from three (N, C) score arrays."""
+def combine_proxy(target: Any, source_prompted: Any, source_plain: Any) -> Any:
+    """(N, C) proxy-tuned class scores ``Φt(x) + (Φs(ps; x) − Φs(x))`` from three (N, C) score arrays (numpy
+    arrays here, torch tensors in the transfer's proxy labels)."""
     if not target.shape == source_prompted.shape == source_plain.shape:
         raise PostError(f"proxy tuning needs scores of one shape, got {target.shape}, {source_prompted.shape} and "
                         f"{source_plain.shape}.")

@@ -189,7 +189,9 @@ def post_loss(t_prompted: torch.Tensor, t_plain: torch.Tensor, s_prompted: torch
 
 def proxy_labels(t_plain: torch.Tensor, s_prompted: torch.Tensor, s_plain: torch.Tensor) -> torch.Tensor:
     """Proxy tuning's class for each row of (N, K) class scores: argmax of Φt(x) + (Φs(ps; x) − Φs(x))."""
-    return (t_plain + (s_prompted - s_plain)).argmax(-1)
+    from post.evaluate import combine_proxy
+
+    return combine_proxy(t_plain, s_prompted, s_plain).argmax(-1)
 
 
 def proxy_label_loss(t_prompted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
