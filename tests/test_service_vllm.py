@@ -388,6 +388,7 @@ def test_the_service_with_backend_vllm_classifies_like_the_transformers_backend(
                         "512", steps=2, checkpoint_every=1).start()
         try:
             c = client(server.url, key)
+            assert c.get("/v1/health").json()["backend"] == "vllm"
             r = c.post("/v1/prompts", content=write_prompt(tmp_path / "p.safetensors", STUDENT, seed=3).read_bytes())
             assert r.status_code == 201, r.text
             r = c.post("/v1/jobs", json={"prompt_id": r.json()["id"], "alpha": 0.5})

@@ -166,7 +166,7 @@ def create_app(service: Service) -> FastAPI:
     def health() -> dict[str, Any]:
         """Liveness and what is served (no key needed)."""
         return {"status": "ok", "version": __version__, "model": service.target_identity.name,
-                "student": service.student_identity.name, "backend": "transformers"}
+                "student": service.student_identity.name, "backend": cfg.backend}
 
     @app.post(UPLOAD_PATH, status_code=201, response_model=PromptOut,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {
