@@ -244,3 +244,29 @@ def test_keys_never_reach_the_logs(world):
     assert "/v1/classify" in logs  # the access log is on
     for key in world["keys"].values():
         assert key not in logs and key[5:20] not in logs
+
+
+def test_a_provider_on_proxy_labels_refuses_alpha_and_transfers_without_it(tmp_path):
+    """``--loss proxy-labels``: health says so, a job with α is a 400 and stores nothing, a job without one runs
+    that loss (the transferred prompt and the job's result record it, with no α)."""
+    data = tmp_path / "data"
+    key = add_tenant(open_db(f"sqlite:///{data / 'service.db'}"), "dana")[1]
+    server = Server(data, public_file(tmp_path), "--mode", "label-words", "--loss", "proxy-labels", steps=4,
+                    checkpoint_every=2).start()
+    try:
+        c = client(server.url, key)
+        health = c.get("/v1/health").json()
+        assert (health["transfer_mode"], health["transfer_loss"]) == ("label-words", "proxy-labels")
+        upload = c.post("/v1/prompts", content=write_prompt(tmp_path / "p.safetensors", seed=4).read_bytes())
+        assert upload.status_code == 201, upload.text
+        r = c.post("/v1/jobs", json={"prompt_id": upload.json()["id"], "alpha": 0.5})
+        assert _code(r) == (400, "bad_request") and "proxy-labels" in r.json()["error"]["message"]
+        assert c.get("/v1/jobs").json()["jobs"] == []
+        job = wait_job(c, c.post("/v1/jobs", json={"prompt_id": upload.json()["id"]}).json()["id"])
+        assert job["status"] == "done", job
+        stored = read_prompt(next(data.rglob(f"{job['result_prompt_id']}.safetensors")))
+        assert stored.meta["transferred_from"]["loss"] == "proxy-labels"
+        result = json.loads(next(data.rglob("result.json")).read_text())
+        assert result["loss"] == "proxy-labels" and result["alpha"] is None
+    finally:
+        server.stop()

@@ -44,7 +44,8 @@ class JobRequest(_Strict):
     # No accuracy measured on the user's private data is taken: the heuristic α is measured by the provider on
     # public labelled data (post transfer --alpha-public), so nothing outside the ledger leaves the user.
     alpha: float | None = Field(None, ge=0, le=1, description="Weight of the change term; none = the heuristic "
-                                "(Eq. 6), measured by the provider on public labelled data.")
+                                "(Eq. 6), measured by the provider on public labelled data. Refused by a provider "
+                                "that transfers with proxy labels (GET /v1/health: transfer_loss), which weigh no α.")
 
 
 class ClassifyRequest(_Strict):
@@ -166,7 +167,8 @@ def create_app(service: Service) -> FastAPI:
     def health() -> dict[str, Any]:
         """Liveness and what is served (no key needed)."""
         return {"status": "ok", "version": __version__, "model": service.target_identity.name,
-                "student": service.student_identity.name, "backend": cfg.backend}
+                "student": service.student_identity.name, "backend": cfg.backend,
+                "transfer_mode": cfg.mode, "transfer_loss": cfg.loss}
 
     @app.post(UPLOAD_PATH, status_code=201, response_model=PromptOut,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {
@@ -202,6 +204,9 @@ def create_app(service: Service) -> FastAPI:
             if prompt.kind != "student":
                 raise ApiError("wrong_prompt_kind", f"prompt {prompt.id} is already transferred; start a job from "
                                "a prompt you uploaded.")
+            if body.alpha is not None and cfg.loss != "post":
+                raise ApiError("bad_request", f"alpha: this provider transfers with {cfg.loss} (see GET /v1/health), "
+                               "which weighs no α; leave alpha out.")
             options = {k: v for k, v in body.model_dump().items() if k != "prompt_id" and v is not None}
             job = Job(id=new_id("j"), tenant_id=t.id, prompt_id=prompt.id, status="queued",
                       options=json.dumps(options), steps=cfg.steps, cancel_requested=False, attempts=0,

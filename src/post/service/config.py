@@ -31,6 +31,9 @@ class ServiceConfig(ModelOptions):
         transfer_batch_size: Public examples per transfer step.
         lr: Transfer learning rate.
         mode: Transfer mode: vocab (same tokenizer) or label-words.
+        loss: Transfer loss: post (the paper's (1 − α)·L1 + α·L2; a job may give α, else the heuristic on public
+            labelled data) or proxy-labels (label-words mode: pt fitted to proxy tuning's class on each public
+            text; no α, so a job that gives one is refused).
         checkpoint_every: Transfer checkpoint interval in steps (a killed job resumes from the last one).
         max_length: Maximum tokens per input text.
         max_batch: Most rows (texts) in one forward of the target.
@@ -71,6 +74,7 @@ class ServiceConfig(ModelOptions):
     transfer_batch_size: int = 8
     lr: float = 1e-3
     mode: Literal["vocab", "label-words"] = "vocab"
+    loss: Literal["post", "proxy-labels"] = "post"
     checkpoint_every: int = 25
     max_length: int = 128
     max_batch: int = 32
@@ -100,6 +104,9 @@ class ServiceConfig(ModelOptions):
         require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}.")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
         require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
+        require(self.loss in ("post", "proxy-labels"), "loss", f"must be post or proxy-labels, got {self.loss!r}.")
+        require(self.loss == "post" or self.mode == "label-words", "loss",
+                "proxy-labels labels each public text with a class: it needs --mode label-words.")
         for name in ("transfer_batch_size", "checkpoint_every", "max_batch", "max_queue", "max_texts", "max_body",
                      "max_upload", "rate_burst", "prompt_cache", "job_workers", "max_attempts"):
             require(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}.")

@@ -64,13 +64,15 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
 
 
 def transfer_config(cfg: ServiceConfig, prompt_path: Path, steps: int, options: dict):  # noqa: ANN201
-    """The transfer stage's config for a job: the provider's public data and options, the user's α if given."""
+    """The transfer stage's config for a job: the provider's public data, loss and options, the user's α if given
+    (a job queued with α under the paper's loss and run by a server now set to proxy labels fails: that loss
+    refuses an α)."""
     from post.transfer import TransferConfig
 
     return TransferConfig(
         source_model=cfg.student, prompt=prompt_path, target_model=cfg.model, public=cfg.public,
         public_limit=cfg.public_limit, steps=steps, batch_size=cfg.transfer_batch_size, lr=cfg.lr,
-        alpha=options.get("alpha"), mode=cfg.mode,
+        alpha=options.get("alpha"), mode=cfg.mode, loss=cfg.loss,
         max_length=cfg.max_length, checkpoint_every=cfg.checkpoint_every, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
         device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
