@@ -93,3 +93,22 @@ def test_a_shadow_that_spent_more_than_the_target_is_refused(tmp_path):
     assert _shadow_ledgers(tmp_path, 2, ceiling=eps[1]) == eps
     with pytest.raises(PostError, match="shadow 1 spent"):
         _shadow_ledgers(tmp_path, 2, ceiling=(eps[0] + eps[1]) / 2)
+
+
+def test_the_shadows_transfer_with_the_audited_loss(tmp_path):
+    """The transferred prompts under attack are made with the transfer the provider runs: proxy labels take no α
+    (the attack's α is for the paper's loss only), and a loss that needs label words refuses the vocab mode."""
+    from post.attack import shadow_transfer_config
+    from post.errors import ConfigError
+
+    ps = tmp_path / "ps.safetensors"
+    paper = shadow_transfer_config(_cfg(transfer_target="tiny-gpt2", transfer_alpha=0.3), ps, 2)
+    assert (paper.loss, paper.alpha, paper.mode, paper.batch_size) == ("post", 0.3, "vocab", 8)
+    labels = shadow_transfer_config(_cfg(transfer_target="tiny-gpt2", transfer_mode="label-words",
+                                         transfer_loss="proxy-labels", transfer_batch_size=4), ps, 2)
+    assert (labels.loss, labels.alpha, labels.mode, labels.batch_size) == ("proxy-labels", None, "label-words", 4)
+    assert labels.seed == paper.seed == _cfg().seed + 3  # each shadow its own public sample and batches
+    with pytest.raises(ConfigError, match="transfer_mode|transfer-mode"):
+        _cfg(transfer_target="tiny-gpt2", transfer_loss="proxy-labels")
+    with pytest.raises(ConfigError, match="transfer_loss|transfer-loss"):
+        _cfg(transfer_target="tiny-gpt2", transfer_loss="ce")

@@ -530,3 +530,19 @@ def test_the_public_data_never_holds_the_private_task(tmp_path):
         with pytest.raises(ConfigError, match="private task"):
             load_pipeline_config(path, ["task=glue/sst2", f"public={public}"])
     assert load_pipeline_config(path, ["task=mr", "public=reviews+airline"]).public == "reviews+airline"
+
+
+def test_the_audited_transfers_are_the_pipelines_own(tmp_path):
+    """With attack_transfer the shadows' transfers copy the transfer section (mode, loss, steps, ...); the attack
+    section may still set its own."""
+    path = tiny_config(tmp_path, undistilled=False, reconstruct=None, baselines=["zero-shot"], attack_transfer=True,
+                       modes=["non-private"])
+    cfg = load_pipeline_config(path, ["transfer.mode=label-words", "transfer.loss=proxy-labels"])
+    attack = dry_run(cfg)["attack"]
+    assert attack.transfer_target == cfg.target and attack.public == cfg.public
+    assert (attack.transfer_mode, attack.transfer_loss, attack.transfer_steps, attack.transfer_batch_size,
+            attack.public_limit) == ("label-words", "proxy-labels", 4, 4, 20)
+    own = dry_run(load_pipeline_config(path, ["transfer.alpha=0.25", "attack.transfer_steps=7"]))["attack"]
+    assert (own.transfer_loss, own.transfer_alpha, own.transfer_steps) == ("post", 0.25, 7)
+    plain = dry_run(load_pipeline_config(path, ["attack_transfer=false"]))["attack"]
+    assert plain.transfer_target is None and plain.transfer_steps == 300  # no transfer audited: nothing copied

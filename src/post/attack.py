@@ -65,8 +65,11 @@ class AttackConfig(TuneConfig):
         public_limit: Public texts per transfer.
         transfer_steps: Transfer steps per shadow.
         transfer_lr: Transfer learning rate.
-        transfer_alpha: Transfer α.
+        transfer_batch_size: Public examples per transfer step.
+        transfer_alpha: Transfer α (the paper's loss; not used by proxy labels).
         transfer_mode: vocab or label-words.
+        transfer_loss: post (the paper's) or proxy-labels (label-words mode): the loss the audited
+            transfers use, which should be the one the provider deploys.
         target_n_train: Training examples of the prompt under attack (its post tune --train-limit; default: the
             whole training split): with --dp it fixes the sampling rate, steps and δ the shadows copy.
         rmia_a: RMIA's offline parameter a (p_IN ≈ a·p_OUT + 1 − a; the paper tunes it on reference models).
@@ -81,8 +84,10 @@ class AttackConfig(TuneConfig):
     public_limit: int | None = 256
     transfer_steps: int = 300
     transfer_lr: float = 1e-3
+    transfer_batch_size: int = 8
     transfer_alpha: float = 0.5
     transfer_mode: str = "vocab"
+    transfer_loss: str = "post"
     target_n_train: int | None = None
     rmia_a: float = 0.3
 
@@ -98,6 +103,10 @@ class AttackConfig(TuneConfig):
         require(self.audit_delta is None or 0 < self.audit_delta < 1, "audit_delta", "must be in (0, 1).")
         require(self.target_n_train is None or self.target_n_train >= 2, "target_n_train", "must be at least 2.")
         require(0 <= self.rmia_a <= 1, "rmia_a", f"must be in [0, 1], got {self.rmia_a}.")
+        require(self.transfer_loss in ("post", "proxy-labels"), "transfer_loss",
+                f"must be post or proxy-labels, got {self.transfer_loss!r}.")
+        require(self.transfer_loss == "post" or self.transfer_mode == "label-words", "transfer_loss",
+                "proxy-labels labels each public text with a class: it needs --transfer-mode label-words.")
 
 
 def balanced_masks(n: int, shadows: int, seed: int) -> np.ndarray:
@@ -186,6 +195,18 @@ def _confidences(model_name: str, cfg: AttackConfig, prompt_path: str, pool: lis
     return logit_confidence(scores, np.array([train.labels[i] for i in pool])).tolist()
 
 
+def shadow_transfer_config(cfg: AttackConfig, prompt: Path, s: int):  # noqa: ANN201
+    """The transfer of shadow ``s``'s prompt: the attack's transfer options (its loss, and α only for the paper's)."""
+    from post.transfer import TransferConfig
+
+    alpha = cfg.transfer_alpha if cfg.transfer_loss == "post" else None
+    return TransferConfig(
+        source_model=cfg.model, prompt=prompt, target_model=cfg.transfer_target, public=cfg.public,
+        public_limit=cfg.public_limit, steps=cfg.transfer_steps, batch_size=cfg.transfer_batch_size,
+        lr=cfg.transfer_lr, alpha=alpha, mode=cfg.transfer_mode, loss=cfg.transfer_loss, max_length=cfg.max_length,
+        cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed + 1 + s)
+
+
 def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: list[int], threads: int,
                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tune shadow ``s`` on ``members`` and record its confidences (and its transferred prompt's)."""
@@ -203,13 +224,9 @@ def run_shadow(cfg: AttackConfig, root: str, s: int, pool: list[int], members: l
     out: dict[str, Any] = {"shadow": s, "source": _confidences(cfg.model, cfg, tuned.prompt, pool),
                            "tune_seconds": tuned.train_seconds}
     if cfg.transfer_target:
-        from post.transfer import TransferConfig, transfer
+        from post.transfer import transfer
 
-        moved = transfer(TransferConfig(
-            source_model=cfg.model, prompt=Path(tuned.prompt), target_model=cfg.transfer_target, public=cfg.public,
-            public_limit=cfg.public_limit, steps=cfg.transfer_steps, lr=cfg.transfer_lr, alpha=cfg.transfer_alpha,
-            mode=cfg.transfer_mode, max_length=cfg.max_length, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
-            device=cfg.device, seed=cfg.seed + 1 + s), d / "transfer")
+        moved = transfer(shadow_transfer_config(cfg, Path(tuned.prompt), s), d / "transfer")
         out["target"] = _confidences(cfg.transfer_target, cfg, moved.prompt, pool)
         out["transfer_seconds"] = moved.train_seconds
     write_json(d / CONFIDENCE, out)
@@ -313,7 +330,8 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> AttackResult:
         conf_t = np.array([o["target"] for o in outs]).T
         figures_t, rmia_t, curves_t = audit(conf_t, masks, delta=delta, rmia_a=cfg.rmia_a, seed=cfg.seed)
         plot_roc(curves_t, str(run.path / "roc-transferred.png"))
-        result.update(transfer_target=cfg.transfer_target, transferred_prompt=figures_t,
+        result.update(transfer_target=cfg.transfer_target, transfer_loss=cfg.transfer_loss,
+                      transferred_prompt=figures_t,
                       transferred_prompt_rmia=rmia_t, transferred_auc=figures_t["online"]["auc"],
                       transferred_rmia_auc=rmia_t["online"]["auc"],
                       roc_transferred_png=str(run.path / "roc-transferred.png"))

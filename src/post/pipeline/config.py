@@ -59,7 +59,8 @@ class PipelineConfig(TaskOptions, ModelOptions):
             distillation buys).
         baselines: Baselines to run besides POST: zero-shot, calibrated (zero-shot calibrated on
             the public texts), target-tuning, source-tuning, direct, zst, proxy.
-        attack_transfer: Also attack the shadows' transferred prompts through the target.
+        attack_transfer: Also attack the shadows' transferred prompts through the target (each shadow transferred
+            as the transfer section says, unless the attack section sets its transfer_* options).
         seed: Seed of every stage.
         distill: Options of post distill (teacher = target).
         tune: Options of post tune shared by every tuning (source, target, shadows).

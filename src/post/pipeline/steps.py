@@ -25,7 +25,8 @@ inputs instead, so that section may change any option, inputs included; their ``
 keep the section place (attack: ``tune`` at 3, ``attack`` last). Then, for rows with ``private``,
 ``patience`` is dropped when ``dp`` is on (early stopping reads private validation data), and a
 row's ``finish`` adjusts the merged options (attack: ``train_limit`` becomes ``target_n_train``, and
-``attack_transfer`` adds the transfer's target and public text; reconstruct: the two options that
+``attack_transfer`` adds the transfer's target and public text, and the transfer section's mode, loss,
+steps, lr, batch size, public limit and α where the attack section gives none; reconstruct: the two options that
 only its control tuning reads are dropped). This is the precedence every step had when the steps
 were hand-written closures; the same configs and keys come out.
 
@@ -343,6 +344,18 @@ def _attack_finish(c: PipelineConfig, values: dict[str, Any]) -> None:
         values["target_n_train"] = limit
     if c.attack_transfer:
         values.update(transfer_target=c.target, public=c.public)
+        # The shadows' transfers copy the pipeline's (mode, loss, steps, ...) unless the attack section says
+        # otherwise: the audit is of the transfer the provider runs.
+        deployed = section(c, "transfer")
+        for ours, theirs in _ATTACK_TRANSFER.items():
+            if theirs in deployed and deployed[theirs] is not None:
+                values.setdefault(ours, deployed[theirs])
+
+
+# The attack's transfer options and the transfer section's names for them.
+_ATTACK_TRANSFER = {"transfer_mode": "mode", "transfer_loss": "loss", "transfer_steps": "steps",
+                    "transfer_lr": "lr", "transfer_batch_size": "batch_size", "public_limit": "public_limit",
+                    "transfer_alpha": "alpha"}
 
 
 def _reconstruct_opts(c: PipelineConfig) -> tuple[Any, Any]:
