@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from post.config import require
+from post.config import require, require_transfer_loss
 from post.errors import PostError
 from post.lira import Roc, epsilon_lower_bound, leave_one_out, leave_one_out_rmia, logit_confidence, plot_roc, roc
 from post.resolve import load_configured_model, load_task, subset
@@ -103,10 +103,8 @@ class AttackConfig(TuneConfig):
         require(self.audit_delta is None or 0 < self.audit_delta < 1, "audit_delta", "must be in (0, 1).")
         require(self.target_n_train is None or self.target_n_train >= 2, "target_n_train", "must be at least 2.")
         require(0 <= self.rmia_a <= 1, "rmia_a", f"must be in [0, 1], got {self.rmia_a}.")
-        require(self.transfer_loss in ("post", "proxy-labels"), "transfer_loss",
-                f"must be post or proxy-labels, got {self.transfer_loss!r}.")
-        require(self.transfer_loss == "post" or self.transfer_mode == "label-words", "transfer_loss",
-                "proxy-labels labels each public text with a class: it needs --transfer-mode label-words.")
+        require_transfer_loss(self.transfer_loss, self.transfer_mode, option="transfer_loss",
+                              mode_flag="--transfer-mode")
 
 
 def balanced_masks(n: int, shadows: int, seed: int) -> np.ndarray:

@@ -46,6 +46,14 @@ def require(ok: bool, option: str, message: str) -> None:
         raise ConfigError(f"{flag(option)}: {message}")
 
 
+def require_transfer_loss(loss: str, mode: str, *, option: str = "loss", mode_flag: str = "--mode") -> None:
+    """The transfer's loss rule, wherever a transfer is configured (``post transfer``, the service, the audit):
+    post or proxy-labels, and proxy-labels only with label-words mode."""
+    require(loss in ("post", "proxy-labels"), option, f"must be post or proxy-labels, got {loss!r}.")
+    require(loss == "post" or mode == "label-words", option,
+            f"proxy-labels labels each public text with a class: it needs {mode_flag} label-words.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelOptions:
     """How models are loaded.

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from post import progress
 from post.checkpoint import load_checkpoint, save_checkpoint
-from post.config import ModelOptions, require
+from post.config import ModelOptions, require, require_transfer_loss
 from post.data import load_texts
 from post.errors import ConfigError, PostError
 from post.models import LoadedModel
@@ -149,10 +149,8 @@ class TransferConfig(ModelOptions):
             require(v is None or 0 <= v <= 1, name, f"must be an accuracy in [0, 1], got {v}.")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}.")
         require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
-        require(self.loss in ("post", "proxy-labels"), "loss", f"must be post or proxy-labels, got {self.loss!r}.")
+        require_transfer_loss(self.loss, self.mode)
         if self.loss == "proxy-labels":
-            require(self.mode == "label-words", "loss", "proxy-labels labels each public text with a class: it "
-                    "needs --mode label-words.")
             require(self.alpha is None and self.target_zero_shot is None, "loss",
                     "proxy-labels has no α to weight: drop --alpha, --target-zero-shot and --source-accuracy.")
         require(self.public_limit is None or self.public_limit >= 1, "public_limit", "must be at least 1.")

@@ -348,7 +348,7 @@ def _attack_finish(c: PipelineConfig, values: dict[str, Any]) -> None:
         # otherwise: the audit is of the transfer the provider runs.
         deployed = section(c, "transfer")
         for ours, theirs in _ATTACK_TRANSFER.items():
-            if theirs in deployed and deployed[theirs] is not None:
+            if deployed.get(theirs) is not None:
                 values.setdefault(ours, deployed[theirs])
 
 

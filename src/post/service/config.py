@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from post.config import ModelOptions, require
+from post.config import ModelOptions, require, require_transfer_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,9 +104,7 @@ class ServiceConfig(ModelOptions):
         require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}.")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}.")
         require(self.mode in ("vocab", "label-words"), "mode", f"must be vocab or label-words, got {self.mode!r}.")
-        require(self.loss in ("post", "proxy-labels"), "loss", f"must be post or proxy-labels, got {self.loss!r}.")
-        require(self.loss == "post" or self.mode == "label-words", "loss",
-                "proxy-labels labels each public text with a class: it needs --mode label-words.")
+        require_transfer_loss(self.loss, self.mode)
         for name in ("transfer_batch_size", "checkpoint_every", "max_batch", "max_queue", "max_texts", "max_body",
                      "max_upload", "rate_burst", "prompt_cache", "job_workers", "max_attempts"):
             require(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}.")
