@@ -107,6 +107,10 @@ def test_the_shadows_transfer_with_the_audited_loss(tmp_path):
     labels = shadow_transfer_config(_cfg(transfer_target="tiny-gpt2", transfer_mode="label-words",
                                          transfer_loss="proxy-labels", transfer_batch_size=4), ps, 2)
     assert (labels.loss, labels.alpha, labels.mode, labels.batch_size) == ("proxy-labels", None, "label-words", 4)
+    assert labels.calibrate_labels is False
+    calibrated = shadow_transfer_config(_cfg(transfer_target="tiny-gpt2", transfer_mode="label-words",
+                                             transfer_loss="proxy-labels", transfer_calibrate_labels=True), ps, 2)
+    assert calibrated.calibrate_labels is True
     assert labels.seed == paper.seed == _cfg().seed + 3  # each shadow its own public sample and batches
     with pytest.raises(ConfigError, match="transfer_mode|transfer-mode"):
         _cfg(transfer_target="tiny-gpt2", transfer_loss="proxy-labels")

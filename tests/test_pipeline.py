@@ -542,6 +542,10 @@ def test_the_audited_transfers_are_the_pipelines_own(tmp_path):
     assert attack.transfer_target == cfg.target and attack.public == cfg.public
     assert (attack.transfer_mode, attack.transfer_loss, attack.transfer_steps, attack.transfer_batch_size,
             attack.public_limit) == ("label-words", "proxy-labels", 4, 4, 20)
+    assert attack.transfer_calibrate_labels is False
+    calibrated = load_pipeline_config(path, ["transfer.mode=label-words", "transfer.loss=proxy-labels",
+                                             "transfer.calibrate_labels=true"])
+    assert dry_run(calibrated)["attack"].transfer_calibrate_labels is True
     own = dry_run(load_pipeline_config(path, ["transfer.alpha=0.25", "attack.transfer_steps=7"]))["attack"]
     assert (own.transfer_loss, own.transfer_alpha, own.transfer_steps) == ("post", 0.25, 7)
     plain = dry_run(load_pipeline_config(path, ["attack_transfer=false"]))["attack"]

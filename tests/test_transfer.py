@@ -61,6 +61,34 @@ def test_proxy_labels_are_proxy_tunings_answer():
     assert terms["agree"].item() == pytest.approx(0.5)
 
 
+def test_calibrated_proxy_labels_divide_out_the_mean_answer():
+    """calibrate: argmax of log p(c|x) − log mean p(c|·), p proxy tuning's class distribution on the same texts."""
+    # Every text leans to class 0 (margins 3, 2.5, 2, 1.5): proxy tuning answers class 0 throughout.
+    t_0 = torch.tensor([[3.0, 0.0], [2.5, 0.0], [2.0, 0.0], [1.5, 0.0]])
+    s_0 = torch.zeros(4, 2)
+    assert proxy_labels(t_0, s_0, s_0).tolist() == [0, 0, 0, 0]
+    # By hand: mean p(0|x) over the four texts, then the margin less log(prior0 / prior1).
+    p0 = torch.sigmoid(t_0[:, 0]).double()
+    shift = float(torch.log(p0.mean() / (1 - p0.mean())))
+    assert 2.0 < shift < 2.5  # so texts 0-1 stay class 0 and texts 2-3 turn to class 1
+    assert proxy_labels(t_0, s_0, s_0, calibrate=True).tolist() == [0, 0, 1, 1]
+    # The change term is calibrated with the rest: ps moving every text towards class 0 by the same amount
+    # changes nothing once divided out, and a change on one text alone still decides that text.
+    lean = torch.tensor([[1.0, 0.0]]).expand(4, 2)
+    assert proxy_labels(t_0, s_0 + lean, s_0, calibrate=True).tolist() == [0, 0, 1, 1]
+    one = torch.zeros(4, 2)
+    one[3, 0] = 3.0
+    assert proxy_labels(t_0, s_0 + one, s_0, calibrate=True)[3].item() == 0
+    # Already even answers are left as they are.
+    even = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    assert proxy_labels(even, s_0, s_0, calibrate=True).tolist() == [0, 1, 0, 1]
+
+
+def test_calibrate_labels_needs_proxy_labels(setup):
+    with pytest.raises(ConfigError, match="needs --loss proxy-labels"):
+        cfg(setup, calibrate_labels=True, mode="label-words")
+
+
 def test_proxy_labels_loss_needs_label_words_and_no_alpha(setup):
     with pytest.raises(ConfigError, match="label-words"):
         cfg(setup, loss="proxy-labels", alpha=None, mode="vocab")
@@ -166,8 +194,10 @@ def test_label_word_mode_and_watch_curve(setup, tmp_path):
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
-def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, monkeypatch):
-    """With --loss proxy-labels each step's targets are proxy tuning's answers on its public texts; no α."""
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, monkeypatch, calibrate):
+    """With --loss proxy-labels each step's targets are proxy tuning's answers on its public texts (calibrated on
+    them with --calibrate-labels); no α."""
     import post.transfer as tr
     from post.prompt import read_prompt
 
@@ -180,15 +210,16 @@ def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, 
     monkeypatch.setattr(tr, "proxy_label_loss", lambda t, labels: seen.append(labels.clone()) or real(t, labels))
     run_dir = tmp_path / "transfer"  # as the pipeline names the step, for the report's line below
     r = transfer(cfg(setup, source_model=str(source_dir), prompt=ps_s.prompt, loss="proxy-labels",
-                     mode="label-words", alpha=None, alpha_public=None, steps=40), run_dir)
+                     mode="label-words", alpha=None, alpha_public=None, steps=40, calibrate_labels=calibrate), run_dir)
     assert r.alpha is None and r.loss == "proxy-labels" and r.alpha_source.startswith("not used")
+    assert r.calibrate_labels is calibrate
     # The labels, rebuilt independently from the three constants.
     texts = [t for t in public.read_text().splitlines() if t]
     task = read_prompt(ps_s.prompt).task
     src, tgt = (Scorer(load_model(str(d)), task, texts, mode="label-words", max_length=128)
                 for d in (source_dir, target_dir))
     t_0, s_0 = tgt.constants(None, 8), src.constants(None, 8)
-    labels = proxy_labels(t_0, src.constants(read_prompt(ps_s.prompt).tensor, 8), s_0)
+    labels = proxy_labels(t_0, src.constants(read_prompt(ps_s.prompt).tensor, 8), s_0, calibrate=calibrate)
     # Every step trained on exactly these labels, for its own batch.
     assert len(seen) == 40
     for step, got in enumerate(seen):
@@ -200,6 +231,7 @@ def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "ce" in x]
     assert len(rows) == 40 and np.mean([x["ce"] for x in rows[-5:]]) < np.mean([x["ce"] for x in rows[:5]])
     assert read_prompt(r.prompt).meta["transferred_from"]["loss"] == "proxy-labels"
+    assert read_prompt(r.prompt).meta["transferred_from"]["calibrate_labels"] is calibrate
     from post.report import _transfer_lines
 
     (line,) = [x for x in _transfer_lines(tmp_path, {"transfer": {}}) if x.startswith("- `transfer`")]

@@ -70,6 +70,8 @@ class AttackConfig(TuneConfig):
         transfer_mode: vocab or label-words.
         transfer_loss: post (the paper's) or proxy-labels (label-words mode): the loss the audited
             transfers use, which should be the one the provider deploys.
+        transfer_calibrate_labels: With proxy-labels: calibrate the labels on the public texts (post transfer
+            --calibrate-labels), as the deployed transfer does.
         target_n_train: Training examples of the prompt under attack (its post tune --train-limit; default: the
             whole training split): with --dp it fixes the sampling rate, steps and δ the shadows copy.
         rmia_a: RMIA's offline parameter a (p_IN ≈ a·p_OUT + 1 − a; the paper tunes it on reference models).
@@ -88,6 +90,7 @@ class AttackConfig(TuneConfig):
     transfer_alpha: float = 0.5
     transfer_mode: str = "vocab"
     transfer_loss: str = "post"
+    transfer_calibrate_labels: bool = False
     target_n_train: int | None = None
     rmia_a: float = 0.3
 
@@ -201,7 +204,8 @@ def shadow_transfer_config(cfg: AttackConfig, prompt: Path, s: int):  # noqa: AN
     return TransferConfig(
         source_model=cfg.model, prompt=prompt, target_model=cfg.transfer_target, public=cfg.public,
         public_limit=cfg.public_limit, steps=cfg.transfer_steps, batch_size=cfg.transfer_batch_size,
-        lr=cfg.transfer_lr, alpha=alpha, mode=cfg.transfer_mode, loss=cfg.transfer_loss, max_length=cfg.max_length,
+        lr=cfg.transfer_lr, alpha=alpha, mode=cfg.transfer_mode, loss=cfg.transfer_loss,
+        calibrate_labels=cfg.transfer_calibrate_labels, max_length=cfg.max_length,
         cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed + 1 + s)
 
 
@@ -329,7 +333,7 @@ def attack(cfg: AttackConfig, run_dir: str | Path) -> AttackResult:
         figures_t, rmia_t, curves_t = audit(conf_t, masks, delta=delta, rmia_a=cfg.rmia_a, seed=cfg.seed)
         plot_roc(curves_t, str(run.path / "roc-transferred.png"))
         result.update(transfer_target=cfg.transfer_target, transfer_loss=cfg.transfer_loss,
-                      transferred_prompt=figures_t,
+                      transfer_calibrate_labels=cfg.transfer_calibrate_labels, transferred_prompt=figures_t,
                       transferred_prompt_rmia=rmia_t, transferred_auc=figures_t["online"]["auc"],
                       transferred_rmia_auc=rmia_t["online"]["auc"],
                       roc_transferred_png=str(run.path / "roc-transferred.png"))

@@ -241,7 +241,8 @@ class TransferResult(_PromptTransfer):
     given α); ``watch_curve`` the watched accuracies (each with its step), empty when nothing was watched.
     ``loss`` is ``post`` (the paper's) or ``proxy-labels``; for the latter ``alpha`` is None and
     ``proxy_label_shares`` / ``proxy_labels_as_target`` say how the public texts were labelled (the share of each
-    class, and of texts labelled as the target answers them alone).
+    class, and of texts labelled as the target answers them alone) and ``calibrate_labels`` whether the labels
+    were calibrated on the public texts.
     """
 
     STAGE: ClassVar[str | None] = "transfer"
@@ -262,6 +263,7 @@ class TransferResult(_PromptTransfer):
     loss: str = "post"
     proxy_label_shares: dict[str, float] | None = None
     proxy_labels_as_target: float | None = None
+    calibrate_labels: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

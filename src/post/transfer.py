@@ -102,6 +102,9 @@ class TransferConfig(ModelOptions):
             distributions: works across tokenizers and widths).
         loss: post (the paper's (1 − α)·L1 + α·L2) or proxy-labels (label-words mode: cross-entropy
             against proxy tuning's class on each public text, argmax of Φt(x) + Φs(ps; x) − Φs(x); no α).
+        calibrate_labels: With proxy-labels: divide each class's proxy-tuned probability by its mean over the
+            public texts before the argmax (the calibrated baseline's division, on public text only), so a
+            source that leans to one class (a DP ps often does) does not hand that lean to pt whole.
         max_length: Maximum tokens per input (text truncated from the left).
         watch_task: Optional labelled data (the user's) scored every --watch-every steps to draw a
             curve; it never selects the prompt.
@@ -128,6 +131,7 @@ class TransferConfig(ModelOptions):
     temperature: float = 2.0
     mode: Literal["vocab", "label-words"] = "vocab"
     loss: Literal["post", "proxy-labels"] = "post"
+    calibrate_labels: bool = False
     max_length: int = 128
     watch_task: str | None = None
     watch_split: str = "validation"
@@ -153,6 +157,8 @@ class TransferConfig(ModelOptions):
         if self.loss == "proxy-labels":
             require(self.alpha is None and self.target_zero_shot is None, "loss",
                     "proxy-labels has no α to weight: drop --alpha, --target-zero-shot and --source-accuracy.")
+        require(not self.calibrate_labels or self.loss == "proxy-labels", "calibrate_labels",
+                "calibrates the proxy labels: it needs --loss proxy-labels.")
         require(self.public_limit is None or self.public_limit >= 1, "public_limit", "must be at least 1.")
         require(self.alpha_public_limit >= 2, "alpha_public_limit", "must be at least 2.")
         if isinstance(self.alpha_public, str) and self.alpha_public.strip().lower() in ("", "none", "null"):
@@ -185,11 +191,21 @@ def post_loss(t_prompted: torch.Tensor, t_plain: torch.Tensor, s_prompted: torch
     return {"l1": l1, "l2": l2, "loss": (1 - alpha) * l1 + alpha * l2}
 
 
-def proxy_labels(t_plain: torch.Tensor, s_prompted: torch.Tensor, s_plain: torch.Tensor) -> torch.Tensor:
-    """Proxy tuning's class for each row of (N, K) class scores: argmax of Φt(x) + (Φs(ps; x) − Φs(x))."""
+def proxy_labels(t_plain: torch.Tensor, s_prompted: torch.Tensor, s_plain: torch.Tensor, *,
+                 calibrate: bool = False) -> torch.Tensor:
+    """Proxy tuning's class for each row of (N, K) class scores: argmax of Φt(x) + (Φs(ps; x) − Φs(x)).
+
+    ``calibrate``: argmax of log p(c|x) − log mean_x' p(c|x') instead, p the proxy-tuned class distribution and
+    x' the same N texts (:func:`post.evaluate.calibrate`).
+    """
+    from post.evaluate import calibrate as calibrated
     from post.evaluate import combine_proxy
 
-    return combine_proxy(t_plain, s_prompted, s_plain).argmax(-1)
+    combined = combine_proxy(t_plain, s_prompted, s_plain)
+    if not calibrate:
+        return combined.argmax(-1)
+    scores = combined.double().cpu().numpy()
+    return torch.from_numpy(calibrated(scores, scores)[0].argmax(-1)).to(combined.device)
 
 
 def proxy_label_loss(t_prompted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -345,11 +361,11 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
     del source
     labels, label_info = None, {}
     if cfg.loss == "proxy-labels":
-        labels = proxy_labels(t_plain, s_prompted, s_plain)
+        labels = proxy_labels(t_plain, s_prompted, s_plain, calibrate=cfg.calibrate_labels)
         shares = torch.bincount(labels, minlength=len(task.class_names)).double() / len(labels)
         unchanged = float((labels == t_plain.argmax(-1)).double().mean())
         label_info = {"proxy_label_shares": dict(zip(task.class_names, shares.tolist(), strict=True)),
-                      "proxy_labels_as_target": unchanged}
+                      "proxy_labels_as_target": unchanged, "calibrate_labels": cfg.calibrate_labels}
         log.info("proxy labels on %d public texts: %s; %.1f%% the target's own answer", len(labels),
                  ", ".join(f"{c} {v:.1%}" for c, v in zip(task.class_names, shares.tolist(), strict=True)),
                  100 * unchanged)
@@ -408,7 +424,8 @@ def transfer(cfg: TransferConfig, run_dir: str | Path) -> TransferResult:
         path = save_prompt(run_path / PROMPT_FILE, pt, loaded=target, task=task, privacy=ps.meta.get("privacy"),
                            extra={"transferred_from": {
                                "model": ps.meta["model"], "prompt_checksum": ps.meta["checksum"], "alpha": alpha,
-                               "mode": cfg.mode, "loss": cfg.loss, "steps": cfg.steps, "public": cfg.public,
+                               "mode": cfg.mode, "loss": cfg.loss,
+                               "calibrate_labels": cfg.calibrate_labels, "steps": cfg.steps, "public": cfg.public,
                                "public_texts": n}})
         ledger = ps.meta.get("privacy")
         run.finish({

@@ -355,7 +355,7 @@ def _attack_finish(c: PipelineConfig, values: dict[str, Any]) -> None:
 # The attack's transfer options and the transfer section's names for them.
 _ATTACK_TRANSFER = {"transfer_mode": "mode", "transfer_loss": "loss", "transfer_steps": "steps",
                     "transfer_lr": "lr", "transfer_batch_size": "batch_size", "public_limit": "public_limit",
-                    "transfer_alpha": "alpha"}
+                    "transfer_alpha": "alpha", "transfer_calibrate_labels": "calibrate_labels"}
 
 
 def _reconstruct_opts(c: PipelineConfig) -> tuple[Any, Any]:
