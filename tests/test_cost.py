@@ -265,15 +265,20 @@ def test_the_demo_setting_is_the_shipped_demo_config():
         t["steps"], t["batch_size"], t["mode"], t["public_limit"])
     d = demo["distill"]
     assert (w.distill_steps, w.distill_batch_size, w.block_size) == (d["max_steps"], d["batch_size"], d["block_size"])
+    assert w.distill_heads == (d.get("alpha_ce", 5.0) > 0 or d.get("alpha_lm", 2.0) > 0)
 
 
 def test_distillation_time_adds_the_measured_loss_cost_per_logit():
-    w = cost.SETTINGS["demo"]
+    w = dataclasses.replace(cost.SETTINGS["demo"], distill_heads=True)
     plain = {s["stage"]: s["seconds"] for s in estimate(w, Rates(1e10, 1e10))["stages"]}
     lossy = {s["stage"]: s["seconds"] for s in estimate(w, Rates(1e10, 1e10, loss_per_logit=1e-9))["stages"]}
     logits = w.distill_steps * w.distill_batch_size * w.block_size * ARCHS["smollm2-135m"].vocab
     assert lossy["distillation (one-time)"] - plain["distillation (one-time)"] == pytest.approx(logits * 1e-9)
     assert lossy["PT on Φs"] == plain["PT on Φs"]  # tuning reads logits at the answer only
+    # Without logit terms (hidden-state and answer terms only) no full-vocabulary logits are computed.
+    headless = dataclasses.replace(w, distill_heads=False)
+    free = {s["stage"]: s["seconds"] for s in estimate(headless, Rates(1e10, 1e10, loss_per_logit=1e-9))["stages"]}
+    assert free["distillation (one-time)"] < plain["distillation (one-time)"]
 
 
 def test_compare_run_dirs_reads_saved_rates_and_never_calibrates_when_told(tmp_path):
