@@ -236,6 +236,7 @@ def test_proxy_labels_transfer_trains_on_proxy_tunings_answers(setup, tmp_path, 
 
     (line,) = [x for x in _transfer_lines(tmp_path, {"transfer": {}}) if x.startswith("- `transfer`")]
     assert "proxy tuning's class" in line and "α" not in line and "40 steps" in line
+    assert ("calibrated on the public texts" in line) is calibrate
 
 
 def test_proxy_labels_transfer_moves_the_target_to_the_labels(setup, tmp_path):

@@ -325,7 +325,8 @@ def _transfer_lines(out: Path, steps: dict[str, Any]) -> list[str]:
             continue
         if r.alpha is None:  # --loss proxy-labels
             shares = ", ".join(f"{c} {v:.0%}" for c, v in (r.proxy_label_shares or {}).items())
-            how = (f"fitted to proxy tuning's class on each public text (cross-entropy; {shares}; "
+            calibrated = ", calibrated on the public texts" if r.calibrate_labels else ""
+            how = (f"fitted to proxy tuning's class on each public text{calibrated} (cross-entropy; {shares}; "
                    f"{(r.proxy_labels_as_target or 0):.0%} as the target answers alone)")
         else:
             how = f"matched {_LOSS.get(r.mode, r.mode)}, α = {float(r.alpha):.2f} ({r.alpha_source or 'given'})"
