@@ -265,7 +265,9 @@ def test_the_demo_setting_is_the_shipped_demo_config():
         t["steps"], t["batch_size"], t["mode"], t["public_limit"])
     d = demo["distill"]
     assert (w.distill_steps, w.distill_batch_size, w.block_size) == (d["max_steps"], d["batch_size"], d["block_size"])
-    assert w.distill_heads == (d.get("alpha_ce", 5.0) > 0 or d.get("alpha_lm", 2.0) > 0)
+    from post.distill import DistillConfig
+
+    assert w.distill_heads == DistillConfig(teacher=demo["target"], **d).logit_terms
 
 
 def test_distillation_time_adds_the_measured_loss_cost_per_logit():

@@ -73,7 +73,7 @@ def test_calibrated_proxy_labels_divide_out_the_mean_answer():
     assert 2.0 < shift < 2.5  # so texts 0-1 stay class 0 and texts 2-3 turn to class 1
     assert proxy_labels(t_0, s_0, s_0, calibrate=True).tolist() == [0, 0, 1, 1]
     # The change term is calibrated with the rest: ps moving every text towards class 0 by the same amount
-    # changes nothing once divided out, and a change on one text alone still decides that text.
+    # changes no label here (the mean answer moves with it), and a change on one text alone still decides it.
     lean = torch.tensor([[1.0, 0.0]]).expand(4, 2)
     assert proxy_labels(t_0, s_0 + lean, s_0, calibrate=True).tolist() == [0, 0, 1, 1]
     one = torch.zeros(4, 2)
