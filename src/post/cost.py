@@ -424,12 +424,12 @@ SETTINGS: dict[str, Setting] = {
     # src/post/configs/demo.yaml; widths: tokens run per example (prompt aside) in packed forwards of random
     # batches of mr (32, max length 64), measured: 35.8 (real 34.2; padded batches ran 59.1); reviews sentences
     # in mr's template average 33.2 real tokens (800 of them, cut at 64), taken as 35 run.
-    "demo": Setting(target="smollm2-135m", keep_layers="0,10,20,29", n_train=3200, epochs=1, max_steps=50,
-                    batch_size=32, target_steps=60, target_batch_size=16, n_tokens=10, max_length=64,
-                    text_tokens=36.0, public_tokens=35.0, eval_examples=100, transfer_steps=50,
-                    transfer_batch_size=16, transfer_mode="label-words", public_texts=800, distill_steps=200,
+    "demo": Setting(target="smollm2-135m", keep_layers="0,10,20,29", n_train=3200, epochs=2, max_steps=50,
+                    batch_size=128, target_steps=60, target_batch_size=16, n_tokens=10, max_length=64,
+                    text_tokens=36.0, public_tokens=35.0, eval_examples=100, transfer_steps=200,
+                    transfer_batch_size=16, transfer_mode="label-words", public_texts=1600, distill_steps=500,
                     distill_batch_size=8, block_size=128, distill_heads=False,
-                    note="demo.yaml: 50 steps on Φs; its PT-on-Φt baseline up to 60 steps of 16 (its plateau)"),
+                    note="demo.yaml: 50 steps of 128 on Φs; its PT-on-Φt baseline up to 60 steps of 16 (its plateau)"),
     "paper-gpt2xl-sst2": Setting(target="gpt2-xl", keep_layers="0,1,-2,-1", n_train=67349, epochs=20,
                                  transfer_steps=8000, transfer_batch_size=8, distill_steps=20000,
                                  distill_batch_size=16, block_size=256, eval_examples=872,
