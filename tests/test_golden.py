@@ -17,12 +17,13 @@ passed); review ``git diff tests/golden`` before committing. Without the variabl
 different file fails, with a diff of the JSON.
 
 The files were recorded on CPU (one torch thread, as tests/conftest.py sets). The same code gives other last
-bits under other CPU kernels (torch's AVX-512 and AVX2 kernels sum in other orders), so each vector ISA that
-torch dispatches to (``torch.backends.cpu.get_cpu_capability()``) keeps its own copy,
-``tests/golden/<isa>/<name>.json``, and a run must equal one of the recorded copies bit for bit. A change of the
-numbers fails on every machine; a machine whose ISA has no copy yet fails until one is recorded there (another
-torch version may move the last bits as well: regenerate and say so in the commit). A change that is meant to
-alter the numbers must regenerate every ISA's copy, each on its own kind of machine.
+bits under other CPU kernels (torch's AVX-512 and AVX2 kernels sum in other orders, and so do AVX-512 machines of
+other generations), so each vector ISA that torch dispatches to (``torch.backends.cpu.get_cpu_capability()``,
+with ``-amx`` where the CPU has AMX) keeps its own copy, ``tests/golden/<isa>/<name>.json``, and a run must equal
+one of the recorded copies bit for bit. A change of the numbers fails on every machine; a machine whose ISA has
+no copy yet fails until one is recorded there (another torch version may move the last bits as well: regenerate
+and say so in the commit). A change that is meant to alter the numbers must regenerate every ISA's copy, each on
+its own kind of machine.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ FIRST = 6  # metrics lines kept per run
 
 
 def isa() -> str:
-    """The vector ISA torch's CPU kernels dispatch to here ("avx2", "avx512", ...): the key of the golden copies."""
-    return torch.backends.cpu.get_cpu_capability().lower()
+    """The vector ISA torch's CPU kernels dispatch to here ("avx2", "avx512", ...), with "-amx" on a CPU that has AMX
+    tiles: the key of the golden copies. Two AVX-512 machines of other generations (one with AMX, one without)
+    differ in the last bits of fp32 matmuls although torch reports the same capability."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return f"{cap}-amx" if amx else cap
 
 
 def check_golden(name: str, actual: dict[str, Any]) -> None:
