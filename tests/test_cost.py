@@ -257,8 +257,8 @@ def test_the_demo_setting_is_the_shipped_demo_config():
     w, tune, target = cost.SETTINGS["demo"], demo["tune"], demo["tune_target"]
     assert (w.target, w.max_length) == (demo["target"], demo["max_length"])
     assert w.keep_layers == demo["distill"]["keep_layers"]
-    assert (w.max_steps, w.batch_size, w.n_tokens, w.eval_examples) == (
-        tune["max_steps"], tune["batch_size"], tune["n_tokens"], tune["eval_limit"])
+    assert (w.max_steps, w.batch_size, w.epochs, w.n_tokens, w.eval_examples) == (
+        tune["max_steps"], tune["batch_size"], tune["epochs"], tune["n_tokens"], tune["eval_limit"])
     assert (w.target_steps, w.target_batch_size) == (target["max_steps"], target["batch_size"])
     t = demo["transfer"]
     assert (w.transfer_steps, w.transfer_batch_size, w.transfer_mode, w.public_texts) == (
